@@ -1,0 +1,149 @@
+"""`lmstack tokenizer train|encode|decode|stats`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from lmstack.cli import add_group
+from lmstack.errors import InputError
+from lmstack.io import check_readable, iter_text_chunks
+
+
+def register(sub) -> None:
+    g = add_group(sub, "tokenizer", "train and use tokenizers (BPE, Unigram, char, word)")
+
+    p = g.add_parser("train", help="learn a tokenizer from text files",
+                     description="Learn a tokenizer from UTF-8 text files (streamed, so files may be larger than memory).")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--kind", choices=["bpe", "unigram", "char", "word"], default="bpe",
+                   help="byte-level BPE (GPT-2 style), Unigram LM (SentencePiece style), characters, or whitespace words (default: bpe)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="target vocabulary size including specials (default: 8192 for bpe/unigram; every symbol seen for char/word)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory; gets tokenizer.json")
+    p.add_argument("--special", action="append", default=None, metavar="TOKEN",
+                   help="register a special token (repeatable; default: <|endoftext|>)")
+    p.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
+                   help="bpe: pre-tokenization regex, GPT-2's or GPT-4's cl100k (default: gpt2)")
+    p.add_argument("--min-count", type=int, default=1, help="word: words seen fewer times become <unk> (default: 1)")
+    p.set_defaults(func=cmd_train)
+
+    p = g.add_parser("encode", help="text to token ids")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
+    p.add_argument("text", nargs="?", help="text to encode (default: read --file or standard input)")
+    p.add_argument("--file", help="encode this UTF-8 file instead")
+    p.add_argument("--allow-special", action="store_true", help="let special-token strings in the text become special ids")
+    p.add_argument("--json", action="store_true", help="print ids and token pieces as JSON")
+    p.set_defaults(func=cmd_encode)
+
+    p = g.add_parser("decode", help="token ids to text")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
+    p.add_argument("ids", nargs="*", type=int, help="token ids (default: read whitespace-separated ids from standard input)")
+    p.set_defaults(func=cmd_decode)
+
+    p = g.add_parser("stats", help="bytes per token, tokens per word and vocabulary use on text files")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_stats)
+
+
+def _load(path: str):
+    from lmstack.tokenizers import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def cmd_train(args) -> int:
+    from lmstack.tokenizers import registry
+
+    for f in args.files:  # fail before any work, naming the bad file
+        next(iter_text_chunks(f))
+    kinds = registry()
+    cls = kinds[args.kind]
+    vocab_size = args.vocab_size
+    if vocab_size is None and args.kind in ("bpe", "unigram"):
+        vocab_size = 8192
+    if vocab_size is not None and vocab_size < 1:
+        raise InputError(f"--vocab-size must be positive, got {vocab_size}")
+    opts = {"bpe": {"pattern": args.pattern}, "word": {"min_count": args.min_count}}.get(args.kind, {})
+    specials = tuple(args.special) if args.special is not None else ("<|endoftext|>",)
+    t0 = time.perf_counter()
+    tok = cls.train_files(args.files, vocab_size=vocab_size, special_tokens=specials, **opts)
+    seconds = time.perf_counter() - t0
+    path = tok.save(args.out)
+    print(f"trained {args.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) "
+          f"in {seconds:.1f} s -> {path}")
+    return 0
+
+
+def _read_input(args) -> str:
+    if args.text is not None:
+        return args.text
+    if args.file:
+        return "".join(iter_text_chunks(args.file))
+    return sys.stdin.read()
+
+
+def cmd_encode(args) -> int:
+    tok = _load(args.tokenizer)
+    ids = tok.encode(_read_input(args), allowed_special="all" if args.allow_special else ())
+    if args.json:
+        print(json.dumps({"ids": ids, "tokens": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+def cmd_decode(args) -> int:
+    tok = _load(args.tokenizer)
+    ids = args.ids
+    if not ids:
+        try:
+            ids = [int(x) for x in sys.stdin.read().split()]
+        except ValueError as e:
+            raise InputError(f"standard input must hold whitespace-separated integer ids ({e})") from None
+    sys.stdout.write(tok.decode(ids))
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from lmstack.progress import progress
+
+    tok = _load(args.tokenizer)
+    n_bytes = n_tokens = n_words = 0
+    used = set()
+    paths = [check_readable(f) for f in args.files]
+    total = sum(p.stat().st_size for p in paths)
+    with progress(total=total, desc="tokenizing", unit="B", unit_scale=True) as bar:
+        for p in paths:
+            for chunk in iter_text_chunks(p):
+                ids = tok.encode_ordinary(chunk)
+                b = len(chunk.encode("utf-8"))
+                n_bytes += b
+                n_tokens += len(ids)
+                n_words += len(chunk.split())
+                used.update(ids)
+                bar.update(b)
+    stats = {
+        "tokenizer": str(Path(args.tokenizer)),
+        "kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "bytes": n_bytes,
+        "tokens": n_tokens,
+        "words": n_words,
+        "bytes_per_token": n_bytes / max(n_tokens, 1),
+        "tokens_per_word": n_tokens / max(n_words, 1),
+        "vocab_used": len(used),
+        "vocab_used_fraction": len(used) / tok.vocab_size,
+    }
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False))
+    else:
+        for k, v in stats.items():
+            print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
+    return 0

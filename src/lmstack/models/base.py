@@ -1,0 +1,59 @@
+"""The language-model contract every family implements.
+
+A language model is a distribution over token sequences, p(x_1..x_L) = prod_i p(x_i | x_<i).
+Perplexity, sampling, beam search and serving are written once against this class, so an
+n-gram, an LSTM and a GPT are interchangeable above this layer.
+
+Two views of the same distribution:
+- batch view, `next_token_logprobs(tokens)`: log p(x_{t+1} = v | x_<=t) for every position t
+  of a [B, T] batch, shape [B, T, V] (training, scoring, perplexity);
+- incremental view, `start(prompt)` then `step(state, token)`: a decoding state (KV cache, RNN
+  hidden state, n-gram context) that is fed one token at a time, never recomputing the prefix.
+Both return natural-log probabilities that sum to 1 over the vocabulary.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+
+from lmstack.errors import ContextLengthError
+
+DecodingState = Any
+
+
+class LanguageModel:
+    """Mixin for every causal family (neural ones also inherit from `torch.nn.Module`)."""
+
+    family: str = ""
+    vocab_size: int
+    #: longest sequence the model can condition on; None means unbounded (n-gram, RNN).
+    max_context: int | None = None
+
+    @abstractmethod
+    def next_token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, V] log p(next token | tokens up to and including t)."""
+
+    def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids -> [B, T-1]: log p(x_t | x_<t) for t = 1..T-1 (x_0 is given context).
+
+        Families with a cheaper way to score only the observed tokens override this."""
+        lp = self.next_token_logprobs(tokens[:, :-1])
+        return lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+    @abstractmethod
+    def start(self, prompt: torch.Tensor) -> tuple[DecodingState, torch.Tensor]:
+        """Feed [B, T] prompt ids; return (state, [B, V] log-probs of the next token)."""
+
+    @abstractmethod
+    def step(self, state: DecodingState, tokens: torch.Tensor) -> tuple[DecodingState, torch.Tensor]:
+        """Append one [B] token per row; return (new state, [B, V] next-token log-probs)."""
+
+    def check_context(self, length: int) -> None:
+        if self.max_context is not None and length > self.max_context:
+            raise ContextLengthError(
+                f"sequence of {length} tokens is longer than the model's context of {self.max_context}; "
+                "shorten the input or use a sliding window (eval perplexity --stride)"
+            )

@@ -1,0 +1,129 @@
+"""Checkpoint directories: `config.json` (family + sizes), `model.safetensors`, `tokenizer.json`.
+
+No pickle anywhere: loading a checkpoint reads JSON and raw tensors and never runs code.
+Every write is atomic (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from lmstack.errors import CheckpointError
+from lmstack.io import atomic_path, read_json, write_json
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+# family name -> "module:Class"; imported on demand so loading one family never imports all.
+FAMILIES: dict[str, str] = {
+    "ngram": "lmstack.models.ngram:NGramLM",
+    "ffn": "lmstack.models.feedforward:FeedForwardLM",
+    "rnn": "lmstack.models.rnn:RNNLM",
+    "gpt": "lmstack.models.gpt:GPT",
+    "bert": "lmstack.models.bert:BERT",
+    "t5": "lmstack.models.t5:T5",
+}
+
+
+def family_class(family: str):
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown model family {family!r} in {CONFIG_FILE}; known: {sorted(FAMILIES)}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_from_dict(cls, d: dict, source: str = CONFIG_FILE):
+    """Build config dataclass `cls` from a dict, rejecting unknown fields by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown {cls.__name__} fields {unknown}; was it written by a newer lmstack?")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid {cls.__name__}: {e}") from None
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a checkpoint directory (expected a folder with {CONFIG_FILE})")
+    if not (p / CONFIG_FILE).exists():
+        raise CheckpointError(f"{p}: missing {CONFIG_FILE}; is this an lmstack checkpoint? (`lmstack convert` imports HF ones)")
+    cfg = read_json(p / CONFIG_FILE, "checkpoint config")
+    if "family" not in cfg:
+        raise CheckpointError(f"{p / CONFIG_FILE}: no 'family' field; is this an lmstack checkpoint?")
+    return cfg
+
+
+def save_torch_model(model, path: str | os.PathLike, tokenizer=None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a neural model (which has `.family` and a dataclass `.config`) as a checkpoint dir."""
+    from safetensors.torch import save_model
+
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    with atomic_path(p / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp))  # handles tied (shared) weights
+    write_json(p / CONFIG_FILE, {"family": model.family, **dataclasses.asdict(model.config), **(extra or {})})
+    if tokenizer is not None:
+        tokenizer.save(p / TOKENIZER_FILE)
+    return p
+
+
+def load_torch_weights(model, path: str | os.PathLike) -> None:
+    """Load model.safetensors into `model`, naming missing / unexpected / mis-shaped tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = Path(path) / WEIGHTS_FILE
+    if not f.exists():
+        raise CheckpointError(f"{Path(path)}: missing {WEIGHTS_FILE}")
+    try:
+        tensors = load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: corrupt weights file ({e}); re-save or re-download the checkpoint") from None
+    expected = model.state_dict()
+    # Tied weights are stored once; any alias of a stored tensor counts as present.
+    aliases = _aliases(model)
+    missing = [k for k in expected if k not in tensors and not any(a in tensors for a in aliases.get(k, ()))]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{f}: tensors do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
+            "the weights belong to a different model configuration"
+        )
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(
+                f"{f}: tensor {k!r} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def _aliases(model) -> dict[str, list[str]]:
+    by_ptr: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_ptr.setdefault(v.data_ptr(), []).append(k)
+    return {k: [o for o in ks if o != k] for ks in by_ptr.values() for k in ks}
+
+
+def load(path: str | os.PathLike):
+    """Load any lmstack checkpoint directory (or ARPA file) -> (model, tokenizer or None)."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".arpa":
+        cls = family_class("ngram")
+        return cls.load(p), None
+    cfg = read_config(p)
+    cls = family_class(cfg["family"])
+    model = cls.load(p)
+    tokenizer = None
+    if (p / TOKENIZER_FILE).exists():
+        from lmstack.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(p / TOKENIZER_FILE)
+    return model, tokenizer

@@ -1,0 +1,38 @@
+"""Tokenizers behind one contract (see base.Tokenizer): byte-level BPE, Unigram, char, word."""
+
+from lmstack.tokenizers.base import (
+    BOS,
+    CHAT_ROLES,
+    EOT,
+    MASK,
+    PAD,
+    Tokenizer,
+    from_dict,
+    load_tokenizer,
+)
+
+KINDS = ("bpe", "unigram", "char", "word")
+
+
+def registry() -> dict[str, type[Tokenizer]]:
+    """kind name -> class; imported lazily so `import lmstack` stays fast."""
+    from lmstack.tokenizers.char import CharTokenizer
+    from lmstack.tokenizers.word import WordTokenizer
+
+    kinds: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "word": WordTokenizer}
+    try:
+        from lmstack.tokenizers.bpe import BPETokenizer
+
+        kinds["bpe"] = BPETokenizer
+    except ImportError:  # pragma: no cover - while bpe.py is being written
+        pass
+    try:
+        from lmstack.tokenizers.unigram import UnigramTokenizer
+
+        kinds["unigram"] = UnigramTokenizer
+    except ImportError:  # pragma: no cover
+        pass
+    return kinds
+
+
+__all__ = ["Tokenizer", "load_tokenizer", "from_dict", "registry", "EOT", "PAD", "MASK", "BOS", "CHAT_ROLES", "KINDS"]

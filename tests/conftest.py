@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LMSTACK_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The ../shared folder (data and reference fixtures) beside the checkout."""
+    if not (SHARED / "data").is_dir():
+        pytest.fail(f"shared data not found at {SHARED}; set LMSTACK_SHARED")
+    return SHARED
+
+
+@pytest.fixture
+def cli():
+    """Run `lmstack ARGS...` in a subprocess, as a user would; returns CompletedProcess."""
+
+    def run(*args, input=None, check=False, env=None):
+        e = dict(os.environ, LMSTACK_NO_PROGRESS="1", **(env or {}))
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmstack.cli", *map(str, args)],
+            capture_output=True, text=True, input=input, env=e,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"lmstack {' '.join(map(str, args))} failed:\n{proc.stderr}")
+        return proc
+
+    return run

@@ -1,0 +1,36 @@
+import pytest
+
+from lmstack.errors import InputError
+from lmstack.io import atomic_write, iter_text_chunks, read_text
+
+
+def test_chunks_never_split_lines_or_characters(tmp_path):
+    text = "".join(f"line {i} 世界 🙂\n" for i in range(5000))
+    p = tmp_path / "t.txt"
+    p.write_text(text, encoding="utf-8")
+    chunks = list(iter_text_chunks(p, chunk_chars=1000))
+    assert len(chunks) > 10
+    assert "".join(chunks) == text
+    assert all(c.endswith("\n") for c in chunks)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"abc\x00def", "binary"), (b"caf\xe9\n", r"not valid UTF-8 \(byte offset 3\)")],
+)
+def test_bad_files_get_clear_errors(tmp_path, content, message):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        read_text(p)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write("half")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
