@@ -61,6 +61,17 @@ def read_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
+def read_family_config(path: str | os.PathLike, family: str, config_cls):
+    """The config dataclass of a checkpoint that must be of `family` (else a clear error)."""
+    cfg = read_config(path)
+    if cfg["family"] != family:
+        raise CheckpointError(
+            f"{Path(path) / CONFIG_FILE}: family is {cfg['family']!r}, not {family!r}; "
+            "load it with lmstack.models.load(), which picks the right family"
+        )
+    return config_from_dict(config_cls, {k: v for k, v in cfg.items() if k != "family"}, str(Path(path) / CONFIG_FILE))
+
+
 def save_torch_model(model, path: str | os.PathLike, tokenizer=None, extra: dict[str, Any] | None = None) -> Path:
     """Write a neural model (which has `.family` and a dataclass `.config`) as a checkpoint dir."""
     from safetensors.torch import save_model
