@@ -98,6 +98,12 @@ def load_torch_weights(model, path: str | os.PathLike) -> None:
         tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{f}: corrupt weights file ({e}); re-save or re-download the checkpoint") from None
+    assign_weights(model, tensors, str(f))
+
+
+def assign_weights(model, tensors: dict, source: str) -> None:
+    """Copy named tensors into `model`, first naming any missing / unexpected / mis-shaped one
+    (`source` says where they came from: a checkpoint file, an imported HF directory)."""
     expected = model.state_dict()
     # Tied weights are stored once; any alias of a stored tensor counts as present.
     aliases = _aliases(model)
@@ -105,13 +111,13 @@ def load_torch_weights(model, path: str | os.PathLike) -> None:
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         raise CheckpointError(
-            f"{f}: tensors do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
+            f"{source}: tensors do not match the config (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
             "the weights belong to a different model configuration"
         )
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(
-                f"{f}: tensor {k!r} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
+                f"{source}: tensor {k!r} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
             )
     model.load_state_dict(tensors, strict=False)
 

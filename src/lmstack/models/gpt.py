@@ -1,0 +1,353 @@
+"""The decoder-only Transformer (GPT), in one file: config, norms, positions, attention, MLP, blocks.
+
+One model with a few switches covers the common variants, so GPT-2 and Llama are two settings of
+the same class rather than two codebases:
+
+- `prenorm`: norm before each sub-layer (GPT-2, Llama) or after the residual add (original 2017);
+- `norm`: LayerNorm (GPT-2) or RMSNorm (Llama);
+- `pos`: learned absolute (GPT-2), fixed sinusoidal (2017) or rotary, RoPE (Llama);
+- `mlp`: GELU with the tanh approximation (GPT-2's "gelu_new") or SwiGLU (Llama);
+- `n_kv_head < n_head`: grouped-query attention (Llama 2/3); equal means multi-head attention;
+- `bias`, `dropout`, `tie_embeddings`.
+
+Attention always goes through `F.scaled_dot_product_attention` (fused kernels where the device
+has them). Incremental decoding keeps a `KVCache`: per-layer key/value tensors preallocated for
+the whole context plus a position counter, so each new token attends to the cached prefix and
+RoPE / learned positions use the token's absolute position.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.errors import InputError
+from lmstack.models.base import LanguageModel
+from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "sinusoidal", "rope")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest context, in tokens
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
+    mlp_hidden: int | None = None  # None: 4·n_embd for GELU, ~8/3·n_embd (multiple of 64) for SwiGLU
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    prenorm: bool = True
+    pos: str = "learned"
+    rope_theta: float = 10000.0
+    mlp: str = "gelu"
+    bias: bool = True  # biases in every linear layer and LayerNorm
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # the output head shares the token-embedding matrix
+
+    def __post_init__(self):
+        for name, value, allowed in (("norm", self.norm, NORMS), ("pos", self.pos, POSITIONS), ("mlp", self.mlp, MLPS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head size, got n_embd/n_head = {self.head_dim}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def sized(cls, depth: int, **overrides) -> "GPTConfig":
+        """One size dial, nanoGPT's shape: `depth` layers, width 64·depth, heads of 64 (d12 = GPT-2 124M)."""
+        return cls(**{"n_layer": depth, "n_embd": 64 * depth, "n_head": depth, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named size (`tiny`, `gpt2-124m`, ...) or `d<N>` for `sized(N)`."""
+        if name.startswith("d") and name[1:].isdigit():
+            return cls.sized(int(name[1:]), **overrides)
+        if name not in PRESETS:
+            raise InputError(f"unknown gpt preset {name!r}; known: {sorted(PRESETS)} or d<depth> such as d6")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+_LLAMA_STYLE = dict(norm="rmsnorm", norm_eps=1e-6, pos="rope", mlp="swiglu", bias=False, tie_embeddings=False)
+PRESETS = {
+    "tiny": dict(block_size=64, n_layer=2, n_head=4, n_embd=64),
+    "tiny-llama": dict(block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **_LLAMA_STYLE),
+    # The four GPT-2 sizes (Radford et al. 2019), with GPT-2's vocabulary and 1024-token context.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-355m": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+# --- positions ----------------------------------------------------------------------------
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s fixed encodings: sin on even features, cos on odd ones."""
+    pos = torch.arange(length, dtype=torch.float)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] for RoPE in the "rotate half" layout Llama checkpoints use
+    (feature i pairs with i + head_dim/2, not with i + 1)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each feature pair of x [B, H, T, hd] by its position's angle (cos/sin are [T, hd])."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --- layers -------------------------------------------------------------------------------
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class KVCache:
+    """Keys and values of every layer, [B, n_kv_head, block_size, head_dim] each, preallocated,
+    plus `pos`, the number of positions filled. `GPT.start` makes one and `GPT.step` extends it
+    in place."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, device, dtype):
+        shape = (batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v at `pos`; return the keys and values of the whole prefix."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
+        # Query i sits at absolute position past + i and sees keys 0..past + i. Without a prefix
+        # that is the plain causal mask, which lets SDPA pick its fused kernels.
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=past == 0,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GELU: down(gelu(up x)). SwiGLU: down(silu(gate x) * up x)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else None
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        h = self.up(x)
+        h = F.silu(self.gate(x)) * h if self.gate is not None else F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.prenorm = cfg.prenorm
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, layer):
+        if self.prenorm:
+            x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, cache, layer)))
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+class GPT(nn.Module, LanguageModel):
+    family = "gpt"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.vocab_size = cfg.vocab_size
+        self.max_context = cfg.block_size
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        # Fixed tables are buffers outside the state dict: they are recomputed, never saved.
+        if cfg.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
+        self.norm = make_norm(cfg) if cfg.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection gets std 0.02/sqrt(2·layers).
+        for block in self.blocks:
+            for proj in (block.attn.o, block.mlp.down):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def _logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        T = idx.shape[1]
+        past = cache.pos if cache is not None else 0
+        self.check_context(past + T)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[past : past + T]
+        rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T]) if self.config.pos == "rope" else None
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.norm(x))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """[B, T] ids -> logits [B, T, V] for the token after each position; with targets [B, T]
+        also the mean cross-entropy (targets of -100 are ignored)."""
+        logits = self._logits(idx)
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    # --- the language-model contract ----------------------------------------------------
+    # Token ids are range-checked here rather than in `forward`, so training never pays a sync.
+
+    def _check_ids(self, idx: torch.Tensor) -> None:
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
+            raise InputError(
+                f"token ids must be in [0, {self.vocab_size}); got range [{int(idx.min())}, {int(idx.max())}]; "
+                "does the tokenizer belong to this model?"
+            )
+
+    def next_token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._check_ids(tokens)
+        return F.log_softmax(self._logits(tokens).float(), dim=-1)
+
+    def start(self, prompt: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        if prompt.shape[1] == 0:
+            raise InputError("a GPT prompt needs at least one token (e.g. the tokenizer's <|endoftext|>)")
+        self._check_ids(prompt)
+        self.check_context(prompt.shape[1])
+        cache = KVCache(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype)
+        return cache, F.log_softmax(self._logits(prompt, cache)[:, -1].float(), dim=-1)
+
+    def step(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        self._check_ids(tokens)
+        return state, F.log_softmax(self._logits(tokens[:, None], state)[:, -1].float(), dim=-1)
+
+    # --- size ---------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, a tied matrix counted once. `non_embedding`: only the blocks and final
+        norm, Kaplan et al.'s N for scaling laws (no token or position embedding, no output head)."""
+        if non_embedding:
+            return sum(p.numel() for m in (self.blocks, self.norm) for p in m.parameters())
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Matmul FLOPs per token at context `seq_len` (default: block_size), as in PaLM (Chowdhery
+        et al. 2022, app. B) and nanoGPT: forward = 2·N + 4·n_layer·n_embd·seq_len, where N is
+        every weight matrix that multiplies activations (the output head included, tied or not;
+        embedding lookups, norms and biases excluded) and the second term is QKᵀ and attention·V
+        over the full square (the causal half is not discounted). Training (forward + backward)
+        is 3× forward: 6·N + 12·n_layer·n_embd·seq_len."""
+        T = self.config.block_size if seq_len is None else seq_len
+        n = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        forward = 2 * n + 4 * self.config.n_layer * self.config.n_head * self.config.head_dim * T
+        return 3 * forward if training else forward
+
+    # --- files --------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, tokenizer=None):
+        return save_torch_model(self, path, tokenizer)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GPT":
+        model = cls(read_family_config(path, cls.family, GPTConfig))
+        load_torch_weights(model, path)
+        return model.eval()
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, device_peak_flops: float) -> float:
+    """Model FLOPs utilisation: the fraction of the device's peak that the model's matmuls use
+    (PaLM's MFU; pass `flops_per_token(training=True)` while training)."""
+    return flops_per_token * tokens_per_s / device_peak_flops
