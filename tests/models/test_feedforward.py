@@ -96,8 +96,10 @@ def test_size_and_flops_counts():
     m = _model(direct=True)
     # embeddings (V+1)·d, hidden (3d)·h + h, out h·V + V, direct (3d)·V
     assert m.num_params() == 12 * 5 + (15 * 7 + 7) + (7 * 11 + 11) + 15 * 11
-    assert m.flops_per_token() == 6 * (m.num_params() - 12 * 5)
+    assert m.flops_per_token() == 6 * (15 * 7 + 7 * 11 + 15 * 11)  # weight matrices, no biases
+    assert m.flops_per_token(training=False) == 2 * (15 * 7 + 7 * 11 + 15 * 11)
     assert FeedForwardConfig.sized(2).d_hidden < FeedForwardConfig.sized(4).d_hidden
     assert FeedForwardConfig.preset("tiny", vocab_size=50).vocab_size == 50
-    with pytest.raises(InputError, match="unknown ffn preset"):
+    with pytest.raises(InputError, match="unknown ffn preset .huge."):
         FeedForwardConfig.preset("huge")
+    assert m.num_params(non_embedding=True) == 15 * 7 + 7

@@ -106,6 +106,7 @@ def test_zaremba_presets_are_expressible():
     assert 19_500_000 < med.num_params() < 20_500_000
     # 6 × (2 layers × 4 gates × 650 × 1300 + 650 × 10000)
     assert med.flops_per_token() == 6 * (2 * 4 * 650 * 1300 + 650 * 10000)
+    assert med.num_params(non_embedding=True) == 2 * (4 * 650 * 1300 + 2 * 4 * 650)
     assert RNNConfig.sized(4).d_hidden == 256
     with pytest.raises(InputError, match="unknown rnn preset"):
         RNNConfig.preset("zaremba-xl")

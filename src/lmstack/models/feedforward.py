@@ -10,9 +10,9 @@ special begin token. The window is fixed, so sequences of any length can be scor
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,21 @@ from torch import nn
 from lmstack.errors import InputError
 from lmstack.models.base import LanguageModel
 from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.sizes import Presets
+
+
+PRESETS = {
+    "tiny": dict(order=3, d_embed=8, d_hidden=16),
+    # the scale of Bengio et al. 2003's models: 5-gram, 60-d features, 100 hidden units, direct connections
+    "bengio-2003": dict(order=5, d_embed=60, d_hidden=100, direct=True),
+}
 
 
 @dataclass
-class FeedForwardConfig:
+class FeedForwardConfig(Presets):
+    FAMILY: ClassVar[str] = "ffn"
+    PRESETS: ClassVar[dict[str, dict]] = PRESETS
+
     vocab_size: int = 256
     order: int = 4  # n: the model conditions on the previous n-1 tokens
     d_embed: int = 64
@@ -41,21 +52,8 @@ class FeedForwardConfig:
 
     @classmethod
     def sized(cls, dial: int, **overrides) -> "FeedForwardConfig":
-        """One size dial: d_embed = 16·dial, d_hidden = 64·dial (the paper's ratio of ~1:4)."""
+        """One size dial: d_embed = 16·dial, d_hidden = 64·dial."""
         return cls(**{"d_embed": 16 * dial, "d_hidden": 64 * dial, **overrides})
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "FeedForwardConfig":
-        if name not in PRESETS:
-            raise InputError(f"unknown ffn preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-PRESETS = {
-    "tiny": dict(order=3, d_embed=8, d_hidden=16),
-    # Bengio et al. 2003's best AP-News MLP: 5-gram, 60-d features (30 in the Brown runs), 100 hidden, direct.
-    "bengio-2003": dict(order=5, d_embed=60, d_hidden=100, direct=True),
-}
 
 
 class FeedForwardLM(nn.Module, LanguageModel):
@@ -107,13 +105,15 @@ class FeedForwardLM(nn.Module, LanguageModel):
         return state, F.log_softmax(self._logits(state).float(), dim=-1)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        """Parameters; `non_embedding`: only the hidden layers (Kaplan et al.'s N, as for GPT)."""
+        return sum(p.numel() for p in (self.hidden if non_embedding else self).parameters())
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token ≈ 6·N_non-embedding: every weight outside the lookup table is
-        used in one multiply-add per token, forward (2) and backward (4). `seq_len` is unused."""
-        return 6 * self.num_params(non_embedding=True)
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Matmul FLOPs per token, the convention of `GPT.flops_per_token`: forward = 2 × every
+        weight matrix (hidden, output, direct; the lookup table and biases excluded), training
+        3× forward. `seq_len` does not matter: the window is fixed."""
+        forward = 2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 3 * forward if training else forward
 
     def save(self, path: str | os.PathLike, tokenizer=None):
         return save_torch_model(self, path, tokenizer)

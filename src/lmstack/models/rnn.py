@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +23,25 @@ from torch import nn
 from lmstack.errors import InputError
 from lmstack.models.base import LanguageModel
 from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.sizes import Presets
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 _GATES = {"rnn": 1, "lstm": 4, "gru": 3}  # weight blocks per layer, for FLOP counts
 
 
+PRESETS = {
+    "tiny": dict(d_embed=16, d_hidden=16, n_layers=2),
+    # Zaremba et al. 2014, Penn Treebank (10k words): 2-layer LSTMs, dropout 0.5 / 0.65, untied.
+    "zaremba-medium": dict(vocab_size=10000, cell="lstm", d_embed=650, d_hidden=650, n_layers=2, dropout=0.5),
+    "zaremba-large": dict(vocab_size=10000, cell="lstm", d_embed=1500, d_hidden=1500, n_layers=2, dropout=0.65),
+}
+
+
 @dataclass
-class RNNConfig:
+class RNNConfig(Presets):
+    FAMILY: ClassVar[str] = "rnn"
+    PRESETS: ClassVar[dict[str, dict]] = PRESETS
+
     vocab_size: int = 256
     cell: str = "lstm"  # rnn | lstm | gru
     d_embed: int = 256
@@ -50,20 +63,6 @@ class RNNConfig:
         """One size dial: 2 layers of 64·dial units, embeddings the same width."""
         return cls(**{"d_embed": 64 * dial, "d_hidden": 64 * dial, "n_layers": 2, **overrides})
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "RNNConfig":
-        if name not in PRESETS:
-            raise InputError(f"unknown rnn preset {name!r}; known: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-PRESETS = {
-    "tiny": dict(d_embed=16, d_hidden=16, n_layers=2),
-    # Zaremba et al. 2014, Penn Treebank (10k words): 2-layer LSTMs, dropout 0.5 / 0.65, untied.
-    "zaremba-medium": dict(vocab_size=10000, cell="lstm", d_embed=650, d_hidden=650, n_layers=2, dropout=0.5),
-    "zaremba-large": dict(vocab_size=10000, cell="lstm", d_embed=1500, d_hidden=1500, n_layers=2, dropout=0.65),
-}
-
 
 def _stack(config: RNNConfig) -> nn.Module:
     return CELLS[config.cell](
@@ -77,12 +76,12 @@ def _check_ids(idx: torch.Tensor, vocab_size: int) -> None:
         raise InputError(f"token ids must be in [0, {vocab_size}); got range [{int(idx.min())}, {int(idx.max())}]")
 
 
-def _matmul_flops(config: RNNConfig) -> int:
-    """Training FLOPs per token ≈ 6 × weights used in a multiply-add per token: the recurrent
-    stack's input and hidden matrices plus the output projection (the lookup table is free)."""
+def _forward_flops(config: RNNConfig) -> int:
+    """Forward matmul FLOPs per token: 2 × the recurrent stack's input and hidden matrices plus
+    the output projection (lookups, biases and the elementwise gate maths excluded)."""
     c = config
     per_layer = [_GATES[c.cell] * c.d_hidden * ((c.d_embed if i == 0 else c.d_hidden) + c.d_hidden) for i in range(c.n_layers)]
-    return 6 * (sum(per_layer) + c.d_hidden * c.vocab_size)
+    return 2 * (sum(per_layer) + c.d_hidden * c.vocab_size)
 
 
 class RNNLM(nn.Module, LanguageModel):
@@ -126,12 +125,14 @@ class RNNLM(nn.Module, LanguageModel):
         return state, F.log_softmax(logits[:, -1].float(), dim=-1)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied matrix counts once
-        return n - self.embed.weight.numel() if non_embedding and not self.config.tie_weights else n
+        """Parameters, a tied matrix counted once; `non_embedding`: only the recurrent stack
+        (Kaplan et al.'s N, as for GPT: no embedding, no output layer)."""
+        return sum(p.numel() for p in (self.rnn if non_embedding else self).parameters())
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """6 × (recurrent matrices + output projection); `seq_len` does not matter for an RNN."""
-        return _matmul_flops(self.config)
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Matmul FLOPs per token, the convention of `GPT.flops_per_token` (training = 3× forward);
+        `seq_len` does not matter for an RNN."""
+        return (3 if training else 1) * _forward_flops(self.config)
 
     def save(self, path: str | os.PathLike, tokenizer=None):
         return save_torch_model(self, path, tokenizer)
@@ -209,6 +210,6 @@ class BiRNNEncoder(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Two directions of `RNNLM`'s count (each with its own softmax projection)."""
-        return 2 * _matmul_flops(self.config)
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Two directions of `RNNLM`'s count (each runs the shared softmax projection)."""
+        return 2 * (3 if training else 1) * _forward_flops(self.config)
