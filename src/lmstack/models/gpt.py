@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,32 @@ from torch import nn
 from lmstack.errors import InputError
 from lmstack.models.base import LanguageModel
 from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.sizes import Presets
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope")
 MLPS = ("gelu", "swiglu")
 
 
+_LLAMA_STYLE = dict(norm="rmsnorm", norm_eps=1e-6, pos="rope", mlp="swiglu", bias=False, tie_embeddings=False)
+PRESETS = {
+    "tiny": dict(block_size=64, n_layer=2, n_head=4, n_embd=64),
+    "tiny-llama": dict(block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **_LLAMA_STYLE),
+    # The four GPT-2 sizes (Radford et al. 2019), with GPT-2's vocabulary and 1024-token context.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-355m": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
 @dataclass
-class GPTConfig:
+class GPTConfig(Presets):
+    """Sizes and switches; `GPTConfig.preset(name)` gives a named size or `d<N>` = `sized(N)`."""
+
+    FAMILY: ClassVar[str] = "gpt"
+    PRESETS: ClassVar[dict[str, dict]] = PRESETS
+
     vocab_size: int = 50257
     block_size: int = 1024  # longest context, in tokens
     n_layer: int = 12
@@ -81,27 +100,6 @@ class GPTConfig:
     def sized(cls, depth: int, **overrides) -> "GPTConfig":
         """One size dial, nanoGPT's shape: `depth` layers, width 64·depth, heads of 64 (d12 = GPT-2 124M)."""
         return cls(**{"n_layer": depth, "n_embd": 64 * depth, "n_head": depth, **overrides})
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """A named size (`tiny`, `gpt2-124m`, ...) or `d<N>` for `sized(N)`."""
-        if name.startswith("d") and name[1:].isdigit():
-            return cls.sized(int(name[1:]), **overrides)
-        if name not in PRESETS:
-            raise InputError(f"unknown gpt preset {name!r}; known: {sorted(PRESETS)} or d<depth> such as d6")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-_LLAMA_STYLE = dict(norm="rmsnorm", norm_eps=1e-6, pos="rope", mlp="swiglu", bias=False, tie_embeddings=False)
-PRESETS = {
-    "tiny": dict(block_size=64, n_layer=2, n_head=4, n_embd=64),
-    "tiny-llama": dict(block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, **_LLAMA_STYLE),
-    # The four GPT-2 sizes (Radford et al. 2019), with GPT-2's vocabulary and 1024-token context.
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-355m": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600),
-}
 
 
 # --- positions ----------------------------------------------------------------------------

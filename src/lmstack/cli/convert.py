@@ -1,0 +1,52 @@
+"""`lmstack convert SRC_DIR DST_DIR [--to lmstack|hf]`: Hugging Face <-> lmstack checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmstack.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="convert checkpoints between Hugging Face and lmstack formats",
+        description="Import a local Hugging Face checkpoint (GPT-2, Llama, BERT) as an lmstack checkpoint, "
+        "or export an lmstack GPT (GPT-2 or Llama style) as a directory `transformers` loads. "
+        "Nothing is downloaded: SRC_DIR is a directory such as `save_pretrained` writes.",
+    )
+    p.add_argument("src", metavar="SRC_DIR", help="checkpoint directory to read")
+    p.add_argument("dst", metavar="DST_DIR", help="directory to write (created if missing)")
+    p.add_argument("--to", choices=["lmstack", "hf"], default=None,
+                   help="target format (default: the other one; an HF source becomes lmstack and vice versa)")
+    p.add_argument("--force", action="store_true", help="overwrite a DST_DIR that already holds a checkpoint")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    import lmstack
+    from lmstack.models.hf import from_hf, hf_model_type, to_hf
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise InputError(f"{src}: no such checkpoint directory; check the path")
+    if (dst / "config.json").exists() and not args.force:
+        raise InputError(f"{dst}: already holds a checkpoint; pass --force to overwrite it or pick another DST_DIR")
+    if src.resolve() == dst.resolve():
+        raise InputError(f"{dst}: the destination is the source; pick another DST_DIR")
+    from_hf_format = hf_model_type(src) is not None
+    to = args.to or ("lmstack" if from_hf_format else "hf")
+    if to == "lmstack":
+        if not from_hf_format:
+            raise InputError(f"{src}: not a Hugging Face model directory (no model_type in config.json); "
+                             "it is already lmstack's format or not a checkpoint")
+        model, tokenizer = from_hf(src)
+        model.save(dst, tokenizer)
+        note = "" if tokenizer is not None else " (weights only: no tokenizer converted; keep using the HF tokenizer files)"
+    else:
+        if from_hf_format:
+            raise InputError(f"{src}: already a Hugging Face model directory; use --to lmstack to import it")
+        model, _ = lmstack.load(src)
+        to_hf(model, dst)
+        note = " (weights and config; the lmstack tokenizer is not converted to HF format)"
+    print(f"wrote {to} checkpoint to {dst}{note}")
+    return 0
