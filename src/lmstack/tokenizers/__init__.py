@@ -16,16 +16,11 @@ KINDS = ("bpe", "unigram", "char", "word")
 
 def registry() -> dict[str, type[Tokenizer]]:
     """kind name -> class; imported lazily so `import lmstack` stays fast."""
+    from lmstack.tokenizers.bpe import BPETokenizer
     from lmstack.tokenizers.char import CharTokenizer
     from lmstack.tokenizers.word import WordTokenizer
 
-    kinds: dict[str, type[Tokenizer]] = {"char": CharTokenizer, "word": WordTokenizer}
-    try:
-        from lmstack.tokenizers.bpe import BPETokenizer
-
-        kinds["bpe"] = BPETokenizer
-    except ImportError:  # pragma: no cover - while bpe.py is being written
-        pass
+    kinds: dict[str, type[Tokenizer]] = {"bpe": BPETokenizer, "char": CharTokenizer, "word": WordTokenizer}
     try:
         from lmstack.tokenizers.unigram import UnigramTokenizer
 
