@@ -1,0 +1,192 @@
+"""ARPA files: the text format of back-off n-gram models that KenLM, SRILM and IRSTLM share.
+
+Reading follows KenLM's reader (lm/read_arpa.*): text before `\\data\\` is skipped, the counts
+must match the sections, log10 probabilities above 0 are clamped to 0 with a warning, a
+non-finite back-off or a non-zero one on the highest order is an error, and every word of a
+higher-order n-gram must be a unigram. Every error names the file and line.
+
+This module only turns text into arrays and back; `ngram.NGramLM` owns the lookup tables.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from lmstack.errors import FormatError
+from lmstack.io import atomic_write, check_readable
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+
+
+def split_words(line: str) -> list[str]:
+    """Words as KenLM splits them: on space, tab and carriage return only (so a no-break space
+    or a form feed stays inside a word, as in lmplz)."""
+    return [w for w in line.replace("\t", " ").replace("\r", " ").split(" ") if w]
+
+
+@dataclass
+class ArpaSection:
+    """The n-grams of one order: word ids [count, n], log10 p, log10 back-off (None if absent)."""
+
+    ids: np.ndarray
+    logp: np.ndarray
+    backoff: np.ndarray | None
+    lines: np.ndarray  # 1-based line number of each entry, for error messages
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for i, line in enumerate(f, 1):
+                yield i, line.rstrip("\n").rstrip("\r")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); is it a gzip or binary model?") from None
+
+
+def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
+    """Parse an ARPA file into (vocabulary in file order, one section per order)."""
+    p = check_readable(path)
+    lines = _numbered_lines(p)
+
+    def fail(lineno: int | None, msg: str) -> FormatError:
+        where = f"{p}:{lineno}" if lineno else str(p)
+        return FormatError(f"{where}: {msg}; is this an ARPA language model file?")
+
+    # Header: skip anything before \data\, then "ngram N=C" lines.
+    lineno, line = 0, ""
+    for lineno, line in lines:
+        if line.strip() == "\\data\\":
+            break
+    else:
+        raise fail(None, "no \\data\\ header found")
+    counts: list[int] = []
+    for lineno, line in lines:
+        s = line.strip()
+        if not s:
+            if counts:
+                break
+            continue
+        if not s.startswith("ngram "):
+            if counts and s.startswith("\\"):
+                break
+            raise fail(lineno, f"expected 'ngram N=COUNT' in the header, got {s[:60]!r}")
+        try:
+            n_str, c_str = s[len("ngram "):].split("=")
+            n, c = int(n_str), int(c_str)
+        except ValueError:
+            raise fail(lineno, f"malformed header line {s[:60]!r}") from None
+        if n != len(counts) + 1 or c < 0:
+            raise fail(lineno, f"header line {s!r} is out of order (orders must run 1, 2, ...)")
+        counts.append(c)
+    if not counts:
+        raise fail(lineno, "the \\data\\ header lists no n-gram counts")
+
+    order = len(counts)
+    word_ids: dict[str, int] = {}
+    vocab: list[str] = []
+    sections: list[ArpaSection] = []
+    pending = line.strip() if line.strip().startswith("\\") else None
+    for n in range(1, order + 1):
+        header = f"\\{n}-grams:"
+        if pending is None:
+            for lineno, line in lines:
+                if line.strip():
+                    pending = line.strip()
+                    break
+        if pending != header:
+            raise fail(lineno, f"expected section {header} but found {str(pending)[:60]!r}")
+        pending = None
+        highest = n == order
+        logps: list[float] = []
+        backoffs: list[float] = []
+        flat: list[int] = []
+        line_nos: list[int] = []
+        for lineno, line in lines:
+            parts = split_words(line)
+            if not parts:
+                break
+            if parts[0].startswith("\\"):
+                pending = line.strip()
+                break
+            if len(logps) == counts[n - 1]:
+                raise fail(lineno, f"section {header} has more entries than the {counts[n - 1]} the header says")
+            if len(parts) not in (n + 1, n + 2):
+                raise fail(lineno, f"expected a log10 probability, {n} word(s) and an optional back-off, got {len(parts)} fields")
+            try:
+                logp = float(parts[0])
+                bo = float(parts[n + 1]) if len(parts) == n + 2 else 0.0
+            except ValueError:
+                raise fail(lineno, f"not a number in {line.strip()[:60]!r}") from None
+            if math.isnan(logp):
+                raise fail(lineno, "the probability is NaN")
+            if logp > 0:
+                warnings.warn(f"{p}:{lineno}: positive log10 probability {logp} clamped to 0 (an IRSTLM bug)", stacklevel=2)
+                logp = 0.0
+            if not math.isfinite(bo):
+                raise fail(lineno, f"the back-off {parts[n + 1]} is not finite")
+            if highest and bo != 0.0:
+                raise fail(lineno, f"a back-off weight on the highest order ({n}) must be 0, got {bo}")
+            words = parts[1 : n + 1]
+            if n == 1:
+                w = words[0]
+                if w in word_ids:
+                    raise fail(lineno, f"duplicate unigram {w!r}")
+                word_ids[w] = len(vocab)
+                vocab.append(w)
+                flat.append(word_ids[w])
+            else:
+                for w in words:
+                    i = word_ids.get(w)
+                    if i is None:
+                        raise fail(lineno, f"word {w!r} was not seen in the unigrams")
+                    flat.append(i)
+            logps.append(logp)
+            backoffs.append(bo)
+            line_nos.append(lineno)
+        if len(logps) != counts[n - 1]:
+            raise fail(lineno, f"section {header} has {len(logps)} entries but the header says {counts[n - 1]}")
+        sections.append(ArpaSection(
+            ids=np.asarray(flat, dtype=np.int64).reshape(len(logps), n),
+            logp=np.asarray(logps, dtype=np.float64),
+            backoff=None if highest else np.asarray(backoffs, dtype=np.float64),
+            lines=np.asarray(line_nos, dtype=np.int64),
+        ))
+    if pending is None:
+        for lineno, line in lines:
+            if line.strip():
+                pending = line.strip()
+                break
+    if pending != "\\end\\":
+        raise fail(lineno, f"expected \\end\\ after the {order}-grams, found {str(pending)[:60]!r}")
+    for lineno, line in lines:
+        if line.strip():
+            raise fail(lineno, "only whitespace may follow \\end\\")
+    return vocab, sections
+
+
+def _fmt(x: float) -> str:
+    return "%.9g" % (x + 0.0)  # + 0.0 turns -0.0 into 0.0
+
+
+def write_arpa(path: str | os.PathLike, texts: list[list[str]], logps: list[np.ndarray],
+               backoffs: list[np.ndarray | None]) -> None:
+    """Write an ARPA file atomically; per order: n-gram texts ("w1 w2"), log10 p, log10 back-off."""
+    with atomic_write(path) as f:
+        f.write("\\data\\\n")
+        for n, t in enumerate(texts, 1):
+            f.write(f"ngram {n}={len(t)}\n")
+        for n, (t, lp, bo) in enumerate(zip(texts, logps, backoffs), 1):
+            f.write(f"\n\\{n}-grams:\n")
+            lp_s = [_fmt(x) for x in lp.tolist()]
+            if bo is None:
+                f.writelines(f"{a}\t{w}\n" for a, w in zip(lp_s, t))
+            else:
+                f.writelines(f"{a}\t{w}\t{_fmt(b)}\n" for a, w, b in zip(lp_s, t, bo.tolist()))
+        f.write("\n\\end\\\n")

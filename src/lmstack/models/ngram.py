@@ -1,0 +1,530 @@
+"""Back-off n-gram language models: counting, Kneser-Ney / add-k smoothing, scoring, ARPA files.
+
+Training reproduces KenLM's `lmplz` (interpolated modified Kneser-Ney, three discounts per order
+from counts-of-counts; see shared/fixtures/kenlm/ALGORITHM.md): an ARPA file written here
+matches lmplz's entry by entry, and an ARPA file read here scores exactly as KenLM's `query`.
+
+Every n-gram of order n is stored as one int64 key, (index of its (n-1)-word prefix in the
+order n-1 table) * V + (id of its last word), in a sorted array per order; the unigram table
+is the vocabulary itself. So counting is a `np.unique` over packed keys per order, and looking
+up the n-grams ending at every position of a batch is one `np.searchsorted` per order. No
+Python dict per n-gram anywhere.
+
+Vocabulary ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`, then the words. `<s>` is only ever context, so
+the next-token distribution gives it probability 0 and sums to 1 over the other ids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from lmstack.errors import CheckpointError, FormatError, InputError
+from lmstack.io import check_readable, iter_text_chunks, write_json
+from lmstack.models.arpa import BOS, EOS, UNK, read_arpa, split_words, write_arpa
+from lmstack.models.base import LanguageModel
+from lmstack.models.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_family_config
+from lmstack.progress import progress
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+ARPA_FILE = "model.arpa"
+SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k")
+BOUNDARIES = ("line", "file")
+LN10 = float(np.log(10.0))
+# lmplz's substitute discounts (D1, D2, D3+) under --discount_fallback.
+FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)
+
+
+@dataclass
+class NGramConfig:
+    order: int
+    smoothing: str = "modified_kneser_ney"
+    #: pseudo-count for add_k smoothing
+    k: float = 1.0
+    discount_fallback: bool = False
+    #: where <s> ... </s> go: around each line, or around each whole file
+    boundary: str = "line"
+    #: discounts per order (D1, D2, D3+) as estimated; filled in by training
+    discounts: list = field(default_factory=list)
+    train_tokens: int = 0
+    vocab_size: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.order, int) or self.order < 1:
+            raise InputError(f"--order {self.order}: an n-gram order must be an integer >= 1 (e.g. 3 or 5)")
+        if self.smoothing not in SMOOTHINGS + ("arpa",):
+            raise InputError(f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}")
+        if self.boundary not in BOUNDARIES:
+            raise InputError(f"unknown boundary {self.boundary!r}; choose 'line' or 'file'")
+        if self.smoothing == "add_k" and not self.k > 0:
+            raise InputError(f"--k {self.k}: add-k smoothing needs k > 0 (e.g. 1 or 0.1)")
+
+
+@dataclass
+class _Table:
+    """One order: sorted keys (prefix index * V + last word), log10 p, log10 back-off (None on top)."""
+
+    keys: np.ndarray
+    logp: np.ndarray
+    backoff: np.ndarray | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a corpus into one id stream: <s> w w w </s> <s> w w </s> ...
+
+
+class Corpus:
+    """The training text as one int32 stream of ids, sentences delimited by <s> ... </s>."""
+
+    # While reading, id 0 marks an empty split, 1 a line break and 2 a reserved word; words
+    # get their final ids (3 and up) straight away.
+    _EMPTY, _BREAK, _RESERVED = 0, 1, 2
+
+    def __init__(self, tokenizer=None, boundary: str = "line"):
+        self.tokenizer = tokenizer
+        self.boundary = boundary
+        self.word_ids: dict[str, int] = {"": 0, "\n": 1, UNK: 2, BOS: 2, EOS: 2}
+        self.parts: list[np.ndarray] = []
+        self.n_words = 0
+
+    def add_file(self, path: str | os.PathLike) -> None:
+        p = check_readable(path)
+        per_line = self.boundary == "line"
+        ends_with_newline = True
+        self.parts.append(np.array([BOS_ID], dtype=np.int32))
+        with progress(total=p.stat().st_size, desc=f"reading {p.name}", unit="B", unit_scale=True) as bar:
+            for chunk in iter_text_chunks(p):
+                ids = self._chunk_ids(chunk, per_line)
+                if (ids == self._RESERVED).any():
+                    raise InputError(
+                        f"{p}: the corpus contains the word <unk>, <s> or </s>, which lmstack reserves "
+                        "for the model; remove or rename it (e.g. sed 's/<s>/< s>/g')"
+                    )
+                ids = ids[ids != self._EMPTY]
+                if per_line:
+                    breaks = np.flatnonzero(ids == self._BREAK)
+                    ids[breaks] = EOS_ID
+                    ids = np.insert(ids, breaks + 1, BOS_ID)
+                self.n_words += int(np.count_nonzero(ids > EOS_ID))
+                self.parts.append(ids)
+                ends_with_newline = chunk.endswith("\n")
+                bar.update(len(chunk.encode("utf-8")))
+        if per_line and ends_with_newline:
+            self.parts[-1] = self.parts[-1][:-1]  # the <s> after the final line break
+        else:
+            self.parts.append(np.array([EOS_ID], dtype=np.int32))
+
+    def _chunk_ids(self, text: str, per_line: bool) -> np.ndarray:
+        d = self.word_ids
+        if self.tokenizer is not None:
+            pieces = text.split("\n") if per_line else [text]
+            out: list[int] = []
+            for i, piece in enumerate(pieces):
+                out.extend(d.setdefault(str(t), len(d) - 2) for t in self.tokenizer.encode(piece))
+                if i < len(pieces) - 1:
+                    out.append(self._BREAK)
+            return np.asarray(out, dtype=np.int32)
+        text = text.replace("\t", " ").replace("\r", " ")
+        text = text.replace("\n", " \n ") if per_line else text.replace("\n", " ")
+        words = text.split(" ")
+        return np.fromiter((d.setdefault(w, len(d) - 2) for w in words), dtype=np.int32, count=len(words))
+
+    def finish(self) -> tuple[list[str], np.ndarray]:
+        """(vocabulary <unk>, <s>, </s>, words..., id stream)."""
+        if self.n_words == 0:
+            raise InputError("the corpus has no words (empty or whitespace only); pass some text to train on")
+        stream = np.concatenate(self.parts)
+        self.parts = []
+        return [UNK, BOS, EOS] + list(self.word_ids)[5:], stream
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting and smoothing
+
+
+@dataclass
+class _Counts:
+    """Raw counts of one order with the links Kneser-Ney needs."""
+
+    keys: np.ndarray  # sorted, prefix * V + last word
+    count: np.ndarray  # raw count
+    suffix: np.ndarray  # index of the (n-1)-gram w2..wn in the order n-1 table
+    first: np.ndarray  # id of the first word
+
+
+def count_ngrams(stream: np.ndarray, V: int, order: int) -> list[_Counts]:
+    """Counts of every n-gram of orders 1..order that lies inside one sentence of `stream`.
+
+    Per order: pack (index of the prefix n-gram at position i, word at i+n-1) into an int64,
+    `np.unique` it, and keep each position's n-gram index for the next order."""
+    T = len(stream)
+    # eos_before[i] = number of </s> in stream[:i]; a window may only end in </s>
+    eos_before = np.concatenate([[0], np.cumsum(stream == EOS_ID)])
+    ids = np.arange(V, dtype=np.int64)
+    out = [_Counts(keys=ids, count=np.bincount(stream, minlength=V).astype(np.int64), suffix=np.zeros(V, np.int64), first=ids)]
+    at = stream.astype(np.int64)  # index of the (n-1)-gram starting at each position, -1 if none
+    for n in range(2, order + 1):
+        L = T - n + 1
+        pos = np.flatnonzero(eos_before[n - 1 : n - 1 + L] == eos_before[:L]) if L > 0 else np.zeros(0, np.int64)
+        keys = at[pos] * V + stream[pos + n - 1]
+        uniq, inverse, cnt = np.unique(keys, return_inverse=True, return_counts=True)
+        suffix = np.empty(len(uniq), np.int64)
+        suffix[inverse] = at[pos + 1]
+        nxt = np.full(T, -1, np.int64)
+        nxt[pos] = inverse
+        at = nxt
+        out.append(_Counts(keys=uniq, count=cnt.astype(np.int64), suffix=suffix, first=out[-1].first[uniq // V]))
+    return out
+
+
+def _discounts(a: np.ndarray, n: int, smoothing: str, fallback: bool) -> tuple[float, float, float]:
+    """(D1, D2, D3+) from counts-of-counts of adjusted counts `a`, in float32 as lmplz does."""
+    nk = [int(np.count_nonzero(a == k)) for k in range(1, 5)]
+    f = np.float32
+    if smoothing == "kneser_ney":
+        ok = nk[0] > 0
+        d = f(nk[0]) / f(nk[0] + 2 * nk[1]) if ok else f(0)
+        ds = (float(d),) * 3
+    else:
+        ok = all(nk[:3])
+        y = f(nk[0]) / f(nk[0] + 2 * nk[1]) if ok else f(0)
+        ds = tuple(float(f(k) - f(k + 1) * y * f(nk[k]) / f(nk[k - 1])) if ok else 0.0 for k in (1, 2, 3))
+        ok = ok and all(0 <= d <= k for k, d in zip((1, 2, 3), ds))
+    if ok:
+        return ds
+    if fallback:
+        return (0.5,) * 3 if smoothing == "kneser_ney" else FALLBACK_DISCOUNTS
+    raise InputError(
+        f"cannot estimate Kneser-Ney discounts for the {n}-grams (counts of counts 1..4: {nk}): the "
+        "corpus is too small or too repetitive; pass --discount-fallback to use 0.5 1 1.5 as lmplz "
+        "does, lower --order, or use --smoothing add_k"
+    )
+
+
+def _kneser_ney(counts: list[_Counts], V: int, cfg: NGramConfig) -> tuple[list[_Table], list]:
+    """Interpolated (modified) Kneser-Ney as lmplz computes it; returns tables and discounts."""
+    N = len(counts)
+    # Adjusted counts: raw on the top order and for n-grams starting with <s>; otherwise the
+    # number of distinct words seen before the n-gram.
+    adjusted = []
+    for n, c in enumerate(counts, 1):
+        if n == N:
+            a = c.count.copy()
+        else:
+            a = np.bincount(counts[n].suffix, minlength=len(c.keys)).astype(np.int64)
+            a = np.where(c.first == BOS_ID, c.count, a)
+        if n == 1:
+            a[[UNK_ID, BOS_ID]] = 0
+        adjusted.append(a)
+    tables: list[_Table] = []
+    discounts = []
+    prob_lower = None
+    for n, (c, a) in enumerate(zip(counts, adjusted), 1):
+        d = _discounts(a, n, cfg.smoothing, cfg.discount_fallback)
+        discounts.append(list(d))
+        disc = np.choose(np.minimum(a, 3), (0.0,) + d)
+        n_ctx = 1 if n == 1 else len(counts[n - 2].keys)
+        ctx = np.zeros(len(a), np.int64) if n == 1 else c.keys // V
+        denom = np.bincount(ctx, weights=a, minlength=n_ctx)
+        mass = np.bincount(ctx, weights=disc, minlength=n_ctx)
+        safe = np.where(denom > 0, denom, 1.0)
+        gamma = mass / safe
+        u = (a - disc) / safe[ctx]
+        if n == 1:
+            prob = u + gamma[0] / (V - 1)
+            prob[BOS_ID] = 1.0
+        else:
+            prob = u + gamma[ctx] * prob_lower[c.suffix]
+            tables[-1].backoff = np.log10(np.where(denom > 0, gamma, 1.0))
+        tables.append(_Table(keys=c.keys, logp=np.log10(np.minimum(prob, 1.0)), backoff=None))
+        prob_lower = prob
+    return tables, discounts
+
+
+def _add_k(counts: list[_Counts], V: int, k: float) -> list[_Table]:
+    """Add-k on raw counts per seen context; the k-mass of unseen words goes to the shorter
+    context through the back-off weight, so the model is a normalised ARPA model."""
+    tables: list[_Table] = []
+    prob_lower = None
+    for n, c in enumerate(counts, 1):
+        cnt = c.count.astype(np.float64)
+        if n == 1:
+            cnt[BOS_ID] = 0.0
+            prob = (cnt + k) / (cnt.sum() + k * (V - 1))
+            prob[BOS_ID] = 1.0
+        else:
+            n_ctx = len(counts[n - 2].keys)
+            ctx = c.keys // V
+            total = np.bincount(ctx, weights=cnt, minlength=n_ctx)
+            seen = np.bincount(ctx, minlength=n_ctx)
+            prob = (cnt + k) / (total[ctx] + k * (V - 1))
+            left_here = k * (V - 1 - seen) / (total + k * (V - 1))
+            left_lower = 1.0 - np.bincount(ctx, weights=prob_lower[c.suffix], minlength=n_ctx)
+            has_gap = (seen > 0) & (left_here > 0)
+            bo = np.where(has_gap, left_here / np.where(has_gap, np.maximum(left_lower, 1e-300), 1.0), 1.0)
+            tables[-1].backoff = np.log10(bo)
+        tables.append(_Table(keys=c.keys, logp=np.log10(prob), backoff=None))
+        prob_lower = prob
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class NGramLM(LanguageModel):
+    """A back-off n-gram model on the LanguageModel contract (natural-log outputs)."""
+
+    family = "ngram"
+    max_context = None
+    unk_id, bos_id, eos_id = UNK_ID, BOS_ID, EOS_ID
+
+    def __init__(self, vocab: list[str], tables: list[_Table], config: NGramConfig, tokenizer=None):
+        self.vocab = list(vocab)
+        self.word_ids = {w: i for i, w in enumerate(self.vocab)}
+        self.tables = tables
+        self.config = config
+        self.order = len(tables)
+        self.vocab_size = len(self.vocab)
+        self.tokenizer = tokenizer
+
+    # --- building -----------------------------------------------------------------------------
+    @classmethod
+    def train(cls, files: Iterable[str | os.PathLike], order: int = 3, smoothing: str = "modified_kneser_ney",
+              k: float = 1.0, discount_fallback: bool = False, boundary: str = "line", tokenizer=None) -> "NGramLM":
+        """Count n-grams over text files and smooth them (see NGramConfig for the options)."""
+        cfg = NGramConfig(order=order, smoothing=smoothing, k=k, discount_fallback=discount_fallback, boundary=boundary)
+        corpus = Corpus(tokenizer=tokenizer, boundary=boundary)
+        files = list(files)
+        if not files:
+            raise InputError("no training files given; pass at least one text file")
+        for f in files:
+            corpus.add_file(f)
+        vocab, stream = corpus.finish()
+        return cls.from_stream(vocab, stream, cfg, tokenizer)
+
+    @classmethod
+    def train_texts(cls, lines: Iterable[str], order: int = 3, **opts) -> "NGramLM":
+        """Train on in-memory lines (one sentence each); for tests and notebooks."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "corpus.txt"
+            path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            return cls.train([path], order=order, **opts)
+
+    @classmethod
+    def from_stream(cls, vocab: list[str], stream: np.ndarray, cfg: NGramConfig, tokenizer=None) -> "NGramLM":
+        V = len(vocab)
+        counts = count_ngrams(stream, V, cfg.order)
+        if cfg.smoothing == "add_k":
+            tables = _add_k(counts, V, cfg.k)
+        else:
+            tables, cfg.discounts = _kneser_ney(counts, V, cfg)
+        cfg.train_tokens = int(np.count_nonzero(stream != BOS_ID))
+        cfg.vocab_size = V
+        return cls(vocab, tables, cfg, tokenizer)
+
+    @classmethod
+    def from_arpa(cls, path: str | os.PathLike) -> "NGramLM":
+        """Load an ARPA file (KenLM, SRILM, ...); it scores exactly as the file says."""
+        words, sections = read_arpa(path)
+        # Renumber so that <unk>, <s>, </s> are ids 0, 1, 2 (KenLM also accepts <UNK>).
+        words = [UNK if w == "<UNK>" else w for w in words]
+        vocab = [UNK, BOS, EOS] + [w for w in words if w not in (UNK, BOS, EOS)]
+        V = len(vocab)
+        word_ids = {w: i for i, w in enumerate(vocab)}
+        remap = np.array([word_ids[w] for w in words], dtype=np.int64)
+        first = sections[0]
+        logp1 = np.full(V, -100.0)  # a missing <unk> gets log10 p = -100, as build_binary -u
+        logp1[BOS_ID] = 0.0
+        logp1[remap] = first.logp
+        tables = [_Table(keys=np.arange(V, dtype=np.int64), logp=logp1, backoff=None)]
+        if first.backoff is not None:
+            bo1 = np.zeros(V)
+            bo1[remap] = first.backoff
+            tables[0].backoff = bo1
+        for n, sec in enumerate(sections[1:], 2):
+            ids = remap[sec.ids]
+            prefix = ids[:, 0]
+            for j in range(1, n - 1):
+                prefix = _lookup(tables[j], prefix, ids[:, j], V)
+            missing = prefix < 0
+            if missing.any():
+                i = int(np.argmax(missing))
+                raise FormatError(
+                    f"{path}:{sec.lines[i]}: the {n}-gram {' '.join(vocab[w] for w in ids[i])!r} has no entry "
+                    f"for its first {n - 1} words; lmstack reads ARPA files whose n-gram prefixes are listed "
+                    "(as lmplz and SRILM write them)"
+                )
+            keys = prefix * V + ids[:, -1]
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            dup = np.flatnonzero(keys[1:] == keys[:-1])
+            if len(dup):
+                raise FormatError(f"{path}:{sec.lines[order[dup[0] + 1]]}: duplicate {n}-gram; is this an ARPA language model file?")
+            tables.append(_Table(keys=keys, logp=sec.logp[order],
+                                 backoff=None if sec.backoff is None else sec.backoff[order]))
+        cfg = NGramConfig(order=len(tables), smoothing="arpa", vocab_size=V)
+        return cls(vocab, tables, cfg)
+
+    # --- files --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a checkpoint dir: model.arpa, config.json and (subword models) tokenizer.json."""
+        p = Path(path)
+        if p.exists() and not p.is_dir():
+            raise InputError(f"{p}: exists and is not a directory; choose another --out")
+        p.mkdir(parents=True, exist_ok=True)
+        self.write_arpa(p / ARPA_FILE)
+        if self.tokenizer is not None:
+            self.tokenizer.save(p / TOKENIZER_FILE)
+        write_json(p / CONFIG_FILE, {"family": self.family, **asdict(self.config)})
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "NGramLM":
+        """A checkpoint directory (config.json + model.arpa [+ tokenizer.json]) or a bare .arpa file."""
+        p = Path(path)
+        if p.is_file():
+            return cls.from_arpa(p)
+        cfg = read_family_config(p, cls.family, NGramConfig)
+        if not (p / ARPA_FILE).exists():
+            raise CheckpointError(f"{p}: missing {ARPA_FILE}; retrain with `lmstack ngram train`")
+        model = cls.from_arpa(p / ARPA_FILE)
+        if cfg.order != model.order:
+            raise CheckpointError(f"{p / CONFIG_FILE}: says order {cfg.order} but {ARPA_FILE} has order {model.order}")
+        model.config = cfg
+        if (p / TOKENIZER_FILE).exists():
+            from lmstack.tokenizers import load_tokenizer
+
+            model.tokenizer = load_tokenizer(p / TOKENIZER_FILE)
+        return model
+
+    def ngram_texts(self, n: int) -> np.ndarray:
+        """The words of every order-n entry, space-joined, in table order (an object array)."""
+        words = np.array(self.vocab, dtype=object)
+        texts = words
+        for j in range(1, n):
+            keys = self.tables[j].keys
+            texts = texts[keys // self.vocab_size] + " " + words[keys % self.vocab_size]
+        return texts
+
+    def write_arpa(self, path: str | os.PathLike) -> None:
+        texts = [self.ngram_texts(n).tolist() for n in range(1, self.order + 1)]
+        write_arpa(path, texts, [t.logp for t in self.tables], [t.backoff for t in self.tables])
+
+    # --- text -> ids --------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Model ids of one line of text (no <s>/</s>); unknown words or tokens become <unk>."""
+        if self.tokenizer is not None:
+            pieces = [str(t) for t in self.tokenizer.encode(text)]
+        else:
+            pieces = split_words(text)
+        get = self.word_ids.get
+        return [get(w, UNK_ID) for w in pieces]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids if int(i) not in (BOS_ID, EOS_ID)]
+        if self.tokenizer is not None:
+            return self.tokenizer.decode([int(self.vocab[i]) for i in ids if i != UNK_ID])
+        return " ".join(self.vocab[i] for i in ids)
+
+    # --- scoring ------------------------------------------------------------------------------
+    def _positions(self, tokens: np.ndarray) -> list[np.ndarray]:
+        """at[n-1][b, t] = table index of the n-gram tokens[b, t-n+1 .. t], or -1 if absent."""
+        V = self.vocab_size
+        at = [np.where((tokens >= 0) & (tokens < V), tokens, -1).astype(np.int64)]
+        for n in range(2, self.order + 1):
+            cur = np.full(tokens.shape, -1, np.int64)
+            if tokens.shape[1] >= n:
+                cur[:, n - 1 :] = _lookup(self.tables[n - 1], at[-1][:, :-1][:, n - 2 :], at[0][:, n - 1 :], V)
+            at.append(cur)
+        return at
+
+    def _score10(self, tokens: np.ndarray) -> np.ndarray:
+        """[B, T] ids -> [B, T-1] log10 p(x_t | x_<t) by standard ARPA back-off."""
+        at = self._positions(tokens)
+        target = tokens[:, 1:]
+        out = np.zeros(target.shape)
+        done = np.zeros(target.shape, bool)
+        acc = np.zeros(target.shape)  # back-offs of the contexts longer than the match so far
+        for n in range(self.order, 0, -1):
+            idx = at[n - 1][:, 1:]
+            hit = ~done & (idx >= 0)
+            out[hit] = self.tables[n - 1].logp[idx[hit]] + acc[hit]
+            done |= hit
+            if n > 1:
+                ctx = at[n - 2][:, :-1]
+                has = ~done & (ctx >= 0)
+                acc[has] += self.tables[n - 2].backoff[ctx[has]]
+        out[target == BOS_ID] = -np.inf
+        return out
+
+    def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T-1] natural-log p of each observed token, without a dense [V] row."""
+        return torch.from_numpy(self._score10(tokens.cpu().numpy()) * LN10)
+
+    def _dense10(self, contexts: np.ndarray) -> np.ndarray:
+        """[R, L] contexts (left-padded with -1) -> [R, V] log10 next-token distributions."""
+        R, L = contexts.shape
+        V = self.vocab_size
+        at = self._positions(contexts)
+        out = np.empty((R, V))
+        uni = self.tables[0]
+        for r in range(R):
+            # ctx[k] = index of the last k context words in table k (k = 1..N-1), or -1
+            ctx = [at[k - 1][r, -1] if L >= k else -1 for k in range(1, self.order)]
+            bo = [self.tables[k - 1].backoff[c] if c >= 0 else 0.0 for k, c in enumerate(ctx, 1)]
+            tail = np.concatenate([np.cumsum(bo[::-1])[::-1], [0.0]])  # tail[k-1] = sum of bo[k-1:]
+            row = out[r]
+            row[:] = uni.logp + tail[0]
+            for k, c in enumerate(ctx, 1):
+                if c < 0:
+                    continue
+                t = self.tables[k]
+                lo, hi = np.searchsorted(t.keys, [c * V, (c + 1) * V])
+                row[t.keys[lo:hi] % V] = t.logp[lo:hi] + tail[k]
+        out[:, BOS_ID] = -np.inf
+        return out
+
+    def next_token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T, V]: the full next-token distribution after every prefix."""
+        tok = tokens.cpu().numpy().astype(np.int64)
+        B, T = tok.shape
+        h = self.order - 1
+        # row (b, t) holds the h tokens ending at t, left-padded with -1
+        padded = np.concatenate([np.full((B, h), -1, np.int64), tok], axis=1)
+        windows = np.stack([padded[:, t + 1 : t + 1 + h] for t in range(T)], axis=1).reshape(B * T, h)
+        return torch.from_numpy(self._dense10(windows) * LN10).reshape(B, T, self.vocab_size)
+
+    def start(self, prompt: torch.Tensor):
+        """State: the last order-1 tokens of each row ([B, order-1], -1 where there are none)."""
+        tok = prompt.cpu().numpy().astype(np.int64)
+        h = self.order - 1
+        state = np.full((tok.shape[0], h), -1, np.int64)
+        keep = min(h, tok.shape[1])
+        if keep:
+            state[:, h - keep :] = tok[:, tok.shape[1] - keep :]
+        return state, torch.from_numpy(self._dense10(state) * LN10)
+
+    def step(self, state, tokens: torch.Tensor):
+        tok = tokens.cpu().numpy().astype(np.int64).reshape(-1, 1)
+        state = np.concatenate([state, tok], axis=1)[:, 1:]
+        return state, torch.from_numpy(self._dense10(state) * LN10)
+
+
+def _lookup(table: _Table, prefix: np.ndarray, word: np.ndarray, V: int) -> np.ndarray:
+    """Table index of each (prefix index, word) n-gram, or -1 where absent or prefix is -1."""
+    keys = prefix * V + word
+    pos = np.searchsorted(table.keys, keys)
+    pos_c = np.minimum(pos, len(table.keys) - 1) if len(table.keys) else np.zeros_like(pos)
+    found = (prefix >= 0) & (word >= 0) & (len(table.keys) > 0)
+    if len(table.keys):
+        found &= table.keys[pos_c] == keys
+    return np.where(found, pos_c, -1)
+
