@@ -1,0 +1,69 @@
+"""`lmstack convert` as a user runs it: HF -> lmstack -> HF, checked against transformers."""
+
+import json
+
+import pytest
+import torch
+
+import lmstack
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+V = 89
+CONFIGS = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                            bos_token_id=0, eos_token_id=0),
+    "llama": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=32, hidden_size=32,
+                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2),
+}
+
+
+def _save_hf(cfg, path):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("arch", CONFIGS)
+def test_hf_to_lmstack_to_hf(cli, tmp_path, arch):
+    ref = _save_hf(CONFIGS[arch](), tmp_path / "hf")
+    r = cli("convert", tmp_path / "hf", tmp_path / "ours", check=True)  # --to defaults to the other format
+    assert f"wrote lmstack checkpoint to {tmp_path / 'ours'}" in r.stdout
+    x = torch.randint(0, V, (2, 32))
+    with torch.no_grad():
+        want = ref(x).logits
+        model, _ = lmstack.load(tmp_path / "ours")
+        assert (model(x) - want).abs().max() <= 1e-4
+
+    cli("convert", tmp_path / "ours", tmp_path / "hf2", "--to", "hf", check=True)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
+    with torch.no_grad():
+        assert (back(x).logits - want).abs().max() <= 1e-4
+
+
+def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    r = cli("convert", tmp_path / "t5", tmp_path / "out")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 't5'}: not a supported Hugging Face model (model_type 't5'); lmstack imports gpt2, llama and bert"
+    ]
+    assert not (tmp_path / "out").exists()
+
+    from lmstack.models.rnn import RNNConfig, RNNLM
+
+    RNNLM(RNNConfig.preset("tiny")).save(tmp_path / "rnn")
+    r = cli("convert", tmp_path / "rnn", tmp_path / "out", "--to", "hf")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: only GPT models export to Hugging Face format; this is a 'rnn' model"]
+    assert not (tmp_path / "out").exists()
+
+    r = cli("convert", tmp_path / "rnn", tmp_path / "rnn", "--to", "hf")
+    assert r.returncode == 2 and "already holds a checkpoint; pass --force" in r.stderr
