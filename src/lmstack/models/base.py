@@ -51,6 +51,12 @@ class LanguageModel:
     def step(self, state: DecodingState, tokens: torch.Tensor) -> tuple[DecodingState, torch.Tensor]:
         """Append one [B] token per row; return (new state, [B, V] next-token log-probs)."""
 
+    def reorder(self, state: DecodingState, index: torch.Tensor) -> DecodingState:
+        """Rows `index` ([B'] ids into the batch, repeats allowed) of a decoding state, in that
+        order: beam search keeps its best beams' states with it. Optional; without it beam search
+        restarts the beams from their tokens (correct, but it recomputes the prefix)."""
+        raise NotImplementedError
+
     def check_context(self, length: int) -> None:
         if self.max_context is not None and length > self.max_context:
             raise ContextLengthError(

@@ -1,0 +1,176 @@
+"""Batched generation on the model contract: one `start`, then one `step` per token, for every family.
+
+All rows advance in lockstep through one decoding state, so the prefix is never recomputed. Rows
+may have prompts of different lengths without padding (the contract has no attention mask): the
+batch starts on the shortest prompt, and a longer row is fed its own remaining prompt tokens
+("forced" steps) while shorter rows already generate. A row that has finished keeps being fed its
+last token until the whole batch is done; its output is frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from lmstack.errors import InputError
+from lmstack.generation.config import GenerationConfig
+from lmstack.generation.detok import StreamDecoder
+from lmstack.generation.processors import Sampler
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens (a final <|endoftext|> is not included)
+    text: str | None  # their text, cut before a stop string; None without a tokenizer
+    finish_reason: str  # "stop" (end-of-text or a stop string) or "length" (max_new_tokens or the context)
+    logprob: float  # sum of the model's log p of the new tokens (before any transform)
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights live (CPU for families without parameters, like the n-gram)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids; an empty prompt starts from <|endoftext|>, the usual document boundary."""
+    ids = tokenizer.encode(text)
+    if ids:
+        return ids
+    if tokenizer.eot_id is None:
+        raise InputError("the prompt is empty and the tokenizer has no <|endoftext|> to start from; give a prompt")
+    return [tokenizer.eot_id]
+
+
+class _Row:
+    """One sequence being generated: its tokens, text and whether (and why) it has stopped."""
+
+    def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, tokenizer):
+        self.prompt, self.config, self.budget = prompt, config, budget
+        self.eot = tokenizer.eot_id if tokenizer is not None and config.stop_at_eot else None
+        self.detok = StreamDecoder(tokenizer) if tokenizer is not None else None
+        self.tokens: list[int] = []
+        self.text = ""
+        self.logprob = 0.0
+        self.streamed = 0  # characters already handed to a stream
+        self.finish_reason: str | None = None if budget > 0 else "length"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int, logprob: float) -> None:
+        if token == self.eot:
+            return self._finish("stop")
+        self.tokens.append(token)
+        self.logprob += logprob
+        if self.detok is not None:
+            old = len(self.text)
+            self.text += self.detok.push(token)
+            if self._cut_at_stop(old):
+                self.finish_reason = "stop"
+                return
+        if len(self.tokens) >= self.budget:
+            self._finish("length")
+
+    def _cut_at_stop(self, old: int) -> bool:
+        hits = [i for s in self.config.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+        return bool(hits)
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.detok is not None:
+            self.text += self.detok.flush()
+
+    def take_text(self) -> str:
+        """Text not yet streamed, holding back a tail that could still become a stop string."""
+        hold = 0 if self.done else max((len(s) - 1 for s in self.config.stop), default=0)
+        end = max(self.streamed, len(self.text) - hold)
+        piece, self.streamed = self.text[self.streamed : end], end
+        return piece
+
+    def next_input(self, fed: int) -> int:
+        if fed < len(self.prompt):
+            return self.prompt[fed]
+        return self.tokens[-1] if self.tokens else self.prompt[-1]
+
+    def result(self) -> Generation:
+        text = self.text if self.detok is not None else None
+        return Generation(self.tokens, text, self.finish_reason or "length", self.logprob)
+
+
+def _per_row(config: GenerationConfig | Sequence[GenerationConfig] | None, n: int) -> list[GenerationConfig]:
+    if config is None:
+        return [GenerationConfig()] * n
+    if isinstance(config, GenerationConfig):
+        return [config] * n
+    configs = list(config)
+    if len(configs) != n:
+        raise InputError(f"got {len(configs)} generation configs for {n} prompts; pass one, or one per prompt")
+    return configs
+
+
+def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None) -> Iterator[list[_Row]]:
+    """Run the batch, yielding its rows after every step (the streaming and batch APIs share this)."""
+    if any(not p for p in prompts):
+        raise InputError("every prompt needs at least one token (e.g. <|endoftext|>)")
+    if tokenizer is None and any(c.stop for c in configs):
+        raise InputError("stop strings need a tokenizer to decode the output; pass one or drop the stop strings")
+    rows = []
+    for prompt, config in zip(prompts, configs):
+        model.check_context(len(prompt))
+        room = model.max_context - len(prompt) if model.max_context is not None else config.max_new_tokens
+        rows.append(_Row(prompt, config, min(config.max_new_tokens, room), tokenizer))
+    if not rows or all(r.done for r in rows):
+        yield rows
+        return
+    device = model_device(model)
+    sampler = Sampler(configs, prompts, model.vocab_size, device)
+    fed = min(len(p) for p in prompts)
+    # no_grad around each model call, not the loop: a generator must not leak it into the caller.
+    with torch.no_grad():
+        state, logprobs = model.start(torch.tensor([p[:fed] for p in prompts], device=device))
+    while True:
+        active = [i for i, r in enumerate(rows) if not r.done and fed >= len(r.prompt)]
+        chosen = sampler.choose(logprobs, active)
+        scores = logprobs[active, list(chosen.values())].tolist() if active else []
+        for (i, token), score in zip(chosen.items(), scores):
+            rows[i].add(token, score)
+        sampler.observe(chosen)
+        yield rows
+        if all(r.done for r in rows):
+            return
+        feed = torch.tensor([r.next_input(fed) for r in rows], device=device)
+        with torch.no_grad():
+            state, logprobs = model.step(state, feed)
+        fed += 1
+
+
+def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None) -> list[Generation]:
+    """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row."""
+    rows: list[_Row] = []
+    for rows in decode_steps(model, prompts, _per_row(config, len(prompts)), tokenizer):
+        pass
+    return [r.result() for r in rows]
+
+
+def generate(model, tokenizer, prompts: list[str], config=None) -> list[Generation]:
+    """Generate from text prompts (a batch; `config` is shared or one per prompt)."""
+    if isinstance(prompts, str):
+        raise InputError("generate takes a list of prompts; wrap a single prompt in a list")
+    return generate_tokens(model, [encode_prompt(tokenizer, p) for p in prompts], config, tokenizer)
+
+
+def stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
+    """Yield the text of one prompt's continuation as it is decoded: whole characters only, and
+    nothing of a stop string."""
+    for rows in decode_steps(model, [encode_prompt(tokenizer, prompt)], _per_row(config, 1), tokenizer):
+        piece = rows[0].take_text()
+        if piece:
+            yield piece

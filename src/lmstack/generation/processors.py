@@ -1,0 +1,94 @@
+"""Next-token transforms and the sampler, vectorised over a batch whose rows have their own settings.
+
+Each row's `GenerationConfig` becomes a column of a [B, 1] tensor, so one pass over the [B, V]
+log-probabilities applies every row's penalties, temperature, top-k, top-p and min-p. Each sampled
+row draws from its own seeded `torch.Generator`, so a row's output does not depend on what else
+shares the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmstack.generation.config import GenerationConfig
+
+
+def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits (already divided by the temperature) with the tokens outside each row's
+    top-k, then top-p, then min-p set to -inf; the most likely token always survives.
+    `top_k` [B, 1] holds V where it is off, `top_p` 1 and `min_p` 0 where they are off."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    rank = torch.arange(x.shape[-1], device=x.device)
+    drop = rank >= top_k
+    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)  # renormalised over the top k
+    mass_before = probs.cumsum(-1) - probs
+    drop |= (mass_before >= top_p) & (top_p < 1)  # the nucleus already holds top_p without this token
+    drop |= probs < min_p * probs[:, :1]
+    drop[:, 0] = False
+    return x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+
+
+class Sampler:
+    """Chooses the next token of every row of a batch under that row's settings."""
+
+    def __init__(self, configs: list[GenerationConfig], prompts: list[list[int]], vocab_size: int, device):
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        self.greedy = [c.greedy for c in configs]
+        self.temperature = column([c.temperature if c.temperature > 0 else 1.0 for c in configs])
+        self.top_k = column([c.top_k or vocab_size for c in configs], torch.long)
+        self.top_p = column([c.top_p for c in configs])
+        self.min_p = column([c.min_p for c in configs])
+        self.filtering = any(c.top_k or c.top_p < 1 or c.min_p > 0 for c in configs)
+        self.repetition = column([c.repetition_penalty for c in configs])
+        self.frequency = column([c.frequency_penalty for c in configs])
+        self.presence = column([c.presence_penalty for c in configs])
+        self.seen = self.counts = None
+        if any(c.repetition_penalty != 1 for c in configs):
+            self.seen = torch.zeros(len(configs), vocab_size, dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                self.seen[row, prompt] = True
+        if any(c.frequency_penalty or c.presence_penalty for c in configs):
+            self.counts = torch.zeros(len(configs), vocab_size, device=device)
+        self.generators: list[torch.Generator | None] = []
+        for c in configs:
+            g = None
+            if not c.greedy:
+                g = torch.Generator(device=device)
+                g.manual_seed(c.seed) if c.seed is not None else g.seed()
+            self.generators.append(g)
+
+    def penalise(self, logprobs: torch.Tensor) -> torch.Tensor:
+        x = logprobs
+        if self.seen is not None:
+            x = torch.where(self.seen, x * self.repetition, x)
+        if self.counts is not None:
+            x = x - self.counts * self.frequency - (self.counts > 0) * self.presence
+        return x
+
+    def logits(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """The transformed distribution every sampled row draws from, as [B, V] logits."""
+        x = self.penalise(logprobs) / self.temperature
+        return filter_logits(x, self.top_k, self.top_p, self.min_p) if self.filtering else x
+
+    def choose(self, logprobs: torch.Tensor, rows: list[int]) -> dict[int, int]:
+        """Next token of each row in `rows`, given the model's [B, V] log-probs for all rows."""
+        sampled = [r for r in rows if not self.greedy[r]]
+        x = self.logits(logprobs) if sampled else self.penalise(logprobs)
+        picks = x.argmax(-1).tolist()
+        if sampled:
+            probs = x.softmax(-1)
+            for r in sampled:
+                picks[r] = int(torch.multinomial(probs[r], 1, generator=self.generators[r]))
+        return {r: picks[r] for r in rows}
+
+    def observe(self, chosen: dict[int, int]) -> None:
+        """Record the tokens just generated, for the penalties."""
+        if not chosen:
+            return
+        rows, tokens = list(chosen), list(chosen.values())
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
