@@ -101,7 +101,8 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
                     pending = line.strip()
                     break
         if pending != header:
-            raise fail(lineno, f"expected section {header} but found {str(pending)[:60]!r}")
+            found = "the end of the file" if pending is None else repr(pending[:60])
+            raise fail(lineno, f"expected section {header}, found {found}")
         pending = None
         highest = n == order
         logps: list[float] = []
@@ -164,7 +165,8 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
                 pending = line.strip()
                 break
     if pending != "\\end\\":
-        raise fail(lineno, f"expected \\end\\ after the {order}-grams, found {str(pending)[:60]!r}")
+        found = "the end of the file" if pending is None else repr(pending[:60])
+        raise fail(lineno, f"expected \\end\\ after the {order}-grams, found {found}")
     for lineno, line in lines:
         if line.strip():
             raise fail(lineno, "only whitespace may follow \\end\\")
