@@ -179,11 +179,14 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.update(layer, k, v)
-        # Query i sits at absolute position past + i and sees keys 0..past + i. Without a prefix
-        # that is the plain causal mask, which lets SDPA pick its fused kernels.
-        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        # Query i sits at absolute position past + i and sees keys 0..past + i: without a prefix
+        # the plain causal mask, one new token sees everything; only a chunk after a prefix
+        # needs an explicit mask. (The flags let SDPA pick its fused kernels.)
+        mask = None
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0,
+            q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -303,14 +306,20 @@ class GPT(nn.Module, LanguageModel):
     def start(self, prompt: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         if prompt.shape[1] == 0:
             raise InputError("a GPT prompt needs at least one token (e.g. the tokenizer's <|endoftext|>)")
-        self._check_ids(prompt)
         self.check_context(prompt.shape[1])
         cache = KVCache(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype)
-        return cache, F.log_softmax(self._logits(prompt, cache)[:, -1].float(), dim=-1)
+        cache, lp = self.extend(cache, prompt)
+        return cache, lp[:, -1]
 
     def step(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        state, lp = self.extend(state, tokens[:, None])
+        return state, lp[:, -1]
+
+    def extend(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+        """Append [B, k] tokens to the cache in one pass (a chat's next turn, speculative-decoding
+        drafts); returns [B, k, V] next-token log-probs for each of them."""
         self._check_ids(tokens)
-        return state, F.log_softmax(self._logits(tokens[:, None], state)[:, -1].float(), dim=-1)
+        return state, F.log_softmax(self._logits(tokens, state).float(), dim=-1)
 
     # --- size ---------------------------------------------------------------------------
 
