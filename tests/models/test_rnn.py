@@ -146,6 +146,17 @@ def test_birnn_backward_direction_reads_the_future_and_ignores_padding():
         torch.testing.assert_close(fb[0, :4], fa[0], atol=1e-6, rtol=0)
 
 
+def test_birnn_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = BiRNNEncoder(RNNConfig(vocab_size=V, cell="gru", d_embed=6, d_hidden=6, n_layers=2, tie_weights=True)).eval()
+    enc.save(tmp_path / "elmo")
+    again, _ = load(tmp_path / "elmo")
+    assert isinstance(again, BiRNNEncoder) and again.out.weight is again.embed.weight
+    idx = torch.randint(0, V, (2, 5))
+    for a, b in zip(enc(idx), again(idx)):
+        assert torch.equal(a, b)
+
+
 def test_birnn_bilm_loss_trains_both_directions():
     torch.manual_seed(0)
     enc = BiRNNEncoder(RNNConfig(vocab_size=V, cell="gru", d_embed=8, d_hidden=8, n_layers=1, tie_weights=True))

@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "ngram": "lmstack.models.ngram:NGramLM",
     "ffn": "lmstack.models.feedforward:FeedForwardLM",
     "rnn": "lmstack.models.rnn:RNNLM",
+    "birnn": "lmstack.models.rnn:BiRNNEncoder",
     "gpt": "lmstack.models.gpt:GPT",
     "bert": "lmstack.models.bert:BERT",
     "t5": "lmstack.models.t5:T5",

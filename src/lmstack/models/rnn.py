@@ -160,6 +160,8 @@ class BiRNNEncoder(nn.Module):
     Sequences are left-aligned; `mask` ([B, T], 1 = token) marks their lengths.
     """
 
+    family = "birnn"
+
     def __init__(self, config: RNNConfig):
         super().__init__()
         self.config = config
@@ -213,3 +215,12 @@ class BiRNNEncoder(nn.Module):
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Two directions of `RNNLM`'s count (each runs the shared softmax projection)."""
         return 2 * (3 if training else 1) * _forward_flops(self.config)
+
+    def save(self, path: str | os.PathLike, tokenizer=None):
+        return save_torch_model(self, path, tokenizer)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BiRNNEncoder":
+        model = cls(read_family_config(path, cls.family, RNNConfig))
+        load_torch_weights(model, path)
+        return model.eval()
