@@ -21,7 +21,7 @@ import codecs
 import heapq
 import multiprocessing
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
@@ -282,17 +282,13 @@ def learn_merges(chunk_counts: dict[str, int], n_tokens: int, min_frequency: int
     index = {t: i for i, t in enumerate(tokens)}
     merges: list[tuple[int, int]] = []
 
-    pair_counts: dict[int, int] = {}
-    where: dict[int, set[int]] = {}
+    pair_counts: defaultdict[int, int] = defaultdict(int)
+    where: defaultdict[int, set[int]] = defaultdict(set)
     for wi, w in enumerate(words):
         c = counts[wi]
         for k in map(int.__add__, map(_PAIR.__mul__, w[:-1]), w[1:]):
-            pair_counts[k] = pair_counts.get(k, 0) + c
-            s = where.get(k)
-            if s is None:
-                where[k] = {wi}
-            else:
-                s.add(wi)
+            pair_counts[k] += c
+            where[k].add(wi)
     seq = 0
     heap = []
     for k, pos in where.items():
@@ -301,7 +297,6 @@ def learn_merges(chunk_counts: dict[str, int], n_tokens: int, min_frequency: int
     heapq.heapify(heap)
     del where
 
-    get = pair_counts.get
     with progress(total=max(0, n_tokens - len(tokens)), desc="learning merges", unit="merge") as bar:
         while len(tokens) < n_tokens and heap:
             neg, k, s, pos = heapq.heappop(heap)
@@ -320,39 +315,36 @@ def learn_merges(chunk_counts: dict[str, int], n_tokens: int, min_frequency: int
                 index[merged] = new
                 bar.update(1)
             merges.append((a, b))
-            formed: dict[int, set[int]] = {}
+            formed: defaultdict[int, list[int]] = defaultdict(list)
             new_left = new * _PAIR
             for wi in pos:
                 w = words[wi]
-                n = len(w)
                 cw = counts[wi]
-                out = []
                 i = 0
-                while i < n:
-                    x = w[i]
-                    if x == a and i + 1 < n and w[i + 1] == b:
-                        if out:
-                            prev = out[-1] * _PAIR
+                while True:
+                    try:
+                        i = w.index(a, i)
+                    except ValueError:
+                        break
+                    if i + 1 < len(w) and w[i + 1] == b:
+                        w[i : i + 2] = (new,)
+                        if i:
+                            prev = w[i - 1] * _PAIR
                             pair_counts[prev + a] -= cw
                             q = prev + new
-                            pair_counts[q] = get(q, 0) + cw
-                            formed.setdefault(q, set()).add(wi)
-                        if i + 2 < n:
-                            nxt = w[i + 2]
+                            pair_counts[q] += cw
+                            formed[q].append(wi)
+                        if i + 1 < len(w):
+                            nxt = w[i + 1]
                             pair_counts[b * _PAIR + nxt] -= cw
                             q = new_left + nxt
-                            pair_counts[q] = get(q, 0) + cw
-                            formed.setdefault(q, set()).add(wi)
-                        out.append(new)
-                        i += 2
-                    else:
-                        out.append(x)
-                        i += 1
-                words[wi] = out
+                            pair_counts[q] += cw
+                            formed[q].append(wi)
+                    i += 1
             for q, where_q in formed.items():
                 cq = pair_counts[q]
                 if cq > 0:
-                    heapq.heappush(heap, (-cq, q, seq, where_q))
+                    heapq.heappush(heap, (-cq, q, seq, set(where_q)))
                     seq += 1
     return tokens, merges
 
