@@ -20,9 +20,9 @@ CONFIGS = {
 }
 
 
-def _save_hf(cfg, path):
+def _save_hf(cfg, path, build=None):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model = (build or transformers.AutoModelForCausalLM.from_config)(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -67,3 +67,15 @@ def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
 
     r = cli("convert", tmp_path / "rnn", tmp_path / "rnn", "--to", "hf")
     assert r.returncode == 2 and "already holds a checkpoint; pass --force" in r.stderr
+
+
+def test_bert_imports_through_convert(cli, tmp_path):
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    ref = _save_hf(cfg, tmp_path / "hf", transformers.BertForMaskedLM)
+    cli("convert", tmp_path / "hf", tmp_path / "ours", check=True)
+    model, _ = lmstack.load(tmp_path / "ours")
+    assert model.family == "bert"
+    x = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max() <= 1e-4
