@@ -20,6 +20,7 @@ import torch
 
 from lmstack.errors import InputError
 from lmstack.generation.engine import model_device
+from lmstack.models.base import LanguageModel
 
 
 @dataclass
@@ -47,9 +48,13 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
         raise InputError(f"need num_beams >= 1 and 1 <= n <= num_beams; got num_beams={num_beams}, n={n}")
     if not prompt:
         raise InputError("beam search needs a prompt of at least one token (e.g. <|endoftext|>)")
-    model.check_context(len(prompt))
-    if model.max_context is not None:
-        max_new_tokens = min(max_new_tokens, model.max_context - len(prompt))
+    if not isinstance(model, LanguageModel) and not hasattr(model, "reorder"):
+        raise InputError(f"beam search on a {getattr(model, 'family', type(model).__name__)} model needs its "
+                         "reorder(state, index), which it lacks; use greedy or sampling")
+    limit = getattr(model, "max_context", None)
+    if limit is not None:
+        model.check_context(len(prompt))
+        max_new_tokens = min(max_new_tokens, limit - len(prompt))
     device = model_device(model)
 
     def score(logprob: float, length: int) -> float:

@@ -5,6 +5,10 @@ may have prompts of different lengths without padding (the contract has no atten
 batch starts on the shortest prompt, and a longer row is fed its own remaining prompt tokens
 ("forced" steps) while shorter rows already generate. A row that has finished keeps being fed its
 last token until the whole batch is done; its output is frozen.
+
+An encoder-decoder (T5) reads the prompt as its source in `start`, so feeding prompt tokens by
+`step` would be wrong there: for a model that is not a causal `LanguageModel`, each prompt length
+runs as its own batch.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from lmstack.errors import InputError
 from lmstack.generation.config import GenerationConfig
 from lmstack.generation.detok import StreamDecoder
 from lmstack.generation.processors import Sampler
+from lmstack.models.base import LanguageModel
 
 
 @dataclass
@@ -123,9 +128,11 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
     if tokenizer is None and any(c.stop for c in configs):
         raise InputError("stop strings need a tokenizer to decode the output; pass one or drop the stop strings")
     rows = []
+    limit = getattr(model, "max_context", None)
     for prompt, config in zip(prompts, configs):
-        model.check_context(len(prompt))
-        room = model.max_context - len(prompt) if model.max_context is not None else config.max_new_tokens
+        if limit is not None:
+            model.check_context(len(prompt))
+        room = limit - len(prompt) if limit is not None else config.max_new_tokens
         rows.append(_Row(prompt, config, min(config.max_new_tokens, room), tokenizer))
     if not rows or all(r.done for r in rows):
         yield rows
@@ -154,8 +161,16 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
 
 def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None) -> list[Generation]:
     """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row."""
+    configs = _per_row(config, len(prompts))
+    if not isinstance(model, LanguageModel) and len({len(p) for p in prompts}) > 1:
+        results: dict[int, Generation] = {}
+        for length in {len(p) for p in prompts}:
+            group = [i for i, p in enumerate(prompts) if len(p) == length]
+            outs = generate_tokens(model, [prompts[i] for i in group], [configs[i] for i in group], tokenizer)
+            results.update(zip(group, outs))
+        return [results[i] for i in range(len(prompts))]
     rows: list[_Row] = []
-    for rows in decode_steps(model, prompts, _per_row(config, len(prompts)), tokenizer):
+    for rows in decode_steps(model, prompts, configs, tokenizer):
         pass
     return [r.result() for r in rows]
 
