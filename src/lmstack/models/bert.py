@@ -267,12 +267,12 @@ def from_hf_bert(hf_dir: str | os.PathLike):
             names |= {f"{hf}{a}.weight": f"{ours}{b}.weight", f"{hf}{a}.bias": f"{ours}{b}.bias"}
         for kind in ("weight", "bias"):  # q, k, v -> one fused projection
             qkv = [f"{hf}attention.self.{p}.{kind}" for p in ("query", "key", "value")]
-            got = take_tensors(tensors, qkv, hf_dir)
-            tensors[f"{hf}qkv.{kind}"] = torch.cat([got[k] for k in qkv])
+            tensors[f"{hf}qkv.{kind}"] = torch.cat(list(take_tensors(tensors, qkv, hf_dir).values()))
             names[f"{hf}qkv.{kind}"] = f"{ours}qkv.{kind}"
     optional = {"pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias",
                 "cls.seq_relationship.weight": "nsp.weight", "cls.seq_relationship.bias": "nsp.bias"}
-    state = {ours: t for ours, t in zip(names.values(), take_tensors(tensors, list(names), hf_dir).values())}
+    got = take_tensors(tensors, list(names), hf_dir)
+    state = {ours: got[theirs] for theirs, ours in names.items()}
     fresh = model.state_dict()
     state |= {ours: tensors.get(k, fresh[ours]) for k, ours in optional.items()}
     assign_weights(model, state, str(hf_dir))

@@ -299,7 +299,6 @@ class T5(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
         return logits, loss
 
-    @torch.no_grad()
     def log_prob(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
                  tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B] log p(y | x) = sum over target tokens of log p(y_t | y_<t, x). Padding in `tgt` is
