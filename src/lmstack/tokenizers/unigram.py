@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import unicodedata
 from array import array
 from collections import Counter, defaultdict
 from itertools import count
@@ -348,11 +349,45 @@ def _group_logsumexp(v: np.ndarray, bounds: np.ndarray, sizes: np.ndarray) -> np
     return m + np.log(np.add.reduceat(np.exp(v - np.repeat(m, sizes)), bounds))
 
 
+def _script(c: str) -> str:
+    """A character's writing system, roughly: for letters the first word of their Unicode name
+    (LATIN, CYRILLIC, GREEK, CJK for Han and kana, ...), " " for whitespace, "" for combining
+    marks (they take their base character's), "." for the rest (digits, punctuation, symbols),
+    like Unicode's Common script."""
+    if c.isspace():
+        return " "
+    cat = unicodedata.category(c)
+    if cat[0] == "M":
+        return ""
+    if cat[0] != "L":
+        return "."
+    name = unicodedata.name(c, "")
+    return "CJK" if name.startswith(("HIRAGANA", "KATAKANA")) else name.split(" ")[0]
+
+
+def _one_script(words: Sequence[str], owner, start, end) -> np.ndarray:
+    """Whether each substring (owner, start, end) keeps to one script after its leading
+    whitespace. SentencePiece requires this of pieces (split_by_unicode_script): "the" and ","
+    are pieces, "e," and "MENENIUS:" are not, which keeps pieces general."""
+    cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+    distinct, inverse = np.unique(cps, return_inverse=True)
+    names = [_script(chr(c)) for c in distinct]
+    ids = {n: i for i, n in enumerate(dict.fromkeys(names))}
+    cls = np.array([ids[n] for n in names], dtype=np.int64)[inverse]
+    fill = np.where(cls != ids.get("", -1), np.arange(len(cls)), 0)
+    cls = cls[np.maximum.accumulate(fill)]  # a combining mark takes its base character's script
+    change = np.r_[False, (cls[1:] != cls[:-1]) & (cls[:-1] != ids.get(" ", -1))]
+    changes = np.cumsum(change)
+    offset = np.concatenate([[0], np.cumsum([len(w) for w in words])[:-1]])[owner]
+    return changes[offset + end - 1] == changes[offset + start]
+
+
 class _Trainer:
     """SentencePiece's Unigram trainer over a table of unique words.
 
     Seed pieces are the substrings of up to `max_len` characters seen at least twice, ranked by
-    count * length (every character is kept, so the alphabet never shrinks). Each round runs EM
+    count * length (every character is kept, so the alphabet never shrinks); as with
+    SentencePiece's suffix array, only substrings followed by more than one character qualify. Each round runs EM
     (with SentencePiece's Bayesian M-step, digamma(count) - digamma(total), which favours frequent
     pieces) and then keeps the pieces whose removal would lose the most likelihood, where a removed
     piece's Viterbi count moves to its best split into other pieces.
@@ -370,9 +405,16 @@ class _Trainer:
         sub_count = np.bincount(sub, weights=self.freq[owner], minlength=n_sub)
         sub_len = np.zeros(n_sub, dtype=np.int64)
         sub_len[sub] = end - start
+        # Like SentencePiece's suffix-array seeds: a substring always followed by the same
+        # character is left to its extension, and pieces stay within one script.
+        grows = np.r_[(start[1:] == start[:-1]) & (end[1:] == end[:-1] + 1), False]
+        longest_extension = np.zeros(n_sub)
+        np.maximum.at(longest_extension, sub[grows], sub_count[sub[np.flatnonzero(grows) + 1]])
+        one_script = np.zeros(n_sub, dtype=bool)
+        one_script[sub] = _one_script(self.words, owner, start, end)
         # Seed: all characters, then the best-scoring longer substrings.
         chars = np.flatnonzero(sub_len == 1)
-        longer = np.flatnonzero((sub_len > 1) & (sub_count >= 2))
+        longer = np.flatnonzero((sub_len > 1) & (sub_count >= 2) & (longest_extension < sub_count) & one_script)
         score = sub_count * sub_len
         longer = longer[np.lexsort((longer, -score[longer]))][: max(0, seed_size - len(chars))]
         seed = np.concatenate([chars, longer])
