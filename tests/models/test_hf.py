@@ -13,7 +13,7 @@ from lmstack.models.hf import from_hf, to_hf
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-V = 101
+V = 300  # room for a byte-level BPE: 256 bytes + merges + <|endoftext|>
 TOL = 1e-4
 
 HF_CONFIGS = {
@@ -147,4 +147,61 @@ def test_pickle_weights_are_not_read(tmp_path):
     _, path = _hf_model("gpt2", tmp_path)
     (path / "model.safetensors").rename(path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="safe_serialization=True"):
+        from_hf(path)
+
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak. Café, 東京, 😀!"
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(shared):
+    """A byte-level BPE trained by Hugging Face `tokenizers` (its special token gets id 0)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([text], vocab_size=V, min_frequency=2, special_tokens=["<|endoftext|>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def test_tokenizer_json_imports_with_the_same_ids_and_exports_back(tmp_path, hf_tokenizer):
+    _, path = _hf_model("gpt2", tmp_path)
+    hf_tokenizer.save_pretrained(path)
+    model, tok = from_hf(path)
+    assert tok.encode(TEXT) == hf_tokenizer.encode(TEXT)
+    assert tok.encode("<|endoftext|>", allowed_special="all") == hf_tokenizer.encode("<|endoftext|>") == [0]
+
+    to_hf(model, tmp_path / "out", tok)
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert back.encode(TEXT) == hf_tokenizer.encode(TEXT)
+    assert back.decode(back.encode(TEXT)) == TEXT
+
+
+def test_gpt2_vocab_and_merges_files_import(tmp_path):
+    """Older GPT-2 directories carry vocab.json + merges.txt (OpenAI's encoder.json / vocab.bpe)."""
+    from lmstack.tokenizers.bpe import BPETokenizer, to_bytelevel
+
+    ours = BPETokenizer.train([TEXT * 20], vocab_size=V, special_tokens=["<|endoftext|>"])
+    _, path = _hf_model("gpt2", tmp_path)
+    pieces = [to_bytelevel(t) for t in ours.tokens[: ours.base_vocab_size]]
+    vocab = {p: i for i, p in enumerate(pieces)} | ours.special_tokens
+    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merges = "".join(f"{pieces[a]} {pieces[b]}\n" for a, b in ours.merges)
+    (path / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+    _, tok = from_hf(path)
+    assert tok.encode(TEXT) == ours.encode(TEXT)
+    assert tok.eot_id == ours.eot_id
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path, hf_tokenizer):
+    _, path = _hf_model("gpt2", tmp_path)
+    hf_tokenizer.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "vocab_size": V - 1}))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][: V - 1].clone()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tokenizer has {V} ids but the model only {V - 1}"):
         from_hf(path)

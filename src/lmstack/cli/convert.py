@@ -40,13 +40,21 @@ def cmd_convert(args) -> int:
             raise InputError(f"{src}: not a Hugging Face model directory (no model_type in config.json); "
                              "it is already lmstack's format or not a checkpoint")
         model, tokenizer = from_hf(src)
+        _drop_stale_tokenizer(dst)
         model.save(dst, tokenizer)
-        note = "" if tokenizer is not None else " (weights only: no tokenizer converted; keep using the HF tokenizer files)"
     else:
         if from_hf_format:
             raise InputError(f"{src}: already a Hugging Face model directory; use --to lmstack to import it")
-        model, _ = lmstack.load(src)
-        to_hf(model, dst)
-        note = " (weights and config; the lmstack tokenizer is not converted to HF format)"
+        model, tokenizer = lmstack.load(src)
+        _drop_stale_tokenizer(dst)
+        to_hf(model, dst, tokenizer)
+    converted = (dst / "tokenizer.json").exists()
+    note = "" if converted else " (weights only: no tokenizer in a form both sides read; keep using the source's tokenizer)"
     print(f"wrote {to} checkpoint to {dst}{note}")
     return 0
+
+
+def _drop_stale_tokenizer(dst: Path) -> None:
+    """A --force overwrite must not leave an older tokenizer beside the new weights."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / name).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from lmstack.io import atomic_path, read_json, write_json
 from lmstack.models.checkpoint import assign_weights
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.hf_dir import read_hf_dir
+from lmstack.tokenizers.base import EOT
 
 # HF buffers that older checkpoints saved but that are recomputed, not learned.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -167,18 +168,29 @@ def from_hf(hf_dir: str | os.PathLike):
     model = GPT(cfg)
     ours = {a: tensors[b].t() if t else tensors[b] for a, b, t in names}
     assign_weights(model, {k: v.float() for k, v in ours.items()}, str(p))
-    return model.eval(), _hf_tokenizer(p)
+    tokenizer = _hf_tokenizer(p)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{cfg.vocab_size}; the tokenizer files belong to another model")
+    return model.eval(), tokenizer
 
 
 def _hf_tokenizer(p: Path):
-    """GPT-2's byte-level BPE from vocab.json + merges.txt, when present and lmstack has BPE."""
-    if not ((p / "vocab.json").is_file() and (p / "merges.txt").is_file()):
-        return None
+    """The directory's byte-level BPE tokenizer (`tokenizer.json`, else GPT-2's `vocab.json` +
+    `merges.txt`) as an lmstack BPETokenizer with the same ids; None when there is none lmstack
+    reads (e.g. a SentencePiece-based Llama 2 tokenizer): keep using the HF tokenizer then."""
+    from lmstack.errors import FormatError
+    from lmstack.tokenizers.gpt2 import load_gpt2
+    from lmstack.tokenizers.hf import load_hf
+
     try:
-        from lmstack.tokenizers.bpe import BPETokenizer
-    except ImportError:
+        if (p / "tokenizer.json").is_file():
+            return load_hf(p / "tokenizer.json")
+        if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+            return load_gpt2(p / "vocab.json", p / "merges.txt")
+    except FormatError:
         return None
-    return BPETokenizer.from_gpt2_files(p / "vocab.json", p / "merges.txt")
+    return None
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -218,11 +230,14 @@ def _hf_config_dict(cfg: GPTConfig, arch: str) -> dict:
     }
 
 
-def to_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
+def to_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors) that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads. The lmstack tokenizer is not
-    written: HF's tokenizer.json is a different format."""
+    `transformers.AutoModelForCausalLM.from_pretrained` loads. A byte-level BPE `tokenizer` is
+    written as HF's tokenizer.json (which `AutoTokenizer` loads); other kinds have no HF form."""
     from safetensors.torch import save_file
+
+    from lmstack.tokenizers.bpe import BPETokenizer
+    from lmstack.tokenizers.hf import save_hf
 
     if getattr(model, "family", None) != "gpt":
         raise CheckpointError(f"only GPT models export to Hugging Face format; this is a {model.family!r} model")
@@ -233,11 +248,15 @@ def to_hf(model: GPT, out_dir: str | os.PathLike) -> Path:
     tensors = {b: state[a].t() if t else state[a] for a, b, t in names}
     if arch == "gpt2":
         _fuse_c_attn(tensors)
+    hf_config = _hf_config_dict(cfg, arch)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, BPETokenizer):
+        save_hf(tokenizer, out / "tokenizer.json")
+        eot = {"eos_token": EOT, "bos_token": EOT} if tokenizer.eot_id is not None else {}
+        write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **eot})
+        hf_config.update(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
     with atomic_path(out / "model.safetensors") as tmp:
         save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    write_json(out / "config.json", _hf_config_dict(cfg, arch))
+    write_json(out / "config.json", hf_config)
     return out
-
-
