@@ -1,0 +1,108 @@
+"""Scores of a GPT-2 imported from a tiny random `transformers` model equal `transformers`' own."""
+
+import math
+
+import pytest
+import torch
+
+from lmstack.errors import ContextLengthError, InputError
+from lmstack.evaluation.scoring import loglikelihoods, score_text, token_scores
+from lmstack.tokenizers.char import CharTokenizer
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CharTokenizer.train(["the quick brown fox jumps over the lazy dog. THE END?"],
+                               special_tokens=("<|endoftext|>",))
+
+
+@pytest.fixture(scope="module")
+def pair(tokenizer, tmp_path_factory):
+    """(lmstack GPT, transformers GPT2LMHeadModel) with the same random weights."""
+    from lmstack.models.hf import from_hf
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=48, n_embd=32, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    path = tmp_path_factory.mktemp("hf-gpt2")
+    hf.save_pretrained(path)
+    model, _ = from_hf(path)
+    return model, hf
+
+
+def hf_logprobs(hf, ids):
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def test_per_token_logprobs_and_perplexity_match_transformers(pair):
+    model, hf = pair
+    ids = torch.randint(0, model.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = token_scores(model, ids, top=3)
+    ref = hf_logprobs(hf, ids)[:-1]
+    expected = ref.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor([t.logprob for t in ours]), expected, atol=1e-4, rtol=0)
+    assert [t.top[0][0] for t in ours] == ref.argmax(-1).tolist()
+    with torch.no_grad():
+        hf_ppl = math.exp(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item())
+    ppl = math.exp(-sum(t.logprob for t in ours) / len(ours))
+    assert ppl == pytest.approx(hf_ppl, rel=1e-4)
+
+
+def test_conditional_score_of_a_continuation(pair, tokenizer):
+    model, hf = pair
+    prompt, answer = "the quick brown fox", " jumps over"
+    out = score_text(model, tokenizer, prompt, answer, top=2)
+    p, a = tokenizer.encode(prompt), tokenizer.encode(answer)
+    ref = hf_logprobs(hf, p + a)[len(p) - 1 : -1].gather(-1, torch.tensor(a)[:, None])[:, 0]
+    assert out["logprob"] == pytest.approx(float(ref.sum()), abs=1e-4)
+    assert out["num_tokens"] == len(a) and "".join(t["text"] for t in out["tokens"]) == answer
+    assert out["perplexity"] == pytest.approx(math.exp(-float(ref.mean())), rel=1e-4)
+    assert all(len(t["top"]) == 2 and t["top"][0]["logprob"] >= t["top"][1]["logprob"] for t in out["tokens"])
+    # The same answer after a different prompt gets its own, different score.
+    other = score_text(model, tokenizer, "THE END?", answer)
+    assert other["logprob"] != pytest.approx(out["logprob"], abs=1e-6)
+
+
+def test_a_whole_text_is_scored_from_end_of_text(pair, tokenizer):
+    model, hf = pair
+    out = score_text(model, tokenizer, "lazy dog", top=0)
+    ids = [tokenizer.eot_id] + tokenizer.encode("lazy dog")
+    ref = hf_logprobs(hf, ids)[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).sum()
+    assert out["logprob"] == pytest.approx(float(ref), abs=1e-4)
+    assert out["is_greedy"] is None
+
+
+def test_batched_loglikelihoods_equal_one_at_a_time(pair):
+    model, _ = pair
+    g = torch.Generator().manual_seed(2)
+    requests = [(torch.randint(0, model.vocab_size, (c,), generator=g).tolist(),
+                 torch.randint(0, model.vocab_size, (k,), generator=g).tolist()) for c, k in ((3, 2), (20, 5), (1, 1), (9, 9))]
+    greedy_ctx = [5, 6, 7]
+    greedy_cont = [int(model.next_token_logprobs(torch.tensor([greedy_ctx]))[0, -1].argmax())]
+    results = loglikelihoods(model, requests + [(greedy_ctx, greedy_cont)])
+    for (context, continuation), (logprob, is_greedy) in zip(requests, results):
+        alone = token_scores(model, context + continuation, start=len(context), top=1)
+        assert logprob == pytest.approx(sum(t.logprob for t in alone), abs=1e-4)
+        assert is_greedy == all(t.top[0][0] == t.token for t in alone)
+    assert results[-1][1] is True
+
+
+def test_a_long_context_keeps_its_end(pair):
+    model, _ = pair  # context of 48 tokens
+    context, continuation = list(range(5)) * 20, [3, 4]
+    [(logprob, _)] = loglikelihoods(model, [(context, continuation)])
+    kept = (context + continuation)[-49:]
+    assert logprob == pytest.approx(sum(t.logprob for t in token_scores(model, kept, start=47)), abs=1e-4)
+    with pytest.raises(ContextLengthError):
+        token_scores(model, list(range(50)))
+
+
+def test_bad_input_is_one_clear_error(pair, tokenizer):
+    model, _ = pair
+    with pytest.raises(InputError, match="nothing to score"):
+        score_text(model, tokenizer, "the", "")
+    with pytest.raises(InputError, match="non-empty"):
+        loglikelihoods(model, [([], [1])])
