@@ -63,30 +63,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def sample(model, prompt: list[int], num: int, max_tokens: int, temperature: float, seed: int) -> list[list[int]]:
-    """Ancestral sampling through the incremental contract; rows stop at </s>."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.tensor([[model.bos_id, *prompt]] * num)
-    state, logp = model.start(rows)
-    out: list[list[int]] = [[] for _ in range(num)]
-    alive = torch.ones(num, dtype=torch.bool)
-    for _ in range(max_tokens):
-        if temperature == 0:
-            nxt = logp.argmax(-1)
-        else:
-            nxt = torch.multinomial(torch.softmax(logp / temperature, -1), 1, generator=gen).squeeze(-1)
-        for i in range(num):
-            if alive[i] and int(nxt[i]) != model.eos_id:
-                out[i].append(int(nxt[i]))
-        alive &= nxt != model.eos_id
-        if not alive.any():
-            break
-        state, logp = model.step(state, nxt)
-    return out
-
-
 def cmd_sample(args) -> int:
     import lmstack
 
@@ -97,7 +73,13 @@ def cmd_sample(args) -> int:
     model, _ = lmstack.load(args.model)
     if getattr(model, "family", "") != "ngram":
         raise InputError(f"{args.model}: not an n-gram model; use the generation commands for neural models")
-    prompt = model.encode(args.prompt)
-    for ids in sample(model, prompt, args.num, args.max_tokens, args.temperature, args.seed):
+    from lmstack.generation import GenerationConfig, generate_tokens
+
+    prompt = [model.bos_id, *model.encode(args.prompt)]
+    configs = [GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + i)
+               for i in range(args.num)]
+    for gen in generate_tokens(model, [prompt] * args.num, configs):
+        ids = gen.tokens
+        ids = ids[: ids.index(model.eos_id)] if model.eos_id in ids else ids  # a sentence ends at </s>
         sys.stdout.write(model.decode(prompt + ids) + "\n")
     return 0

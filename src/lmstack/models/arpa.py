@@ -15,7 +15,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -173,22 +173,19 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
     return vocab, sections
 
 
-def _fmt(x: float) -> str:
-    return "%.9g" % (x + 0.0)  # + 0.0 turns -0.0 into 0.0
-
-
-def write_arpa(path: str | os.PathLike, texts: list[list[str]], logps: list[np.ndarray],
-               backoffs: list[np.ndarray | None]) -> None:
-    """Write an ARPA file atomically; per order: n-gram texts ("w1 w2"), log10 p, log10 back-off."""
+def write_arpa(path: str | os.PathLike, texts: Iterable[np.ndarray], counts: list[int],
+               logps: list[np.ndarray], backoffs: list[np.ndarray | None]) -> None:
+    """Write an ARPA file atomically. Per order: the n-gram texts ("w1 w2", produced lazily so
+    only one order's strings live at a time), count, log10 p and log10 back-off (None on top)."""
     with atomic_write(path) as f:
         f.write("\\data\\\n")
-        for n, t in enumerate(texts, 1):
-            f.write(f"ngram {n}={len(t)}\n")
+        for n, c in enumerate(counts, 1):
+            f.write(f"ngram {n}={c}\n")
         for n, (t, lp, bo) in enumerate(zip(texts, logps, backoffs), 1):
             f.write(f"\n\\{n}-grams:\n")
-            lp_s = [_fmt(x) for x in lp.tolist()]
+            lp = (lp + 0.0).tolist()  # + 0.0 turns -0.0 into 0.0
             if bo is None:
-                f.writelines(f"{a}\t{w}\n" for a, w in zip(lp_s, t))
+                f.write("".join(map("{:.9g}\t{}\n".format, lp, t.tolist())))
             else:
-                f.writelines(f"{a}\t{w}\t{_fmt(b)}\n" for a, w, b in zip(lp_s, t, bo.tolist()))
+                f.write("".join(map("{:.9g}\t{}\t{:.9g}\n".format, lp, t.tolist(), (bo + 0.0).tolist())))
         f.write("\n\\end\\\n")

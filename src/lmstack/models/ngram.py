@@ -405,18 +405,22 @@ class NGramLM(LanguageModel):
             model.tokenizer = load_tokenizer(p / TOKENIZER_FILE)
         return model
 
-    def ngram_texts(self, n: int) -> np.ndarray:
-        """The words of every order-n entry, space-joined, in table order (an object array)."""
+    def iter_ngram_texts(self) -> Iterable[np.ndarray]:
+        """Per order, the words of every entry space-joined, in table order (object arrays)."""
+        V = self.vocab_size
         words = np.array(self.vocab, dtype=object)
         texts = words
-        for j in range(1, n):
-            keys = self.tables[j].keys
-            texts = texts[keys // self.vocab_size] + " " + words[keys % self.vocab_size]
-        return texts
+        yield texts
+        for t in self.tables[1:]:
+            texts = texts[t.keys // V] + " " + words[t.keys % V]
+            yield texts
+
+    def ngram_texts(self, n: int) -> np.ndarray:
+        return next(t for i, t in enumerate(self.iter_ngram_texts(), 1) if i == n)
 
     def write_arpa(self, path: str | os.PathLike) -> None:
-        texts = [self.ngram_texts(n).tolist() for n in range(1, self.order + 1)]
-        write_arpa(path, texts, [t.logp for t in self.tables], [t.backoff for t in self.tables])
+        write_arpa(path, self.iter_ngram_texts(), [len(t.keys) for t in self.tables],
+                   [t.logp for t in self.tables], [t.backoff for t in self.tables])
 
     # --- text -> ids --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -516,6 +520,9 @@ class NGramLM(LanguageModel):
         tok = tokens.cpu().numpy().astype(np.int64).reshape(-1, 1)
         state = np.concatenate([state, tok], axis=1)[:, 1:]
         return state, torch.from_numpy(self._dense10(state) * LN10)
+
+    def reorder(self, state, index: torch.Tensor):
+        return state[index.cpu().numpy()]
 
 
 def _lookup(table: _Table, prefix: np.ndarray, word: np.ndarray, V: int) -> np.ndarray:
