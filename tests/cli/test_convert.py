@@ -10,7 +10,7 @@ import lmstack
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-V = 89
+V = 300  # room for a byte-level BPE: 256 bytes + merges + <|endoftext|>
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                             bos_token_id=0, eos_token_id=0),
@@ -30,21 +30,40 @@ def _save_hf(cfg, path, build=None):
     return model
 
 
+def _hf_tokenizer(shared):
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
+    bpe.train_from_iterator([text], vocab_size=V, special_tokens=["<|endoftext|>"])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
 @pytest.mark.parametrize("arch", CONFIGS)
-def test_hf_to_lmstack_to_hf(cli, tmp_path, arch):
+def test_hf_to_lmstack_to_hf(cli, tmp_path, shared, arch):
     ref = _save_hf(CONFIGS[arch](), tmp_path / "hf")
+    with_tokenizer = arch == "gpt2"
+    if with_tokenizer:
+        hf_tok = _hf_tokenizer(shared)
+        hf_tok.save_pretrained(tmp_path / "hf")
     r = cli("convert", tmp_path / "hf", tmp_path / "ours", check=True)  # --to defaults to the other format
-    assert f"wrote lmstack checkpoint to {tmp_path / 'ours'}" in r.stdout
+    assert r.stdout.startswith(f"wrote lmstack checkpoint to {tmp_path / 'ours'}")
+    assert ("weights only" in r.stdout) != with_tokenizer
     x = torch.randint(0, V, (2, 32))
     with torch.no_grad():
         want = ref(x).logits
-        model, _ = lmstack.load(tmp_path / "ours")
+        model, tok = lmstack.load(tmp_path / "ours")
         assert (model(x) - want).abs().max() <= 1e-4
+    text = "Let us kill him, and we'll have corn at our own price."
+    if with_tokenizer:
+        assert tok.encode(text) == hf_tok.encode(text)
 
     cli("convert", tmp_path / "ours", tmp_path / "hf2", "--to", "hf", check=True)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").eval()
     with torch.no_grad():
         assert (back(x).logits - want).abs().max() <= 1e-4
+    if with_tokenizer:
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2").encode(text) == hf_tok.encode(text)
 
 
 def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
