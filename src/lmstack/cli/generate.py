@@ -1,0 +1,104 @@
+"""`lmstack generate`: sample, decode greedily or beam-search from any checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lmstack.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate text from a checkpoint (sampling, greedy, beam search)",
+        description="Continue one or more prompts with any model family. Sampling transforms apply in the "
+        "order repetition penalty, frequency/presence penalties, temperature, top-k, top-p, min-p. "
+        "--temperature 0 is greedy decoding; --beams N runs beam search instead of sampling.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt text (repeat for a batch; default: read one prompt from standard input)")
+    p.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt (default: 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = flatter (default: 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the likeliest (default: 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="log p -> penalty x log p for tokens already seen (default: 1 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract this per earlier use of a token")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract this once a token has been used")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    p.add_argument("--ignore-eot", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (default: 1 = off)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log p / length^this (default: 1; 0 ranks by raw log-probability)")
+    p.add_argument("--num-return", type=int, default=1, help="beam search: how many of the best beams to print")
+    p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
+    p.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+
+def load_model(path: str, device: str):
+    """(model, tokenizer) of a checkpoint, on `device`; the tokenizer is required."""
+    import lmstack
+
+    model, tokenizer = lmstack.load(path)
+    if tokenizer is None:
+        raise InputError(f"{path}: the checkpoint has no tokenizer.json, so text cannot be encoded; "
+                         "save the model with its tokenizer")
+    if hasattr(model, "to"):
+        try:
+            model.to(device)
+        except (RuntimeError, ValueError) as e:
+            raise InputError(f"--device {device!r} is not usable here ({e}); use cpu") from None
+    return model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    from lmstack.generation import GenerationConfig, beam_search, generate, stream
+    from lmstack.generation.engine import encode_prompt
+
+    prompts = args.prompt if args.prompt else [sys.stdin.read()]
+    if args.beams > 1 and (args.stream or args.stop):
+        raise InputError("--beams cannot be combined with --stream or --stop; drop one of them")
+    if args.stream and (args.json or len(prompts) > 1):
+        raise InputError("--stream prints one prompt's text; use it without --json and with a single --prompt")
+    config = GenerationConfig(
+        max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, stop=tuple(args.stop), stop_at_eot=not args.ignore_eot, seed=args.seed,
+    )
+    model, tokenizer = load_model(args.model, args.device)
+
+    if args.stream:
+        sys.stdout.write(prompts[0])
+        for piece in stream(model, tokenizer, prompts[0], config):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+
+    if args.beams > 1:
+        eos = None if args.ignore_eot else tokenizer.eot_id
+        for prompt in prompts:
+            beams = beam_search(model, encode_prompt(tokenizer, prompt), num_beams=args.beams,
+                                max_new_tokens=args.max_tokens, length_penalty=args.length_penalty,
+                                n=args.num_return, eos_id=eos)
+            found = [{"text": tokenizer.decode(b.tokens), "tokens": b.tokens, "logprob": b.logprob, "score": b.score,
+                      "finished": b.finished} for b in beams]
+            if args.json:
+                print(json.dumps({"prompt": prompt, "beams": found}, ensure_ascii=False))
+            else:
+                for b in found:
+                    print(f"[score {b['score']:.4f}] {prompt}{b['text']}")
+        return 0
+
+    for prompt, out in zip(prompts, generate(model, tokenizer, prompts, config)):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "tokens": out.tokens, "num_tokens": len(out.tokens),
+                              "finish_reason": out.finish_reason, "logprob": out.logprob}, ensure_ascii=False))
+        else:
+            print(prompt + out.text)
+    return 0
