@@ -1,5 +1,6 @@
 """Scores of a GPT-2 imported from a tiny random `transformers` model equal `transformers`' own."""
 
+import json
 import math
 
 import pytest
@@ -106,3 +107,18 @@ def test_bad_input_is_one_clear_error(pair, tokenizer):
         score_text(model, tokenizer, "the", "")
     with pytest.raises(InputError, match="non-empty"):
         loglikelihoods(model, [([], [1])])
+
+
+def test_score_command(cli, pair, tokenizer, tmp_path):
+    model, _ = pair
+    model.save(tmp_path, tokenizer)
+    proc = cli("score", "--model", tmp_path, "--prompt", "the lazy", "--continuation", " dog", "--top", "3", "--json",
+               check=True)
+    result = json.loads(proc.stdout)
+    expected = score_text(model, tokenizer, "the lazy", " dog", top=3)
+    assert result["logprob"] == pytest.approx(expected["logprob"], abs=1e-5)
+    assert [t["top"][0]["token"] for t in result["tokens"]] == [t["top"][0]["token"] for t in expected["tokens"]]
+    text = cli("score", "--model", tmp_path, "--prompt", "the lazy", "--continuation", " dog", check=True).stdout
+    assert f"logprob {expected['logprob']:.4f} over 4 tokens" in text
+    bad = cli("score", "--model", tmp_path, "--prompt", "x", "--continuation", "")
+    assert bad.returncode != 0 and "nothing to score" in bad.stderr

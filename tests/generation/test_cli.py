@@ -1,0 +1,67 @@
+"""`lmstack generate` as a user runs it."""
+
+import json
+
+import pytest
+import torch
+
+from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.tokenizers.char import CharTokenizer
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tok = CharTokenizer.train(["hello world, the cat sat on the mat"], special_tokens=("<|endoftext|>",))
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt")
+    GPT(GPTConfig.preset("tiny", vocab_size=tok.vocab_size)).save(path, tok)
+    return path
+
+
+def test_greedy_json_is_reproducible_and_matches_the_api(cli, checkpoint):
+    import lmstack
+    from lmstack.generation import GenerationConfig, generate
+
+    args = ("generate", "--model", checkpoint, "--prompt", "the cat", "--prompt", "hello", "--temperature", "0",
+            "--max-tokens", "8", "--json")
+    lines = cli(*args, check=True).stdout.splitlines()
+    rows = [json.loads(line) for line in lines]
+    model, tok = lmstack.load(checkpoint)
+    expected = generate(model, tok, ["the cat", "hello"], GenerationConfig(max_new_tokens=8, temperature=0))
+    assert [r["tokens"] for r in rows] == [e.tokens for e in expected]
+    assert [r["prompt"] for r in rows] == ["the cat", "hello"]
+    assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+
+
+def test_seeded_sampling_and_streaming(cli, checkpoint):
+    args = ("generate", "--model", checkpoint, "--prompt", "the", "--seed", "3", "--top-k", "20", "--top-p", "0.9",
+            "--max-tokens", "12")
+    first = cli(*args, check=True).stdout
+    assert first == cli(*args, check=True).stdout
+    assert first.startswith("the")
+    streamed = cli(*args, "--stream", check=True).stdout
+    assert streamed == first
+
+
+def test_beam_search_prints_the_n_best(cli, checkpoint):
+    out = cli("generate", "--model", checkpoint, "--prompt", "the", "--beams", "3", "--num-return", "2",
+              "--max-tokens", "5", "--json", check=True).stdout
+    beams = json.loads(out)["beams"]
+    assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--top-p", "0"), "top_p must be in"),
+    (("--beams", "2", "--stream"), "--beams cannot be combined"),
+    (("--beams", "2", "--num-return", "3"), "num_beams"),
+])
+def test_bad_flags_are_one_line_errors(cli, checkpoint, args, message):
+    proc = cli("generate", "--model", checkpoint, "--prompt", "x", *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_without_tokenizer_is_a_clear_error(cli, tmp_path):
+    GPT(GPTConfig.preset("tiny", vocab_size=50)).save(tmp_path)
+    proc = cli("generate", "--model", tmp_path, "--prompt", "x")
+    assert proc.returncode != 0 and "no tokenizer.json" in proc.stderr
