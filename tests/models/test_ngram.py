@@ -133,6 +133,30 @@ def test_incremental_decoding_matches_batch_view():
         assert torch.allclose(lp, full[:, t])
 
 
+def test_reorder_keeps_each_rows_context():
+    model = NGramLM.train_texts(["a b c", "b c a", "c a b"], order=3, discount_fallback=True)
+    rows = torch.tensor([[BOS_ID, *model.encode("a b")], [BOS_ID, *model.encode("c a")]])
+    state, lp = model.start(rows)
+    state = model.reorder(state, torch.tensor([1, 1, 0]))
+    _, nxt = model.step(state, torch.tensor([model.word_ids["c"]] * 3))
+    want = model.next_token_logprobs(torch.tensor([[*rows[1], model.word_ids["c"]],
+                                                   [*rows[0], model.word_ids["c"]]]))[:, -1]
+    assert torch.allclose(nxt, want[[0, 0, 1]])
+
+
+def test_sample_cli_is_reproducible_and_stays_in_vocabulary(cli, tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 4, encoding="utf-8")
+    cli("ngram", "train", f, "--order", "3", "--out", tmp_path / "m", "--discount-fallback", check=True)
+    args = ("ngram", "sample", "--model", tmp_path / "m", "--num", "4", "--seed", "3", "--prompt", "the",
+            "--temperature", "1.5")
+    first = cli(*args, check=True).stdout
+    assert first == cli(*args, check=True).stdout
+    samples = first.splitlines()
+    assert len(samples) == 4 and all(s.split()[0] == "the" for s in samples)
+    assert set(first.split()) <= {"the", "cat", "sat", "on", "mat", "dog", "log", "a", "saw", "<unk>"}
+
+
 def test_unknown_words_score_as_unk_and_reset_context():
     model = NGramLM.train_texts(["a b c", "a b d", "b c"], order=3, discount_fallback=True)
     assert model.encode("a zzz b") == [model.word_ids["a"], UNK_ID, model.word_ids["b"]]
@@ -248,3 +272,19 @@ def test_cli_errors_are_one_line(cli, tmp_path):
         assert proc.returncode != 0
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
     assert not (tmp_path / "m" / "model.arpa").exists()
+
+
+def test_kenlm_reads_our_arpa_and_scores_as_we_do(ts_split, tmp_path):
+    """The exported ARPA loads into KenLM (every smoothing, orders up to 5; KenLM's query needs
+    order >= 2) and KenLM's scores are ours."""
+    kenlm = pytest.importorskip("kenlm")
+    lines = (ts_split / "test.txt").read_text(encoding="utf-8").split("\n")[:200]
+    for order, smoothing in ((5, "modified_kneser_ney"), (4, "kneser_ney"), (3, "add_k")):
+        model = NGramLM.train([ts_split / "train.txt"], order=order, smoothing=smoothing, k=0.1)
+        model.write_arpa(tmp_path / "m.arpa")
+        ref = kenlm.Model(str(tmp_path / "m.arpa"))
+        for line in lines:
+            ids = torch.tensor([[BOS_ID, *model.encode(line), EOS_ID]])
+            ours = model.token_logprobs(ids)[0] / math.log(10)
+            theirs = [s[0] for s in ref.full_scores(line)]
+            assert ours.tolist() == pytest.approx(theirs, abs=2e-5), line
