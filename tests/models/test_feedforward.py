@@ -88,8 +88,12 @@ def test_bad_checkpoints_are_named(tmp_path):
 
 
 def test_out_of_vocabulary_ids_are_rejected():
+    m = _model()
     with pytest.raises(InputError, match="token ids must be in"):
-        _model()(torch.tensor([[3, 11]]))
+        m(torch.tensor([[3, 11]]))  # 11 = vocab_size would otherwise read the start row
+    state, _ = m.start(torch.tensor([[3]]))
+    with pytest.raises(InputError, match="token ids must be in"):
+        m.step(state, torch.tensor([11]))
 
 
 def test_size_and_flops_counts():

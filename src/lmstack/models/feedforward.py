@@ -83,10 +83,14 @@ class FeedForwardLM(nn.Module, LanguageModel):
         logits = self.out(self.hidden(x))
         return logits + self.direct(x) if self.direct is not None else logits
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """[B, T] ids -> logits [B, T, V] for the token after each position (+ mean CE vs targets)."""
+    def _check_ids(self, idx: torch.Tensor) -> None:
+        """Checked on every path, training included: id `vocab_size` would silently read the start row."""
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
             raise InputError(f"token ids must be in [0, {self.vocab_size}); got range [{int(idx.min())}, {int(idx.max())}]")
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """[B, T] ids -> logits [B, T, V] for the token after each position (+ mean CE vs targets)."""
+        self._check_ids(idx)
         logits = self._logits(self._windows(idx))
         if targets is None:
             return logits
@@ -97,10 +101,12 @@ class FeedForwardLM(nn.Module, LanguageModel):
 
     # The state is the last n-1 tokens, start rows included: [B, n-1].
     def start(self, prompt: torch.Tensor):
+        self._check_ids(prompt)
         state = self._windows(prompt)[:, -1] if prompt.shape[1] else prompt.new_full((prompt.shape[0], self.window), self.vocab_size)
         return state, F.log_softmax(self._logits(state).float(), dim=-1)
 
     def step(self, state: torch.Tensor, tokens: torch.Tensor):
+        self._check_ids(tokens)
         state = torch.cat([state[:, 1:], tokens[:, None]], dim=1)
         return state, F.log_softmax(self._logits(state).float(), dim=-1)
 
