@@ -181,3 +181,15 @@ def test_extend_feeds_chunks_after_a_prefix():
     state, last = model.extend(state, x[:, 11:])
     torch.testing.assert_close(first, full[:, 9], atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.cat([middle, last], 1), full[:, 10:], atol=1e-5, rtol=0)
+
+
+def test_reorder_follows_beams():
+    """Beam search keeps rows [1, 1, 0] of a cache; stepping them must equal starting afresh."""
+    model = _model(VARIANTS["llama-gqa"])
+    x = torch.randint(0, V, (2, 12))
+    state, _ = model.start(x)
+    index = torch.tensor([1, 1, 0])
+    nxt = torch.tensor([5, 6, 7])
+    _, got = model.step(model.reorder(state, index), nxt)
+    _, want = model.start(torch.cat([x[index], nxt[:, None]], 1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

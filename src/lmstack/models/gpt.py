@@ -139,16 +139,20 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+@dataclass
 class KVCache:
     """Keys and values of every layer, [B, n_kv_head, block_size, head_dim] each, preallocated,
-    plus `pos`, the number of positions filled. `GPT.start` makes one and `GPT.step` extends it
-    in place."""
+    plus `pos`, the number of positions filled. `GPT.start` makes one; `step` and `extend` fill
+    it in place."""
 
-    def __init__(self, cfg: GPTConfig, batch: int, device, dtype):
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, cfg: GPTConfig, batch: int, device, dtype) -> "KVCache":
         shape = (batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.pos = 0
+        return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv"))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v at `pos`; return the keys and values of the whole prefix."""
@@ -307,13 +311,17 @@ class GPT(nn.Module, LanguageModel):
         if prompt.shape[1] == 0:
             raise InputError("a GPT prompt needs at least one token (e.g. the tokenizer's <|endoftext|>)")
         self.check_context(prompt.shape[1])
-        cache = KVCache(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype)
+        cache = KVCache.empty(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype)
         cache, lp = self.extend(cache, prompt)
         return cache, lp[:, -1]
 
     def step(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         state, lp = self.extend(state, tokens[:, None])
         return state, lp[:, -1]
+
+    def reorder(self, state: KVCache, index: torch.Tensor) -> KVCache:
+        """The cache rows `index` (repeats allowed), for beam search; a new cache, `state` is kept."""
+        return KVCache([k[index] for k in state.k], [v[index] for v in state.v], state.pos)
 
     def extend(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Append [B, k] tokens to the cache in one pass (a chat's next turn, speculative-decoding
