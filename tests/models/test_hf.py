@@ -177,20 +177,19 @@ def test_tokenizer_json_imports_with_the_same_ids_and_exports_back(tmp_path, hf_
     assert back.decode(back.encode(TEXT)) == TEXT
 
 
-def test_gpt2_vocab_and_merges_files_import(tmp_path):
-    """Older GPT-2 directories carry vocab.json + merges.txt (OpenAI's encoder.json / vocab.bpe)."""
-    from lmstack.tokenizers.bpe import BPETokenizer, to_bytelevel
+def test_gpt2_vocab_and_merges_files_import(tmp_path, shared):
+    """Older GPT-2 directories carry vocab.json + merges.txt: OpenAI's encoder.json + vocab.bpe."""
+    import shutil
 
-    ours = BPETokenizer.train([TEXT * 20], vocab_size=V, special_tokens=["<|endoftext|>"])
-    _, path = _hf_model("gpt2", tmp_path)
-    pieces = [to_bytelevel(t) for t in ours.tokens[: ours.base_vocab_size]]
-    vocab = {p: i for i, p in enumerate(pieces)} | ours.special_tokens
-    (path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    merges = "".join(f"{pieces[a]} {pieces[b]}\n" for a, b in ours.merges)
-    (path / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
-    _, tok = from_hf(path)
-    assert tok.encode(TEXT) == ours.encode(TEXT)
-    assert tok.eot_id == ours.eot_id
+    gpt2 = shared / "fixtures" / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "hf")
+    shutil.copy(gpt2 / "encoder.json", tmp_path / "hf" / "vocab.json")
+    shutil.copy(gpt2 / "vocab.bpe", tmp_path / "hf" / "merges.txt")
+    _, tok = from_hf(tmp_path / "hf")
+    ref = transformers.GPT2TokenizerFast.from_pretrained(tmp_path / "hf")
+    assert tok.encode(TEXT) == ref.encode(TEXT)
+    assert tok.eot_id == ref.eos_token_id == 50256
 
 
 def test_tokenizer_larger_than_the_model_is_refused(tmp_path, hf_tokenizer):
