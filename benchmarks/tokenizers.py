@@ -1,16 +1,19 @@
 """Tokenizer training time, encoding speed and bytes per token, beside peers in the same process.
 
-    python benchmarks/tokenizers.py [--size-mb 36.6] [--vocab-size 8192] [--threads 2] [--quick]
+    python benchmarks/tokenizers.py [--corpus english|tang] [--size-mb 36.6] [--vocab-size 8192]
+                                    [--threads 2] [--quick] [--no-unigram]
 
-Corpus: English text assembled from ../shared/data (Tiny Shakespeare plus every text field of
-the JSONL sets, one line per text line), repeated until it reaches --size-mb. Encoding speed
+Corpus: "english", text assembled from ../shared/data (Tiny Shakespeare plus every text field
+of the JSONL sets, one line per text line), or "tang", the Tang poems (Chinese), repeated until
+it reaches --size-mb. Encoding speed
 and bytes per token are measured on the first --encode-mb of the corpus, with fresh (cold
 cache) tokenizers.
 
 Peers: Hugging Face `tokenizers` (byte-level BPE, GPT-2 pattern, as in lmstack), sentencepiece
 (BPE and Unigram, byte fallback) and tiktoken (GPT-2's encoding built from
 ../shared/fixtures/gpt2, and lmstack's trained vocabulary handed to tiktoken directly). Training
-uses --threads threads/processes everywhere; encoding is single-threaded everywhere.
+uses --threads threads/processes everywhere and is timed on the wall clock; encoding is
+single-threaded everywhere and timed in CPU seconds of this process.
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ def english_lines() -> list[str]:
     return lines
 
 
-def build_corpus(path: Path, size_mb: float) -> int:
-    base = ("\n".join(english_lines()) + "\n").encode("utf-8")
+def build_corpus(path: Path, corpus: str, size_mb: float) -> tuple[int, int]:
+    """Write the corpus repeated up to `size_mb`; returns (bytes written, bytes of one copy)."""
+    if corpus == "tang":
+        base = (SHARED / "data" / "zh_tang_poems.txt").read_bytes()
+    else:
+        base = ("\n".join(english_lines()) + "\n").encode("utf-8")
     target = int(size_mb * 1e6)
     with open(path, "wb") as f:
         written = 0
@@ -52,7 +59,7 @@ def build_corpus(path: Path, size_mb: float) -> int:
             piece = piece[: piece.rfind(b"\n") + 1] or piece
             f.write(piece)
             written += len(piece)
-    return written
+    return written, len(base)
 
 
 def timed(fn):
@@ -70,15 +77,16 @@ def mb_per_s(encode, text: str) -> tuple[float, int]:
         pieces.append(text[start:end])
         start = end
     n_tokens = 0
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: fairer than wall time on a shared, loaded machine
     for p in pieces:
         n_tokens += len(encode(p))
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     return len(text.encode("utf-8")) / 1e6 / dt, n_tokens
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", choices=["english", "tang"], default="english")
     ap.add_argument("--size-mb", type=float, default=36.6, help="training corpus size (default 36.6)")
     ap.add_argument("--encode-mb", type=float, default=4.0, help="text encoded for speed and bytes/token (default 4)")
     ap.add_argument("--vocab-size", type=int, default=8192)
@@ -100,12 +108,13 @@ def main(argv=None) -> None:
     from lmstack.tokenizers.hf import save_hf
 
     work = Path(tempfile.mkdtemp(prefix="lmstack-tok-bench-"))
-    corpus = work / "english.txt"
-    size = build_corpus(corpus, args.size_mb)
-    with open(corpus, encoding="utf-8") as f:
-        sample = f.read(int(args.encode_mb * 1e6))
+    corpus = work / f"{args.corpus}.txt"
+    size, base_size = build_corpus(corpus, args.corpus, args.size_mb)
+    with open(corpus, "rb") as f:  # never past the first copy: repeats would only measure caches
+        head = f.read(min(int(args.encode_mb * 1e6), base_size))
+    sample = head[: head.rfind(b"\n") + 1].decode("utf-8")
     load = os.getloadavg()
-    print(f"corpus: {size / 1e6:.1f} MB English ({corpus}); vocab {args.vocab_size}; {args.threads} threads; "
+    print(f"corpus: {size / 1e6:.1f} MB {args.corpus} ({corpus}); vocab {args.vocab_size}; {args.threads} threads; "
           f"encode sample {len(sample.encode()) / 1e6:.1f} MB; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     train, speed, bpt = {}, {}, {}
 

@@ -40,7 +40,7 @@ PATTERNS = {
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
 }
 DEFAULT_VOCAB_SIZE = 8192
-_CACHE_SIZE = 1 << 17
+_CACHE_SIZE = 1 << 18  # distinct chunks remembered by the Python encoder
 _BLOCK = 1 << 20
 
 
@@ -144,19 +144,9 @@ class BPETokenizer(Tokenizer):
         counts: Counter[str] = Counter()
         total = sum(end - start for _, start, end, _ in jobs)
         with progress(total=total, desc="counting chunks", unit="B", unit_scale=True) as bar:
-            if workers == 1 or len(jobs) == 1:
-                results = map(_count_range, jobs)
-                pool = None
-            else:
-                pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
-                results = pool.imap_unordered(_count_range, jobs)
-            try:
-                for part, n_bytes in results:
-                    counts.update(part)
-                    bar.update(n_bytes)
-            finally:
-                if pool is not None:
-                    pool.terminate()
+            for part, n_bytes in _map(_count_range, jobs, workers):
+                counts.update(part)
+                bar.update(n_bytes)
         return cls._from_counts(counts, vocab_size, special_tokens, pat, min_frequency)
 
     @classmethod
@@ -376,6 +366,15 @@ def _file_ranges(path: Path, workers: int) -> list[tuple[int, int]]:
                 continue
             starts.append(f.tell() - len(window) + lead + len(text[: m.end()].encode("utf-8")))
     return [(s, e) for s, e in zip(starts, starts[1:] + [size]) if e > s]
+
+
+def _map(fn, jobs: list, workers: int):
+    """fn over jobs, in `workers` processes when there is more than one of each."""
+    if workers == 1 or len(jobs) == 1:
+        yield from map(fn, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(fn, jobs)
 
 
 def _count_range(job: tuple[str, int, int, str]) -> tuple[Counter, int]:
