@@ -49,7 +49,7 @@ def kenlm_model(shared, order):
 def _entries(model: NGramLM, n: int) -> dict[str, tuple[float, float]]:
     t = model.tables[n - 1]
     bo = t.backoff if t.backoff is not None else np.zeros(len(t.keys))
-    return dict(zip(model.ngram_texts(n).tolist(), zip(t.logp.tolist(), bo.tolist())))
+    return dict(zip(model.ngram_texts(n), zip(t.logp.tolist(), bo.tolist())))
 
 
 def _summary(shared, order) -> dict[str, float]:
@@ -196,8 +196,8 @@ def test_document_boundaries_wrap_each_file(tmp_path):
     f.write_text("a b\nc d\n", encoding="utf-8")
     by_line = NGramLM.train([f], order=2, discount_fallback=True)
     by_file = NGramLM.train([f], order=2, discount_fallback=True, boundary="file")
-    assert "b </s>" in by_line.ngram_texts(2).tolist()
-    texts = by_file.ngram_texts(2).tolist()
+    assert "b </s>" in by_line.ngram_texts(2)
+    texts = by_file.ngram_texts(2)
     assert "b c" in texts and "b </s>" not in texts and "d </s>" in texts
 
 

@@ -23,6 +23,7 @@ from lmstack.errors import FormatError
 from lmstack.io import atomic_write, check_readable
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+_BLOCK = 1 << 20  # entries parsed per block
 
 
 def split_words(line: str) -> list[str]:
@@ -105,10 +106,24 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
             raise fail(lineno, f"expected section {header}, found {found}")
         pending = None
         highest = n == order
+        expected = counts[n - 1]
+        # Python lists per block of entries, turned into arrays as each block fills, so a
+        # large file never holds one Python float per entry.
+        blocks: list[tuple[np.ndarray, ...]] = []
+        done = 0
         logps: list[float] = []
         backoffs: list[float] = []
         flat: list[int] = []
         line_nos: list[int] = []
+
+        def flush():
+            nonlocal done
+            blocks.append((np.asarray(flat, np.int64).reshape(len(logps), n), np.asarray(logps),
+                           np.asarray(backoffs), np.asarray(line_nos, np.int64)))
+            done += len(logps)
+            for buf in (logps, backoffs, flat, line_nos):
+                buf.clear()
+
         for lineno, line in lines:
             parts = split_words(line)
             if not parts:
@@ -116,8 +131,8 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
             if parts[0].startswith("\\"):
                 pending = line.strip()
                 break
-            if len(logps) == counts[n - 1]:
-                raise fail(lineno, f"section {header} has more entries than the {counts[n - 1]} the header says")
+            if done + len(logps) == expected:
+                raise fail(lineno, f"section {header} has more entries than the {expected} the header says")
             if len(parts) not in (n + 1, n + 2):
                 raise fail(lineno, f"expected a log10 probability, {n} word(s) and an optional back-off, got {len(parts)} fields")
             try:
@@ -151,14 +166,13 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
             logps.append(logp)
             backoffs.append(bo)
             line_nos.append(lineno)
-        if len(logps) != counts[n - 1]:
-            raise fail(lineno, f"section {header} has {len(logps)} entries but the header says {counts[n - 1]}")
-        sections.append(ArpaSection(
-            ids=np.asarray(flat, dtype=np.int64).reshape(len(logps), n),
-            logp=np.asarray(logps, dtype=np.float64),
-            backoff=None if highest else np.asarray(backoffs, dtype=np.float64),
-            lines=np.asarray(line_nos, dtype=np.int64),
-        ))
+            if len(logps) == _BLOCK:
+                flush()
+        flush()
+        if done != expected:
+            raise fail(lineno, f"section {header} has {done} entries but the header says {expected}")
+        ids, logp_arr, bo_arr, line_arr = (np.concatenate(parts) for parts in zip(*blocks))
+        sections.append(ArpaSection(ids=ids, logp=logp_arr, backoff=None if highest else bo_arr, lines=line_arr))
     if pending is None:
         for lineno, line in lines:
             if line.strip():
@@ -173,19 +187,25 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
     return vocab, sections
 
 
-def write_arpa(path: str | os.PathLike, texts: Iterable[np.ndarray], counts: list[int],
-               logps: list[np.ndarray], backoffs: list[np.ndarray | None]) -> None:
-    """Write an ARPA file atomically. Per order: the n-gram texts ("w1 w2", produced lazily so
-    only one order's strings live at a time), count, log10 p and log10 back-off (None on top)."""
+def write_arpa(path: str | os.PathLike, counts: list[int],
+               blocks: Iterable[tuple[int, list[str], np.ndarray, np.ndarray | None]]) -> None:
+    """Write an ARPA file atomically from blocks of entries, in order of n: (n, n-gram texts
+    "w1 w2", log10 p, log10 back-off or None on the highest order)."""
     with atomic_write(path) as f:
         f.write("\\data\\\n")
         for n, c in enumerate(counts, 1):
             f.write(f"ngram {n}={c}\n")
-        for n, (t, lp, bo) in enumerate(zip(texts, logps, backoffs), 1):
-            f.write(f"\n\\{n}-grams:\n")
+        section = 0
+        for n, texts, lp, bo in blocks:
+            while section < n:
+                section += 1
+                f.write(f"\n\\{section}-grams:\n")
             lp = (lp + 0.0).tolist()  # + 0.0 turns -0.0 into 0.0
             if bo is None:
-                f.write("".join(map("{:.9g}\t{}\n".format, lp, t.tolist())))
+                f.write("".join(map("{:.9g}\t{}\n".format, lp, texts)))
             else:
-                f.write("".join(map("{:.9g}\t{}\t{:.9g}\n".format, lp, t.tolist(), (bo + 0.0).tolist())))
+                f.write("".join(map("{:.9g}\t{}\t{:.9g}\n".format, lp, texts, (bo + 0.0).tolist())))
+        while section < len(counts):
+            section += 1
+            f.write(f"\n\\{section}-grams:\n")
         f.write("\n\\end\\\n")

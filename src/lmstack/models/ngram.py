@@ -149,12 +149,12 @@ class Corpus:
 
 @dataclass
 class _Counts:
-    """Raw counts of one order with the links Kneser-Ney needs."""
+    """Raw counts of one order with the links Kneser-Ney needs (int32: < 2^31 tokens)."""
 
-    keys: np.ndarray  # sorted, prefix * V + last word
+    keys: np.ndarray  # sorted int64, prefix * V + last word
     count: np.ndarray  # raw count
     suffix: np.ndarray  # index of the (n-1)-gram w2..wn in the order n-1 table
-    first: np.ndarray  # id of the first word
+    bos_first: np.ndarray  # bool: the n-gram starts with <s>
 
 
 def count_ngrams(stream: np.ndarray, V: int, order: int) -> list[_Counts]:
@@ -163,22 +163,27 @@ def count_ngrams(stream: np.ndarray, V: int, order: int) -> list[_Counts]:
     Per order: pack (index of the prefix n-gram at position i, word at i+n-1) into an int64,
     `np.unique` it, and keep each position's n-gram index for the next order."""
     T = len(stream)
-    # eos_before[i] = number of </s> in stream[:i]; a window may only end in </s>
-    eos_before = np.concatenate([[0], np.cumsum(stream == EOS_ID)])
+    if T >= 2**31:
+        raise InputError(f"the corpus has {T} tokens; lmstack counts up to 2^31 - 1, so split it")
+    # eos_before[i] = number of </s> in stream[:i]; a window may hold </s> only at its end
+    eos_before = np.zeros(T + 1, np.int32)
+    np.cumsum(stream == EOS_ID, out=eos_before[1:])
     ids = np.arange(V, dtype=np.int64)
-    out = [_Counts(keys=ids, count=np.bincount(stream, minlength=V).astype(np.int64), suffix=np.zeros(V, np.int64), first=ids)]
-    at = stream.astype(np.int64)  # index of the (n-1)-gram starting at each position, -1 if none
+    out = [_Counts(keys=ids, count=np.bincount(stream, minlength=V).astype(np.int32),
+                   suffix=np.zeros(V, np.int32), bos_first=ids == BOS_ID)]
+    at = stream  # index of the (n-1)-gram starting at each position, -1 if none
     for n in range(2, order + 1):
-        L = T - n + 1
-        pos = np.flatnonzero(eos_before[n - 1 : n - 1 + L] == eos_before[:L]) if L > 0 else np.zeros(0, np.int64)
-        keys = at[pos] * V + stream[pos + n - 1]
+        L = max(T - n + 1, 0)
+        pos = np.flatnonzero(eos_before[n - 1 : n - 1 + L] == eos_before[:L])
+        keys = at[pos].astype(np.int64) * V + stream[pos + n - 1]
         uniq, inverse, cnt = np.unique(keys, return_inverse=True, return_counts=True)
-        suffix = np.empty(len(uniq), np.int64)
+        del keys
+        suffix = np.empty(len(uniq), np.int32)
         suffix[inverse] = at[pos + 1]
-        nxt = np.full(T, -1, np.int64)
-        nxt[pos] = inverse
-        at = nxt
-        out.append(_Counts(keys=uniq, count=cnt.astype(np.int64), suffix=suffix, first=out[-1].first[uniq // V]))
+        at = np.full(T, -1, np.int32)
+        at[pos] = inverse
+        del pos, inverse
+        out.append(_Counts(keys=uniq, count=cnt.astype(np.int32), suffix=suffix, bos_first=out[-1].bos_first[uniq // V]))
     return out
 
 
@@ -209,22 +214,19 @@ def _discounts(a: np.ndarray, n: int, smoothing: str, fallback: bool) -> tuple[f
 def _kneser_ney(counts: list[_Counts], V: int, cfg: NGramConfig) -> tuple[list[_Table], list]:
     """Interpolated (modified) Kneser-Ney as lmplz computes it; returns tables and discounts."""
     N = len(counts)
-    # Adjusted counts: raw on the top order and for n-grams starting with <s>; otherwise the
-    # number of distinct words seen before the n-gram.
-    adjusted = []
-    for n, c in enumerate(counts, 1):
-        if n == N:
-            a = c.count.copy()
-        else:
-            a = np.bincount(counts[n].suffix, minlength=len(c.keys)).astype(np.int64)
-            a = np.where(c.first == BOS_ID, c.count, a)
-        if n == 1:
-            a[[UNK_ID, BOS_ID]] = 0
-        adjusted.append(a)
     tables: list[_Table] = []
     discounts = []
     prob_lower = None
-    for n, (c, a) in enumerate(zip(counts, adjusted), 1):
+    for n, c in enumerate(counts, 1):
+        # Adjusted counts: raw on the top order and for n-grams starting with <s>; otherwise
+        # the number of distinct words seen before the n-gram.
+        if n == N:
+            a = c.count.astype(np.int64)
+        else:
+            a = np.bincount(counts[n].suffix, minlength=len(c.keys))
+            a = np.where(c.bos_first, c.count, a)
+        if n == 1:
+            a[[UNK_ID, BOS_ID]] = 0
         d = _discounts(a, n, cfg.smoothing, cfg.discount_fallback)
         discounts.append(list(d))
         disc = np.choose(np.minimum(a, 3), (0.0,) + d)
@@ -405,22 +407,34 @@ class NGramLM(LanguageModel):
             model.tokenizer = load_tokenizer(p / TOKENIZER_FILE)
         return model
 
-    def iter_ngram_texts(self) -> Iterable[np.ndarray]:
-        """Per order, the words of every entry space-joined, in table order (object arrays)."""
+    def ngram_ids(self, n: int, index: np.ndarray) -> np.ndarray:
+        """Word ids [len(index), n] of the order-n entries at `index`, following prefix links."""
         V = self.vocab_size
+        ids = np.empty((len(index), n), np.int64)
+        cur = np.asarray(index, np.int64)
+        for j in range(n - 1, 0, -1):
+            keys = self.tables[j].keys[cur]
+            ids[:, j], cur = keys % V, keys // V
+        ids[:, 0] = cur
+        return ids
+
+    def ngram_texts(self, n: int, lo: int = 0, hi: int | None = None) -> list[str]:
+        """The space-joined words of order-n entries lo..hi, in table order."""
+        hi = len(self.tables[n - 1].keys) if hi is None else hi
         words = np.array(self.vocab, dtype=object)
-        texts = words
-        yield texts
-        for t in self.tables[1:]:
-            texts = texts[t.keys // V] + " " + words[t.keys % V]
-            yield texts
+        ids = self.ngram_ids(n, np.arange(lo, hi))
+        # column by column: tolist() on a 2-D object array is several times slower
+        return list(map(" ".join, zip(*(words[ids[:, j]].tolist() for j in range(n)))))
 
-    def ngram_texts(self, n: int) -> np.ndarray:
-        return next(t for i, t in enumerate(self.iter_ngram_texts(), 1) if i == n)
+    def write_arpa(self, path: str | os.PathLike, block: int = 1 << 20) -> None:
+        """Write the model as an ARPA file, a block of entries at a time to bound memory."""
+        def blocks():
+            for n, t in enumerate(self.tables, 1):
+                for lo in range(0, len(t.keys), block):
+                    hi = min(lo + block, len(t.keys))
+                    yield n, self.ngram_texts(n, lo, hi), t.logp[lo:hi], None if t.backoff is None else t.backoff[lo:hi]
 
-    def write_arpa(self, path: str | os.PathLike) -> None:
-        write_arpa(path, self.iter_ngram_texts(), [len(t.keys) for t in self.tables],
-                   [t.logp for t in self.tables], [t.backoff for t in self.tables])
+        write_arpa(path, [len(t.keys) for t in self.tables], blocks())
 
     # --- text -> ids --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
