@@ -26,6 +26,13 @@ HF_CONFIGS = {
                                                   intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
                                                   num_key_value_heads=2, rms_norm_eps=1e-5,
                                                   rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    # Llama 3.1-style RoPE scaling; with head_dim 8 and an original context of 64 the four
+    # frequencies (wavelengths 6, 63, 628, 6283) hit all three branches: kept, blended, slowed.
+    "llama3-rope-scaling": lambda: transformers.LlamaConfig(
+        vocab_size=V, max_position_embeddings=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "llama-tied-bias-mqa": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=64, hidden_size=32,
                                                             intermediate_size=64, num_hidden_layers=2,
                                                             num_attention_heads=4, num_key_value_heads=1,
@@ -85,6 +92,8 @@ EXPORTABLE = {
     "gpt2": GPTConfig.preset("tiny", vocab_size=V, n_embd=32),
     "gpt2-untied": GPTConfig.preset("tiny", vocab_size=V, n_embd=32, tie_embeddings=False, mlp_hidden=40),
     "llama-gqa": GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_theta=1e5),
+    "llama3-rope-scaling": GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_scaling=dict(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
     "llama-tied-bias": GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, bias=True, tie_embeddings=True),
 }
 

@@ -35,6 +35,7 @@ from lmstack.models.sizes import Presets
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rope")
 MLPS = ("gelu", "swiglu")
+LLAMA3_SCALING = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 _LLAMA_STYLE = dict(norm="rmsnorm", norm_eps=1e-6, pos="rope", mlp="swiglu", bias=False, tie_embeddings=False)
@@ -68,6 +69,8 @@ class GPTConfig(Presets):
     prenorm: bool = True
     pos: str = "learned"
     rope_theta: float = 10000.0
+    # Llama 3.1's long-context RoPE: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    rope_scaling: dict | None = None
     mlp: str = "gelu"
     bias: bool = True  # biases in every linear layer and LayerNorm
     dropout: float = 0.0
@@ -87,6 +90,8 @@ class GPTConfig(Presets):
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size, got n_embd/n_head = {self.head_dim}")
+        if self.rope_scaling is not None and (self.pos != "rope" or set(self.rope_scaling) != set(LLAMA3_SCALING)):
+            raise ValueError(f"rope_scaling needs pos='rope' and exactly the keys {LLAMA3_SCALING}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if not 0.0 <= self.dropout < 1.0:
@@ -115,10 +120,17 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(length: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [length, head_dim] for RoPE in the "rotate half" layout Llama checkpoints use
-    (feature i pairs with i + head_dim/2, not with i + 1)."""
+    (feature i pairs with i + head_dim/2, not with i + 1). `scaling` is Llama 3.1's: frequencies
+    whose wavelength exceeds the original context / low_freq_factor are slowed by `factor`, those
+    shorter than it / high_freq_factor are kept, and the ones between are blended."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if scaling:
+        factor, low, high, original = (scaling[k] for k in LLAMA3_SCALING)
+        wavelen = 2 * math.pi / inv_freq
+        keep = ((original / wavelen - low) / (high - low)).clamp(0, 1)
+        inv_freq = (1 - keep) * inv_freq / factor + keep * inv_freq
     angles = torch.outer(torch.arange(length, dtype=torch.float), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
@@ -245,7 +257,7 @@ class GPT(nn.Module, LanguageModel):
         if cfg.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)

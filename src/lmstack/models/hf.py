@@ -22,7 +22,7 @@ import torch
 from lmstack.errors import CheckpointError
 from lmstack.io import atomic_path, read_json, write_json
 from lmstack.models.checkpoint import assign_weights
-from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.models.gpt import GPT, LLAMA3_SCALING, GPTConfig
 from lmstack.models.hf_dir import read_hf_dir
 from lmstack.tokenizers.base import EOT
 
@@ -60,7 +60,7 @@ def _gpt2_config(hf: dict, source: Path) -> GPTConfig:
 def _llama_config(hf: dict, source: Path) -> GPTConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers >= 5 / older
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    _require(rope_type == "default", source, f"RoPE scaling {rope_type!r}")
+    _require(rope_type in ("default", "llama3"), source, f"RoPE scaling {rope_type!r} (only Llama 3's)")
     _require(hf.get("hidden_act", "silu") == "silu", source, f"hidden_act {hf.get('hidden_act')!r} (only silu)")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     _require(hf.get("head_dim") in (None, n_embd // n_head), source, f"head_dim {hf.get('head_dim')} != hidden_size / heads")
@@ -71,6 +71,7 @@ def _llama_config(hf: dict, source: Path) -> GPTConfig:
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
         mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope",
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), mlp="swiglu", bias=bias,
+        rope_scaling={k: rope[k] for k in LLAMA3_SCALING} if rope_type == "llama3" else None,
         dropout=hf.get("attention_dropout", 0.0), tie_embeddings=hf.get("tie_word_embeddings", False),
     )
 
@@ -224,7 +225,9 @@ def _hf_config_dict(cfg: GPTConfig, arch: str) -> dict:
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "llama3" if cfg.rope_scaling else "default", "rope_theta": cfg.rope_theta,
+                            **(cfg.rope_scaling or {})},
+        "rope_theta": cfg.rope_theta,
         "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
         "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None, "dtype": "float32",
     }
