@@ -88,3 +88,9 @@ def test_corrupt_or_missing_files(ckpt):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing config.json"):
         lmstack.load(ckpt)
+
+
+def test_a_hugging_face_directory_points_to_convert(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(CheckpointError, match=r"a Hugging Face 'gpt2' checkpoint, not an lmstack one; import it with `lmstack convert"):
+        lmstack.load(tmp_path)

@@ -58,6 +58,9 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p}: missing {CONFIG_FILE}; is this an lmstack checkpoint? (`lmstack convert` imports HF ones)")
     cfg = read_json(p / CONFIG_FILE, "checkpoint config")
     if "family" not in cfg:
+        if "model_type" in cfg:
+            raise CheckpointError(f"{p}: a Hugging Face {cfg['model_type']!r} checkpoint, not an lmstack one; "
+                                  f"import it with `lmstack convert {p} DST_DIR`")
         raise CheckpointError(f"{p / CONFIG_FILE}: no 'family' field; is this an lmstack checkpoint?")
     return cfg
 
