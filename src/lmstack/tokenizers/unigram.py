@@ -19,9 +19,7 @@ import math
 import random
 import re
 import unicodedata
-from array import array
-from collections import Counter, defaultdict
-from itertools import count
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -34,6 +32,7 @@ N_BYTES = 256
 MAX_PIECE_LEN = 16  # characters, as SentencePiece's max_sentencepiece_length
 UNK_PENALTY = 10.0  # an unknown character scores this far below the rarest piece (SentencePiece's kUnkPenalty)
 _WORD = re.compile(r"\s*\S+|\s+")
+MAX_TRAIN_WORD = 4096  # longer words are cut into pieces this long for training (cf. max_sentence_length)
 _CACHE_LIMIT = 1 << 17  # words whose Viterbi ids are remembered by an encoder
 
 
@@ -191,6 +190,10 @@ class UnigramTokenizer(Tokenizer):
         words: Counter[str] = Counter()
         for t in texts:
             words.update(split_words(t))
+        for w in [w for w in words if len(w) > MAX_TRAIN_WORD]:
+            n = words.pop(w)
+            for i in range(0, len(w), MAX_TRAIN_WORD):
+                words[w[i : i + MAX_TRAIN_WORD]] += n
         if not words:
             raise InputError("no text to train on; pass a non-empty corpus")
         n_chars = len({c for w in words for c in w})
@@ -226,27 +229,48 @@ def _digamma(x: np.ndarray) -> np.ndarray:
     return out + np.log(x) - 0.5 / x - f * (1 / 12 - f * (1 / 120 - f * (1 / 252 - f * (1 / 240 - f / 132))))
 
 
-def _spans(strings: Sequence[str], index: dict[str, int], max_len: int, whole: bool = True):
-    """Every substring of up to `max_len` characters of every string, as (string, start, end,
-    substring id) arrays; `index` maps substring -> id (a defaultdict hands out new ids)."""
-    by_len: dict[int, tuple[list[tuple[int, int]], np.ndarray, np.ndarray]] = {}
-    sub = array("q")
-    counts = np.empty(len(strings), dtype=np.int64)
-    starts, ends = [], []
-    get = index.__getitem__
-    for k, s in enumerate(strings):
-        n = len(s)
-        if n not in by_len:
-            pairs = [(i, j) for i in range(n) for j in range(i + 1, min(n, i + max_len) + 1) if whole or j - i < n]
-            by_len[n] = (pairs, np.array([i for i, _ in pairs], np.int32), np.array([j for _, j in pairs], np.int32))
-        pairs, st, en = by_len[n]
-        sub.extend(map(get, [s[i:j] for i, j in pairs]))
-        counts[k] = len(pairs)
-        starts.append(st)
-        ends.append(en)
-    owner = np.repeat(np.arange(len(strings), dtype=np.int32), counts)
+def _spans(lengths: np.ndarray, max_len: int, whole: bool = True):
+    """(string, start, end) of every substring of up to `max_len` characters of strings with
+    these lengths (without each whole string unless `whole`); each string's spans are together,
+    in (start, end) order."""
+    owner, start, end = [], [], []
+    for n in np.unique(lengths):
+        of = np.flatnonzero(lengths == n).astype(np.int32)
+        per = np.minimum(max_len, n - np.arange(n))
+        i = np.repeat(np.arange(n), per)
+        j = i + 1 + np.arange(len(i)) - np.repeat(np.cumsum(per) - per, per)
+        if not whole:
+            i, j = i[(i > 0) | (j < n)], j[(i > 0) | (j < n)]
+        owner.append(np.repeat(of, len(i)))
+        start.append(np.tile(i.astype(np.int32), len(of)))
+        end.append(np.tile(j.astype(np.int32), len(of)))
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32))
-    return owner, cat(starts), cat(ends), np.frombuffer(sub, dtype=np.int64)
+    return cat(owner), cat(start), cat(end)
+
+
+class _Hashes:
+    """Substrings of one long string named by two 64-bit polynomial hashes, computed in numpy from
+    prefix sums, so millions of substrings are counted without a Python dict. A clash of the
+    first hash shows up as a disagreement of the second (the caller then retries other bases)."""
+
+    BASES = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD),
+             (0x94D049BB133111EB, 0xBF58476D1CE4E5B9))
+
+    def __init__(self, text: str, bases: tuple[int, int]):
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64) + np.uint64(1)
+        self.tables = []
+        with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+            for b in bases:
+                power = np.cumprod(np.r_[np.uint64(1), np.full(len(codes), b, dtype=np.uint64)], dtype=np.uint64)
+                inverse = np.cumprod(np.r_[np.uint64(1), np.full(len(codes), pow(b, -1, 1 << 64), dtype=np.uint64)],
+                                     dtype=np.uint64)
+                # prefix[k] = sum_{t<k} codes[t] * b**(k-t)
+                prefix = power * np.r_[np.uint64(0), np.cumsum(codes * inverse[:-1], dtype=np.uint64)]
+                self.tables.append((power, prefix))
+
+    def __call__(self, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(over="ignore"):
+            return tuple(prefix[end] - prefix[start] * power[end - start] for power, prefix in self.tables)
 
 
 class _Lattice:
@@ -259,14 +283,15 @@ class _Lattice:
         self.first = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
         self.last = self.first + lengths
         self.n_nodes = int(self.last[-1]) + 1 if len(lengths) else 0
-        src = self.first[owner] + start
-        dst = self.first[owner] + end
-        # Edges sorted once into processing order: by end position for the forward pass, by
-        # start position (descending) for the backward pass; stable, so ties keep start order.
-        f = np.lexsort((dst, end))
+        src = (self.first[owner] + start).astype(np.int32)
+        dst = (self.first[owner] + end).astype(np.int32)
+        # Edges come grouped by string in (start, end) order. Sorted once, stably (a radix sort on
+        # 16-bit positions), by end for the forward pass and by start, descending, for the
+        # backward pass: each node's edges stay together, in ascending start order.
+        f = np.argsort(end.astype(np.uint16), kind="stable")
         self.f_src, self.f_dst, self.f_pos = src[f], dst[f], end[f]
         self.f_piece, self.f_owner = piece[f].astype(np.int32), owner[f]
-        b = np.lexsort((src, -start.astype(np.int64)))
+        b = np.argsort((MAX_TRAIN_WORD - start).astype(np.uint16), kind="stable")
         self.b_src, self.b_dst, self.b_pos, self.b_piece = src[b], dst[b], start[b], piece[b].astype(np.int32)
         self.restrict(np.ones(int(piece.max(initial=-1)) + 1, dtype=bool))
 
@@ -365,11 +390,11 @@ def _script(c: str) -> str:
     return "CJK" if name.startswith(("HIRAGANA", "KATAKANA")) else name.split(" ")[0]
 
 
-def _one_script(words: Sequence[str], owner, start, end) -> np.ndarray:
-    """Whether each substring (owner, start, end) keeps to one script after its leading
-    whitespace. SentencePiece requires this of pieces (split_by_unicode_script): "the" and ","
-    are pieces, "e," and "MENENIUS:" are not, which keeps pieces general."""
-    cps = np.frombuffer("".join(words).encode("utf-32-le"), dtype=np.uint32)
+def _one_script(text: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Whether each substring text[start:end] keeps to one script after its leading whitespace.
+    SentencePiece requires this of pieces (split_by_unicode_script): "the" and "," are pieces,
+    "e," and "MENENIUS:" are not, which keeps pieces general."""
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     distinct, inverse = np.unique(cps, return_inverse=True)
     names = [_script(chr(c)) for c in distinct]
     ids = {n: i for i, n in enumerate(dict.fromkeys(names))}
@@ -378,8 +403,7 @@ def _one_script(words: Sequence[str], owner, start, end) -> np.ndarray:
     cls = cls[np.maximum.accumulate(fill)]  # a combining mark takes its base character's script
     change = np.r_[False, (cls[1:] != cls[:-1]) & (cls[:-1] != ids.get(" ", -1))]
     changes = np.cumsum(change)
-    offset = np.concatenate([[0], np.cumsum([len(w) for w in words])[:-1]])[owner]
-    return changes[offset + end - 1] == changes[offset + start]
+    return changes[end - 1] == changes[start]
 
 
 class _Trainer:
@@ -399,42 +423,55 @@ class _Trainer:
         items = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
         self.words = [w for w, _ in items]
         self.freq = np.array([c for _, c in items], dtype=np.float64)
-        index: defaultdict[str, int] = defaultdict(count().__next__)
-        owner, start, end, sub = _spans(self.words, index, max_len)
-        n_sub = len(index)
+        lengths = np.array([len(w) for w in self.words], dtype=np.int64)
+        text = "".join(self.words)
+        offset = np.r_[0, np.cumsum(lengths)[:-1]]
+        owner, start, end = _spans(lengths, max_len)
+        g_start, g_end = offset[owner] + start, offset[owner] + end
+        # Name every distinct substring: sub[e] is the id of the substring under edge e.
+        for bases in _Hashes.BASES:
+            hashes = _Hashes(text, bases)
+            h1, h2 = hashes(g_start, g_end)
+            names, first, sub = np.unique(h1, return_index=True, return_inverse=True)
+            if np.array_equal(h2, h2[first][sub]):
+                break
+        else:  # pragma: no cover - three independent 64-bit clashes
+            raise RuntimeError("substring hashes clashed with every base; please report this")
+        del h1, h2
+        n_sub = len(names)
         sub_count = np.bincount(sub, weights=self.freq[owner], minlength=n_sub)
-        sub_len = np.zeros(n_sub, dtype=np.int64)
-        sub_len[sub] = end - start
+        sub_len = (end - start)[first]
         # Like SentencePiece's suffix-array seeds: a substring always followed by the same
         # character is left to its extension, and pieces stay within one script.
-        grows = np.r_[(start[1:] == start[:-1]) & (end[1:] == end[:-1] + 1), False]
+        grows = np.flatnonzero((owner[1:] == owner[:-1]) & (start[1:] == start[:-1]) & (end[1:] == end[:-1] + 1))
         longest_extension = np.zeros(n_sub)
-        np.maximum.at(longest_extension, sub[grows], sub_count[sub[np.flatnonzero(grows) + 1]])
-        one_script = np.zeros(n_sub, dtype=bool)
-        one_script[sub] = _one_script(self.words, owner, start, end)
+        np.maximum.at(longest_extension, sub[grows], sub_count[sub[grows + 1]])
+        one_script = _one_script(text, g_start[first], g_end[first])
         # Seed: all characters, then the best-scoring longer substrings.
         chars = np.flatnonzero(sub_len == 1)
         longer = np.flatnonzero((sub_len > 1) & (sub_count >= 2) & (longest_extension < sub_count) & one_script)
         score = sub_count * sub_len
         longer = longer[np.lexsort((longer, -score[longer]))][: max(0, seed_size - len(chars))]
         seed = np.concatenate([chars, longer])
-        strings = list(index)
-        self.pieces = [strings[i] for i in seed]
+        seed_start = g_start[first[seed]]
+        self.pieces = [text[a : a + n] for a, n in zip(seed_start.tolist(), sub_len[seed].tolist())]
         self.required = np.zeros(len(seed), dtype=bool)
         self.required[: len(chars)] = True
         self.score = np.log(score[seed]) - np.log(score[seed].sum())
         sub2piece = np.full(n_sub, -1, dtype=np.int64)
         sub2piece[seed] = np.arange(len(seed))
-        keep = sub2piece[sub] >= 0
-        lengths = np.array([len(w) for w in self.words], dtype=np.int64)
-        self.corpus = _Lattice(lengths, owner[keep], start[keep], end[keep], sub2piece[sub][keep])
-        del owner, start, end, sub, keep
+        piece = sub2piece[sub]
+        keep = piece >= 0
+        self.corpus = _Lattice(lengths, owner[keep], start[keep], end[keep], piece[keep])
+        del owner, start, end, sub, piece, keep, g_start, g_end
         # Each piece's own lattice without the piece itself, to find what replaces it if removed.
-        owner, start, end, sub = _spans(self.pieces, index, max_len, whole=False)
-        p = sub2piece[sub]
-        keep = p >= 0
-        lengths = np.array([len(s) for s in self.pieces], dtype=np.int64)
-        self.splits = _Lattice(lengths, owner[keep], start[keep], end[keep], p[keep])
+        owner, start, end = _spans(sub_len[seed], max_len, whole=False)
+        h1, _ = hashes(seed_start[owner] + start, seed_start[owner] + end)
+        by_hash = np.argsort(names[seed])
+        at = np.minimum(np.searchsorted(names[seed][by_hash], h1), len(seed) - 1)
+        keep = names[seed][by_hash][at] == h1  # no clashes among the words' substrings, so exact
+        piece = by_hash[at]
+        self.splits = _Lattice(sub_len[seed], owner[keep], start[keep], end[keep], piece[keep])
         self.alive = np.ones(len(seed), dtype=bool)
 
     def _set_alive(self, alive: np.ndarray) -> None:
