@@ -1,0 +1,81 @@
+"""`lmstack train`: pretrain a model from a TOML config, any field overridden by a flag.
+
+    lmstack train --config shakespeare-char.toml          # a shipped config, by name or path
+    lmstack train --config my.toml --max-steps 200 --model n_layer=4
+    lmstack train --resume runs/shakespeare-char --max-steps 8000
+    torchrun --nproc_per_node 8 -m lmstack.cli train --config gpt2-124m.toml
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from lmstack.errors import InputError
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Config name (file stem) -> path of the TOML files shipped in lmstack/configs."""
+    root = resources.files("lmstack") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def register(sub) -> None:
+    from lmstack.training.config import add_arguments
+
+    names = ", ".join(sorted(shipped_configs()))
+    p = sub.add_parser(
+        "train", help="pretrain a model (GPT, RNN, feed-forward, BERT, T5) on text files",
+        description="Pretrain a model. Settings come from the defaults, then --config, then flags. "
+        "The run directory (--out-dir) gets the resolved config, tokenizer, token shards, metrics.jsonl "
+        f"and checkpoints. Shipped configs: {names}.",
+    )
+    p.add_argument("--config", metavar="FILE", help=f"TOML file, or the name of a shipped config ({names})")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                   "(its saved config, with any flags given here on top)")
+    p.add_argument("--prepare-only", action="store_true", help="tokenize the data into shards, then stop "
+                   "(run once before a multi-process job)")
+    add_arguments(p.add_argument_group("training config (each overrides the --config file)"))
+    p.set_defaults(func=cmd_train)
+
+
+def _config_path(name: str) -> Path:
+    p = Path(name)
+    if p.exists():
+        return p
+    shipped = shipped_configs()
+    if name in shipped:
+        return shipped[name]
+    raise InputError(f"--config {name}: no such file, and not a shipped config ({', '.join(sorted(shipped))})")
+
+
+def cmd_train(args) -> int:
+    from lmstack.training import config as config_mod
+
+    if args.resume and args.config:
+        raise InputError("give --config or --resume, not both (a resumed run keeps its saved config)")
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / config_mod.CONFIG_FILE).exists():
+            raise InputError(f"{run_dir}: no {config_mod.CONFIG_FILE}; is it an lmstack training run directory?")
+        base = config_mod.read_file(run_dir / config_mod.CONFIG_FILE)
+        base["out_dir"] = str(run_dir)
+    else:
+        base = config_mod.read_file(_config_path(args.config)) if args.config else {}
+    cfg = config_mod.resolve(base, args)
+    if args.prepare_only:
+        from lmstack.training.loop import prepare_data
+        from lmstack.training.distributed import Dist
+
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        tok, train, val = prepare_data(cfg, Path(cfg.out_dir), Dist(), resume=False)
+        print(f"prepared {train.num_tokens:,} train and {val.num_tokens:,} val tokens in {train.path} "
+              f"(tokenizer: {tok.kind}, {tok.vocab_size} ids)")
+        return 0
+    from lmstack.training.loop import train
+
+    last = train(cfg, resume=bool(args.resume))
+    if last:
+        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
+        print(f"done: step {last['step']}, {summary}; run dir {cfg.out_dir}")
+    return 0

@@ -1,0 +1,1 @@
+"""Corpora to training batches: reading text/JSONL corpora, token shards, batch makers."""

@@ -1,0 +1,1 @@
+"""Pretraining: objectives, the loop, optimizer and schedules, checkpoints and resume, distributed."""

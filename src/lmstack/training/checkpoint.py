@@ -1,0 +1,160 @@
+"""Training checkpoints: everything needed to resume exactly, without pickle.
+
+`RUN_DIR/checkpoints/step_0000100/` is a model checkpoint directory (`config.json`,
+`model.safetensors`, `tokenizer.json`; `lmstack.models.load` reads it) plus:
+
+- `optimizer.safetensors`: each parameter's optimizer tensors, named `state.<param>.<key>`
+  (AdamW: step, exp_avg, exp_avg_sq), gathered to full tensors under FSDP;
+- `objective.safetensors`: training-only modules (ELECTRA's generator and head), if any;
+- `rng_<rank>.safetensors`: each process's torch (and CUDA) random state;
+- `trainer_state.json`: step, tokens seen, validation loss, optimizer hyper-parameters, fp16
+  loss scale. Written last, so its presence marks a complete checkpoint.
+
+The data position is the step itself: batches are a pure function of (seed, step); see
+`lmstack.data.batches`. A checkpoint is written to a hidden temp directory and renamed into
+place, so an interrupted save never leaves a half-written checkpoint. After each save the
+oldest are deleted, keeping the last `keep_last` and the one with the best validation loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lmstack.errors import CheckpointError
+from lmstack.io import read_json, write_json
+from lmstack.models.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_torch_weights
+from lmstack.training import distributed
+from lmstack.training.distributed import Dist
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+OBJECTIVE_FILE = "objective.safetensors"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists())
+
+
+def latest(run_dir: str | os.PathLike) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint under {CHECKPOINTS}/ to resume from")
+    return found[-1]
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses tensors that share memory (tied weights): keep the first name of each."""
+    seen, unique = set(), {}
+    for k, v in tensors.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr not in seen:
+            seen.add(ptr)
+            unique[k] = v.contiguous()
+    save_file(unique, str(path))
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Module, optimizer,
+         trainer_state: dict, tokenizer, d: Dist, device: torch.device, keep_last: int) -> Path:
+    """Write checkpoint `step` (every rank must call this: FSDP gathers shards collectively)."""
+    model_sd = get_model_state_dict(wrapped, options=_FULL)
+    optim_sd = get_optimizer_state_dict(wrapped, optimizer, options=_FULL)
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier(d)
+    save_file(_rng_state(device), str(tmp / f"rng_{d.rank}.safetensors"))
+    distributed.barrier(d)
+    if d.main:
+        model = objective.model
+        _save_tensors({k[6:]: v for k, v in model_sd.items() if k.startswith("model.")}, tmp / WEIGHTS_FILE)
+        extra = {k: v for k, v in model_sd.items() if not k.startswith("model.")}
+        if extra:
+            _save_tensors(extra, tmp / OBJECTIVE_FILE)
+        write_json(tmp / CONFIG_FILE, {"family": model.family, **dataclasses.asdict(model.config)})
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        optim_tensors = {f"state.{name}.{key}": t for name, st in optim_sd["state"].items() for key, t in st.items()}
+        save_file({k: v.contiguous() for k, v in optim_tensors.items()}, str(tmp / OPTIMIZER_FILE))
+        groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim_sd["param_groups"]]
+        write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": d.world, "param_groups": groups})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(run_dir, keep_last)
+    distributed.barrier(d)
+    return final
+
+
+def prune(run_dir, keep_last: int) -> None:
+    found = list_checkpoints(run_dir)
+    scored = [(read_json(p / STATE_FILE).get("val_loss"), p) for p in found]
+    scored = [(v, p) for v, p in scored if v is not None]
+    keep = set(found[-keep_last:])
+    if scored:
+        keep.add(min(scored, key=lambda vp: vp[0])[1])
+    for p in found:
+        if p not in keep:
+            shutil.rmtree(p)
+
+
+def load_weights(ckpt: Path, objective: torch.nn.Module) -> dict:
+    """Before wrapping: the model (and training-only modules) from `ckpt`; returns trainer state."""
+    state = read_json(ckpt / STATE_FILE, "trainer state")
+    load_torch_weights(objective.model, ckpt)
+    if (ckpt / OBJECTIVE_FILE).exists():
+        missing, unexpected = objective.load_state_dict(load_file(str(ckpt / OBJECTIVE_FILE)), strict=False)
+        if unexpected or any(not k.startswith("model.") for k in missing):
+            raise CheckpointError(f"{ckpt / OBJECTIVE_FILE}: does not match this objective's modules; was the objective changed?")
+    return state
+
+
+def load_optimizer(ckpt: Path, wrapped: torch.nn.Module, optimizer, state: dict) -> None:
+    """After wrapping and building the optimizer: its state from `ckpt` (resharded under FSDP)."""
+    tensors = load_file(str(ckpt / OPTIMIZER_FILE))
+    per_param: dict[str, dict] = {}
+    for k, v in tensors.items():
+        name, key = k[len("state."):].rsplit(".", 1)
+        per_param.setdefault(name, {})[key] = v
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["param_groups"]]
+    set_optimizer_state_dict(wrapped, optimizer, {"state": per_param, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_rng(ckpt: Path, d: Dist, device: torch.device) -> None:
+    f = ckpt / f"rng_{d.rank}.safetensors"
+    if not f.exists():
+        f = ckpt / "rng_0.safetensors"  # resumed on more processes than saved: seed the rest alike
+    state = load_file(str(f))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,185 @@
+"""The training configuration: one dataclass, filled from defaults, then a TOML file, then flags.
+
+Every field is a command-line flag (`block_size` -> `--block-size`), generated from the dataclass
+so the two never drift apart. `model` is a table of overrides for the model family's own config
+(`[model]` in TOML, `--model n_layer=6` on the command line). TOML has no null, so "unset"
+is written 0 or "" and documented per field. The run directory keeps the resolved config as
+`train_config.json`, which `--resume` reads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmstack.errors import InputError
+from lmstack.io import check_readable, read_json, write_json
+
+CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    # --- run
+    out_dir: str = "runs/lmstack"  # run directory: config, metrics, checkpoints, shards
+    seed: int = 1337
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model
+    # --- data
+    data: list[str] = field(default_factory=list)  # text files, directories, JSONL files, or a prepared shard directory
+    text_field: str = "text"  # JSONL: the field holding each document
+    val_fraction: float = 0.1  # last fraction of the corpus (by bytes) kept for validation
+    data_dir: str = ""  # where shards go; "" = OUT_DIR/data
+    tokenizer: str = "char"  # a tokenizer directory or .json, or a kind (char, word, bpe, unigram) to train on the data
+    vocab_size: int = 0  # when training a tokenizer; 0 = the kind's default
+    # --- model
+    family: str = "gpt"  # gpt | rnn | ffn | bert | t5
+    preset: str = ""  # a named size of the family (e.g. tiny, gpt2-124m, zaremba-medium); "" = the config defaults
+    model: dict = field(default_factory=dict)  # overrides of the family's config fields
+    # --- objective
+    objective: str = "clm"  # clm | mlm | nsp | span | rtd
+    block_size: int = 256  # tokens per training sequence
+    mlm_probability: float = 0.15
+    noise_density: float = 0.15  # span corruption: fraction of tokens corrupted
+    mean_span: float = 3.0  # span corruption: mean span length
+    generator: dict = field(default_factory=dict)  # rtd: overrides for the generator (default: a quarter of the width)
+    rtd_weight: float = 50.0  # rtd: weight of the discriminator loss (ELECTRA's lambda)
+    # --- batch
+    batch_size: int = 16  # sequences per micro-batch on each process: lower it on out-of-memory
+    tokens_per_step: int = 0  # tokens per optimizer step, all processes; reached by gradient accumulation. 0 = one micro-batch
+    max_steps: int = 1000
+    # --- optimizer and schedule
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 100
+    decay_steps: int = 0  # the schedule's length in steps; 0 = max_steps
+    wsd_decay_fraction: float = 0.2  # wsd: last fraction of the schedule spent decaying linearly to min_lr
+    weight_decay: float = 0.1  # applied to matrices and embeddings, never to biases and norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
+    skip_nonfinite: bool = False  # on a NaN/inf loss skip the step instead of stopping
+    # --- evaluation and logging
+    eval_interval: int = 200  # validate every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 20
+    sample_interval: int = 0  # print a sample every N steps (clm only); 0 = never
+    sample_tokens: int = 200
+    tensorboard: bool = False  # also write TensorBoard events to OUT_DIR/tb (needs the tensorboard package)
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up known GPUs, else MFU is null
+    # --- checkpoints
+    ckpt_interval: int = 500  # save every N steps (and at the end); 0 = only at the end
+    keep_last: int = 2  # checkpoints kept besides the best one
+    # --- distributed (under torchrun)
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+
+    def __post_init__(self):
+        checks = [
+            (self.objective in ("clm", "mlm", "nsp", "span", "rtd"), "objective must be clm, mlm, nsp, span or rtd"),
+            (self.schedule in ("cosine", "wsd", "constant"), "schedule must be cosine, wsd or constant"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
+            (self.parallel in ("ddp", "fsdp"), "parallel must be ddp or fsdp"),
+            (self.block_size > 0 and self.batch_size > 0 and self.max_steps > 0, "block_size, batch_size and max_steps must be positive"),
+            (self.tokens_per_step >= 0, "tokens_per_step must be >= 0"),
+            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
+            (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
+            (self.warmup_steps >= 0 and self.decay_steps >= 0, "warmup_steps and decay_steps must be >= 0"),
+            (0 < self.wsd_decay_fraction <= 1, "wsd_decay_fraction must be in (0, 1]"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(f"invalid training config: {message}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list, "dict": dict}
+
+
+def _parse_value(text: str):
+    """A flag value as TOML would read it (6 -> int, 1e-3 -> float, true -> bool), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _key_values(items: list[str], flag: str) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"{flag} takes KEY=VALUE (e.g. {flag} n_layer=6), got {item!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field. Defaults are left unset (None) so that only flags the user gave
+    override the TOML file; the help shows the dataclass default."""
+    defaults = TrainConfig()
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        comment = f"(default: {default!r})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=comment)
+        elif f.type == "list[str]":
+            parser.add_argument(flag, nargs="+", default=None, metavar="PATH", help=comment)
+        elif f.type == "dict":
+            parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE",
+                                help=f"override one field of the {name} config (repeatable)")
+        else:
+            typ = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=typ, default=None, metavar=name.upper(), help=comment)
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """A TOML config file, or a run's saved train_config.json, as a dict of known fields."""
+    p = check_readable(path)
+    if p.suffix == ".json":
+        values = read_json(p, "training config")
+    else:
+        try:
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{p}: not valid TOML ({e}); fix the file") from None
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise InputError(f"{p}: unknown training config fields {unknown}; see `lmstack train --help` for the fields")
+    return values
+
+
+def resolve(base: dict, args: argparse.Namespace | None = None) -> TrainConfig:
+    """`base` (from a file) with the flags given in `args` on top."""
+    values = dict(base)
+    for name, f in FIELDS.items():
+        given = getattr(args, name, None) if args is not None else None
+        if given is None:
+            continue
+        if f.type == "dict":
+            values[name] = {**values.get(name, {}), **_key_values(given, "--" + name)}
+        else:
+            values[name] = given
+    for name, value in values.items():
+        expected = _TYPES[FIELDS[name].type]
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise InputError(f"training config field {name!r} must be {FIELDS[name].type}, got {value!r}")
+    if isinstance(values.get("data"), list) and not all(isinstance(d, str) for d in values["data"]):
+        raise InputError("training config field 'data' must be a list of paths")
+    return TrainConfig(**values)
+
+
+def save(cfg: TrainConfig, run_dir: str | os.PathLike) -> Path:
+    path = Path(run_dir) / CONFIG_FILE
+    write_json(path, cfg.to_dict())
+    return path
