@@ -58,6 +58,7 @@ CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 # Ids 0-255: the bytes ordered by their byte-level character (GPT-2's order, and HF's).
 BYTE_ORDER = sorted(range(256), key=lambda b: ord(BYTE_TO_CHAR[b]))
 _BYTE_TO_ID = bytes(BYTE_ORDER.index(b) for b in range(256))  # a bytes.translate table
+_SINGLE_BYTES = [bytes([b]) for b in range(256)]
 
 
 def to_bytelevel(b: bytes) -> str:
@@ -188,19 +189,20 @@ class BPETokenizer(Tokenizer):
         whole = ranks.get(piece)
         if whole is not None:
             return [whole]
-        parts = [piece[i : i + 1] for i in range(len(piece))]
+        parts = list(map(_SINGLE_BYTES.__getitem__, piece))
         none = len(self.tokens)  # ranks are < this
-        pair_ranks = [ranks.get(parts[i] + parts[i + 1], none) for i in range(len(parts) - 1)]
+        pair_ranks = [ranks.get(piece[i : i + 2], none) for i in range(len(piece) - 1)]
         while pair_ranks:
             best = min(pair_ranks)
             if best == none:
                 break
             i = pair_ranks.index(best)
-            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            parts[i] += parts[i + 1]
+            del parts[i + 1]
             del pair_ranks[i]
             if i < len(pair_ranks):
                 pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], none)
-            if i > 0:
+            if i:
                 pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], none)
         return [ranks[p] for p in parts]
 
