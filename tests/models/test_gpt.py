@@ -193,3 +193,11 @@ def test_reorder_follows_beams():
     _, got = model.step(model.reorder(state, index), nxt)
     _, want = model.start(torch.cat([x[index], nxt[:, None]], 1))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_memory_follows_the_tokens_not_the_context():
+    model = GPT(GPTConfig.preset("tiny-llama", vocab_size=V, block_size=4096)).eval()
+    state, _ = model.start(torch.zeros(2, 5, dtype=torch.long))
+    for _ in range(20):
+        state, _ = model.step(state, torch.zeros(2, dtype=torch.long))
+    assert 25 <= state.k[0].shape[2] <= 50  # at most double what 25 tokens need, far below 4096

@@ -153,9 +153,10 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer, [B, n_kv_head, block_size, head_dim] each, preallocated,
-    plus `pos`, the number of positions filled. `GPT.start` makes one; `step` and `extend` fill
-    it in place."""
+    """Keys and values of every layer, [B, n_kv_head, capacity, head_dim] each, plus `pos`, the
+    number of positions filled. Capacity doubles when full, so memory follows the tokens actually
+    decoded rather than the context limit (128k for Llama 3.1). `GPT.start` makes one; `step`
+    and `extend` fill it in place."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -163,14 +164,18 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: GPTConfig, batch: int, device, dtype) -> "KVCache":
-        shape = (batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        shape = (batch, cfg.n_kv_head, 0, cfg.head_dim)
         return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv"))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v at `pos`; return the keys and values of the whole prefix."""
         end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos : end] = k
-        self.v[layer][:, :, self.pos : end] = v
+        for store, new in ((self.k, k), (self.v, v)):
+            if end > store[layer].shape[2]:
+                old = store[layer]
+                store[layer] = old.new_zeros(*old.shape[:2], max(end, 2 * old.shape[2]), old.shape[3])
+                store[layer][:, :, : self.pos] = old[:, :, : self.pos]
+            store[layer][:, :, self.pos : end] = new
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
