@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lmstack.errors import FormatError, InputError
 from lmstack.tokenizers import EOT, load_tokenizer
-from lmstack.tokenizers.unigram import N_BYTES, UnigramTokenizer, _Lattice, split_words
+from lmstack.tokenizers.unigram import MAX_TRAIN_WORD, N_BYTES, UnigramTokenizer, _Lattice, split_words
 
 # Pieces of text that break naive tokenizers: CJK, emoji (with modifiers and ZWJ), combining
 # marks, control characters, whitespace runs of every kind, SentencePiece's own meta symbol.
@@ -148,6 +148,14 @@ def test_vocab_size_smaller_than_alphabet_is_an_error():
     with pytest.raises(InputError, match="smaller than the alphabet.*use at least 261"):
         UnigramTokenizer.train(["abc cab"], vocab_size=260, special_tokens=(EOT,))
     assert UnigramTokenizer.train(["abc cab"], vocab_size=261, special_tokens=(EOT,)).vocab_size == 261
+
+
+def test_words_longer_than_the_training_limit_still_train_and_roundtrip():
+    text = "ab" * (MAX_TRAIN_WORD + 7) + " ab\n"
+    tok = UnigramTokenizer.train([text], vocab_size=300, special_tokens=())
+    assert "abababababababab" in tok.pieces
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) < len(text) / 10
 
 
 def test_empty_corpus_is_an_error():

@@ -240,7 +240,8 @@ def _spans(lengths: np.ndarray, max_len: int, whole: bool = True):
         i = np.repeat(np.arange(n), per)
         j = i + 1 + np.arange(len(i)) - np.repeat(np.cumsum(per) - per, per)
         if not whole:
-            i, j = i[(i > 0) | (j < n)], j[(i > 0) | (j < n)]
+            part = (i > 0) | (j < n)
+            i, j = i[part], j[part]
         owner.append(np.repeat(of, len(i)))
         start.append(np.tile(i.astype(np.int32), len(of)))
         end.append(np.tile(j.astype(np.int32), len(of)))
@@ -410,11 +411,10 @@ class _Trainer:
     """SentencePiece's Unigram trainer over a table of unique words.
 
     Seed pieces are the substrings of up to `max_len` characters seen at least twice, ranked by
-    count * length (every character is kept, so the alphabet never shrinks); as with
-    SentencePiece's suffix array, only substrings followed by more than one character qualify. Each round runs EM
-    (with SentencePiece's Bayesian M-step, digamma(count) - digamma(total), which favours frequent
-    pieces) and then keeps the pieces whose removal would lose the most likelihood, where a removed
-    piece's Viterbi count moves to its best split into other pieces.
+    count * length; every character is kept, so the alphabet never shrinks. Each round runs EM
+    (with SentencePiece's Bayesian M-step, digamma(count) - digamma(total), which favours
+    frequent pieces) and then keeps the pieces whose removal would lose the most likelihood,
+    where a removed piece's Viterbi count moves to its best split into other pieces.
     """
 
     MIN_EXPECTED = 0.5  # pieces expected fewer times than this drop out (SentencePiece's threshold)
