@@ -288,3 +288,11 @@ def test_kenlm_reads_our_arpa_and_scores_as_we_do(ts_split, tmp_path):
             ours = model.token_logprobs(ids)[0] / math.log(10)
             theirs = [s[0] for s in ref.full_scores(line)]
             assert ours.tolist() == pytest.approx(theirs, abs=2e-5), line
+
+
+def test_out_of_range_ids_and_literal_markers():
+    model = NGramLM.train_texts(["a b", "b a"], order=2, discount_fallback=True)
+    with pytest.raises(InputError, match="token ids must lie in"):
+        model.token_logprobs(torch.tensor([[BOS_ID, model.vocab_size]]))
+    # a literal <s> or </s> inside a line is an unknown word, not a sentence marker
+    assert model.encode("a </s> <s>") == [model.word_ids["a"], UNK_ID, UNK_ID]
