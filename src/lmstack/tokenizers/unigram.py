@@ -58,6 +58,7 @@ class UnigramTokenizer(Tokenizer):
         if len(self._table) != len(self.pieces):
             raise ValueError("duplicate pieces")
         self._max_len = max(map(len, self.pieces))
+        self._prefixes = {p[:k] for p in self.pieces for k in range(1, len(p) + 1)}
         self._unk_score = min(self.scores) - UNK_PENALTY
         self._bytes = [bytes([b]) for b in range(N_BYTES)] + [p.encode("utf-8") for p in self.pieces]
         self._cache: dict[str, list[int]] = {}
@@ -71,17 +72,18 @@ class UnigramTokenizer(Tokenizer):
         """For each end position 1..n, the pieces (start, id, score) that end there; id -1 is an
         unknown character, spelled in bytes. Starts ascend, so ties go to the longest piece,
         as in SentencePiece."""
-        table, max_len, n = self._table, self._max_len, len(word)
-        ends: list[list[tuple[int, int, float]]] = [[]]
-        for end in range(1, n + 1):
-            here = []
-            for start in range(max(0, end - max_len), end):
-                hit = table.get(word[start:end])
+        table, prefixes, n = self._table, self._prefixes, len(word)
+        ends: list[list[tuple[int, int, float]]] = [[] for _ in range(n + 1)]
+        for start in range(n):
+            if word[start] not in table:
+                ends[start + 1].append((start, -1, self._unk_score))
+            for end in range(start + 1, min(n, start + self._max_len) + 1):
+                sub = word[start:end]
+                if sub not in prefixes:
+                    break
+                hit = table.get(sub)
                 if hit is not None:
-                    here.append((start, hit[0], hit[1]))
-            if word[end - 1] not in table:
-                here.append((end - 1, -1, self._unk_score))
-            ends.append(here)
+                    ends[end].append((start, hit[0], hit[1]))
         return ends
 
     def _ids(self, word: str, path: list[tuple[int, int]]) -> list[int]:
