@@ -6,9 +6,13 @@ matches lmplz's entry by entry, and an ARPA file read here scores exactly as Ken
 
 Every n-gram of order n is stored as one int64 key, (index of its (n-1)-word prefix in the
 order n-1 table) * V + (id of its last word), in a sorted array per order; the unigram table
-is the vocabulary itself. So counting is a `np.unique` over packed keys per order, and looking
-up the n-grams ending at every position of a batch is one `np.searchsorted` per order. No
-Python dict per n-gram anywhere.
+is the vocabulary itself. So counting is one sort of packed keys per order, and looking up
+the n-grams ending at every position of a batch is one `np.searchsorted` per order. No Python
+dict per n-gram anywhere.
+
+One deliberate difference from lmplz and query: a last line without a trailing newline is
+still a sentence with its `</s>` (KenLM drops that `</s>` when training and the whole line's
+score when querying).
 
 Vocabulary ids: 0 `<unk>`, 1 `<s>`, 2 `</s>`, then the words. `<s>` is only ever context, so
 the next-token distribution gives it probability 0 and sums to 1 over the other ids.
@@ -161,7 +165,7 @@ def count_ngrams(stream: np.ndarray, V: int, order: int) -> list[_Counts]:
     """Counts of every n-gram of orders 1..order that lies inside one sentence of `stream`.
 
     Per order: pack (index of the prefix n-gram at position i, word at i+n-1) into an int64,
-    `np.unique` it, and keep each position's n-gram index for the next order."""
+    group equal keys, and keep each position's n-gram index for the next order."""
     T = len(stream)
     if T >= 2**31:
         raise InputError(f"the corpus has {T} tokens; lmstack counts up to 2^31 - 1, so split it")
