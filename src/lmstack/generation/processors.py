@@ -13,19 +13,20 @@ import torch
 from lmstack.generation.config import GenerationConfig
 
 
-def filter_logits(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """[B, V] logits (already divided by the temperature) with the tokens outside each row's
-    top-k, then top-p, then min-p set to -inf; the most likely token always survives.
-    `top_k` [B, 1] holds V where it is off, `top_p` 1 and `min_p` 0 where they are off."""
-    sorted_x, order = x.sort(dim=-1, descending=True)
-    rank = torch.arange(x.shape[-1], device=x.device)
-    drop = rank >= top_k
-    probs = sorted_x.masked_fill(drop, float("-inf")).softmax(-1)  # renormalised over the top k
+def top_candidates(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
+    """The tokens each row may still sample after top-k, then top-p, then min-p, best first:
+    (logits [B, K] with -inf where a token is dropped, their token ids [B, K]). `x` is [B, V]
+    logits already divided by the temperature; `top_k` [B, 1] holds V where it is off, `top_p` 1
+    and `min_p` 0. K is the largest top_k, so top-k sampling never sorts the whole vocabulary. The
+    most likely token always survives."""
+    values, ids = x.topk(int(top_k.max()), dim=-1)
+    drop = torch.arange(values.shape[-1], device=x.device) >= top_k
+    probs = values.masked_fill(drop, float("-inf")).softmax(-1)  # renormalised over the top k
     mass_before = probs.cumsum(-1) - probs
     drop |= (mass_before >= top_p) & (top_p < 1)  # the nucleus already holds top_p without this token
     drop |= probs < min_p * probs[:, :1]
     drop[:, 0] = False
-    return x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+    return values.masked_fill(drop, float("-inf")), ids
 
 
 class Sampler:
@@ -67,20 +68,21 @@ class Sampler:
             x = x - self.counts * self.frequency - (self.counts > 0) * self.presence
         return x
 
-    def logits(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """The transformed distribution every sampled row draws from, as [B, V] logits."""
-        x = self.penalise(logprobs) / self.temperature
-        return filter_logits(x, self.top_k, self.top_p, self.min_p) if self.filtering else x
-
     def choose(self, logprobs: torch.Tensor, rows: list[int]) -> dict[int, int]:
         """Next token of each row in `rows`, given the model's [B, V] log-probs for all rows."""
+        x = self.penalise(logprobs)
+        picks = x.argmax(-1).tolist()  # what the greedy rows take
         sampled = [r for r in rows if not self.greedy[r]]
-        x = self.logits(logprobs) if sampled else self.penalise(logprobs)
-        picks = x.argmax(-1).tolist()
         if sampled:
+            index = torch.tensor(sampled, device=x.device)
+            x = x[index] / self.temperature[index]
+            ids = None
+            if self.filtering:
+                x, ids = top_candidates(x, self.top_k[index], self.top_p[index], self.min_p[index])
             probs = x.softmax(-1)
-            for r in sampled:
-                picks[r] = int(torch.multinomial(probs[r], 1, generator=self.generators[r]))
+            for j, r in enumerate(sampled):
+                k = int(torch.multinomial(probs[j], 1, generator=self.generators[r]))
+                picks[r] = int(ids[j, k]) if ids is not None else k
         return {r: picks[r] for r in rows}
 
     def observe(self, chosen: dict[int, int]) -> None:

@@ -1,0 +1,99 @@
+"""Decode speed of lmstack's generation engine beside `transformers` `generate`, same weights, same process.
+
+    python benchmarks/generation.py [--depth 4] [--vocab 8192] [--batch 1 8] [--new-tokens 64] [--threads 1]
+
+A random GPT-2-architecture `transformers` model is saved and imported into lmstack (`from_hf`), so
+both compute the same function. For each batch size, prompts of 16 tokens are decoded greedily for
+--new-tokens tokens (no end-of-text, so every row runs to the end): lmstack's
+`generate_tokens(temperature=0)` against `GPT2LMHeadModel.generate(do_sample=False)`, and the same
+pair for top-k/top-p sampling. Prints decode tokens/s (new tokens of the whole batch, prompt
+included in the time) as the median of --repeats runs, and the ratio lmstack / transformers
+(> 1: lmstack faster); it also checks that both greedy outputs agree. Timings on a shared CPU are
+noisy: the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+# benchmarks/tokenizers.py would shadow the `tokenizers` package that transformers imports.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=4, help="layers; width 64·depth, heads of 64 (default: 4)")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    from lmstack.generation import GenerationConfig, generate_tokens
+    from lmstack.models.hf import from_hf
+
+    transformers.logging.set_verbosity_error()
+    d = args.depth
+    cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=512, n_embd=64 * d, n_layer=d, n_head=d)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval().to(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        model, _ = from_hf(tmp)
+    model.to(args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, device "
+          f"{args.device}, load {os.getloadavg()[0]:.1f}; GPT-2 arch, {d} layers x {64 * d} wide, vocab {args.vocab}, "
+          f"{n_params / 1e6:.1f}M params; prompt {args.prompt_tokens} + {args.new_tokens} new tokens")
+    print(f"{'mode':>8} {'batch':>5} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    n = args.new_tokens
+    modes = {
+        "greedy": (GenerationConfig(max_new_tokens=n, temperature=0), dict(do_sample=False)),
+        "top-p": (GenerationConfig(max_new_tokens=n, top_k=50, top_p=0.9, seed=0),
+                  dict(do_sample=True, top_k=50, top_p=0.9)),
+    }
+    for batch in args.batch:
+        prompts = torch.randint(0, args.vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
+        ids = prompts.to(args.device)
+        mask = torch.ones_like(ids)
+        for mode, (ours_cfg, hf_kw) in modes.items():
+            def ours():
+                return generate_tokens(model, prompts.tolist(), ours_cfg)
+
+            def theirs():
+                with torch.no_grad():
+                    return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **hf_kw)
+
+            if mode == "greedy":
+                agree = [g.tokens for g in ours()] == theirs()[:, args.prompt_tokens :].tolist()
+                if not agree:
+                    print("  warning: greedy outputs differ (near-tie logits?)")
+            t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
+            tokens = batch * n
+            print(f"{mode:>8} {batch:>5} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} {t_theirs / t_ours:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
