@@ -345,7 +345,8 @@ def learn_merges(chunk_counts: dict[str, int], n_tokens: int, min_frequency: int
 # Text is cut only between a letter and a following non-letter. Every match of the GPT-2 and
 # GPT-4 patterns that covers that letter ends right there, and neither pattern looks back, so
 # a cut text pre-tokenizes exactly like the whole: results do not depend on block size or on
-# the number of workers.
+# the number of workers. (A custom pattern whose matches run on past a letter could differ
+# slightly at the cuts.)
 _CUT = regex.compile(r"(?r)\p{L}(?=\P{L})")
 _FIRST_CUT = regex.compile(r"\p{L}(?=\P{L})")
 
