@@ -190,7 +190,7 @@ class UnigramTokenizer(Tokenizer):
         specials. Deterministic: the same texts give the same tokenizer."""
         vocab_size = 8192 if vocab_size is None else vocab_size
         words: Counter[str] = Counter()
-        for t in texts:
+        for t in progress(texts, desc="counting words", unit="chunk"):
             words.update(split_words(t))
         for w in [w for w in words if len(w) > MAX_TRAIN_WORD]:
             n = words.pop(w)
@@ -477,16 +477,19 @@ class _Trainer:
         self.alive = np.ones(len(seed), dtype=bool)
 
     def _set_alive(self, alive: np.ndarray) -> None:
+        """Dead pieces score -inf, so their edges carry no weight; the lattice drops those edges
+        when that saves real work."""
+        if alive.sum() < 0.9 * self.alive.sum():
+            self.corpus.restrict(alive)
         self.alive = alive
         self.score = np.where(alive, self.score, -np.inf)
-        self.corpus.restrict(alive)
 
     def em_step(self) -> float:
         expected, loglik = self.corpus.forward_backward(self.score, self.freq)
         expected = np.where(self.required, np.maximum(expected, self.MIN_EXPECTED), expected)
         alive = self.alive & (expected >= self.MIN_EXPECTED)
-        self.score = np.where(alive, _digamma(np.maximum(expected, self.MIN_EXPECTED)) - _digamma(expected[alive].sum()), -np.inf)
-        self.alive = alive  # dead pieces score -inf, so their edges carry no weight
+        self.score = _digamma(np.maximum(expected, self.MIN_EXPECTED)) - _digamma(expected[alive].sum())
+        self._set_alive(alive)
         return loglik / self.freq.sum()
 
     def prune(self, target: int) -> None:
