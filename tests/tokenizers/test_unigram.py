@@ -171,9 +171,13 @@ def test_words_longer_than_the_training_limit_still_train_and_roundtrip():
     assert len(tok.encode(text)) < len(text) / 10
 
 
-def test_empty_corpus_is_an_error():
+def test_empty_corpus_and_bad_options_are_errors(tok):
     with pytest.raises(InputError, match="no text"):
         UnigramTokenizer.train([""], vocab_size=1000)
+    with pytest.raises(InputError, match="shrinking_factor"):
+        UnigramTokenizer.train(["abc"], vocab_size=1000, shrinking_factor=1.0)
+    with pytest.raises(InputError, match="alpha must be positive"):
+        tok.sample_encode("abc", alpha=0)
 
 
 def test_save_load_roundtrip(tmp_path, tok):

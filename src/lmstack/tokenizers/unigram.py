@@ -126,9 +126,10 @@ class UnigramTokenizer(Tokenizer):
         return ids
 
     def sample_encode(self, text: str, alpha: float = 0.1, seed: int | random.Random | None = None) -> list[int]:
-        """One segmentation drawn with probability proportional to P(segmentation)**alpha
-        (forward filtering, backward sampling), for subword regularisation. Small alpha gives
-        varied segmentations, large alpha approaches Viterbi; every draw decodes to `text`."""
+        """One segmentation of plain text, drawn with probability proportional to
+        P(segmentation)**alpha (forward filtering, backward sampling), for subword
+        regularisation. Small alpha gives varied segmentations, large alpha approaches Viterbi;
+        every draw decodes to `text`."""
         if not alpha > 0:
             raise InputError(f"alpha must be positive, got {alpha}")
         rng = seed if isinstance(seed, random.Random) else random.Random(seed)
@@ -189,6 +190,11 @@ class UnigramTokenizer(Tokenizer):
         """Learn pieces so that `vocab_size` counts the 256 byte pieces, the pieces and the
         specials. Deterministic: the same texts give the same tokenizer."""
         vocab_size = 8192 if vocab_size is None else vocab_size
+        if not 0 < shrinking_factor < 1 or em_iterations < 1 or not 1 <= max_piece_len <= MAX_TRAIN_WORD:
+            raise InputError(
+                f"need 0 < shrinking_factor < 1, em_iterations >= 1 and 1 <= max_piece_len <= {MAX_TRAIN_WORD}; "
+                f"got {shrinking_factor}, {em_iterations}, {max_piece_len}"
+            )
         words: Counter[str] = Counter()
         for t in progress(texts, desc="counting words", unit="chunk"):
             words.update(split_words(t))
