@@ -1,6 +1,8 @@
 import json
+from collections import Counter
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -8,7 +10,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from lmstack.errors import FormatError, InputError
 from lmstack.tokenizers import EOT, load_tokenizer
 from lmstack.tokenizers import bpe as bpe_module
-from lmstack.tokenizers.bpe import PATTERNS, BPETokenizer, to_bytelevel
+from lmstack.tokenizers.bpe import PATTERNS, BPETokenizer, count_file_chunks, to_bytelevel
 
 CORPORA = {"shakespeare": "tinyshakespeare.txt", "tang": "zh_tang_poems.txt"}
 
@@ -101,6 +103,24 @@ def test_special_tokens_only_when_allowed(trained):
     allowed = tok.encode(text, allowed_special={EOT})
     assert allowed.count(eot) == 1
     assert tok.decode(allowed) == tok.decode(tok.encode(text)) == text
+
+
+TRICKY = "Thou art 世界。\n\n  \n'tis 12345 e\u0301 \t\r\nend  \nHe'll 😀!\n\n\nx" * 500
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_streamed_counts_equal_whole_text_counts(tmp_path, texts, monkeypatch, pattern):
+    """Blocks and byte ranges are cut only where pre-tokenization cannot notice."""
+    docs = [texts["shakespeare"][:50_000], texts["tang"][:20_000], TRICKY]
+    paths = []
+    for i, doc in enumerate(docs):
+        paths.append(tmp_path / f"{i}.txt")
+        paths[-1].write_text(doc, encoding="utf-8")
+    split = regex.compile(PATTERNS[pattern]).findall
+    expected = Counter(chunk for doc in docs for chunk in split(doc))
+    monkeypatch.setattr(bpe_module, "_BLOCK", 1000)  # many blocks and byte ranges per file
+    assert count_file_chunks(paths, PATTERNS[pattern], workers=1) == expected
+    assert count_file_chunks(paths, PATTERNS[pattern], workers=3) == expected
 
 
 def test_training_is_deterministic_and_files_match_texts(tmp_path, shared, texts, monkeypatch):

@@ -136,18 +136,7 @@ class BPETokenizer(Tokenizer):
         distinct chunks. Gives the same tokenizer as `train` on the files' whole texts."""
         pat = resolve_pattern(pattern)
         vocab_size = _check_vocab_size(vocab_size, special_tokens)
-        paths = [check_readable(p) for p in paths]
-        for p in paths:
-            if p.stat().st_size == 0:
-                raise InputError(f"{p}: file is empty; pass a file with some text")
-        workers = max(1, workers or os.cpu_count() or 1)
-        jobs = [(str(p), start, end, pat) for p in paths for start, end in _file_ranges(p, workers)]
-        counts: Counter[str] = Counter()
-        total = sum(end - start for _, start, end, _ in jobs)
-        with progress(total=total, desc="counting chunks", unit="B", unit_scale=True) as bar:
-            for part, n_bytes in _map(_count_range, jobs, workers):
-                counts.update(part)
-                bar.update(n_bytes)
+        counts = count_file_chunks(paths, pat, workers)
         return cls._from_counts(counts, vocab_size, special_tokens, pat, min_frequency)
 
     @classmethod
@@ -369,6 +358,23 @@ def _file_ranges(path: Path, workers: int) -> list[tuple[int, int]]:
                 continue
             starts.append(f.tell() - len(window) + lead + len(text[: m.end()].encode("utf-8")))
     return [(s, e) for s, e in zip(starts, starts[1:] + [size]) if e > s]
+
+
+def count_file_chunks(paths: Iterable[str | os.PathLike], pattern: str, workers: int | None = None) -> Counter[str]:
+    """How often each pre-tokenized chunk occurs in the files (each file pre-tokenized as one
+    text), counted by `workers` processes (default: every core) over byte ranges read in blocks."""
+    paths = [check_readable(p) for p in paths]
+    for p in paths:
+        if p.stat().st_size == 0:
+            raise InputError(f"{p}: file is empty; pass a file with some text")
+    workers = max(1, workers or os.cpu_count() or 1)
+    jobs = [(str(p), start, end, pattern) for p in paths for start, end in _file_ranges(p, workers)]
+    counts: Counter[str] = Counter()
+    with progress(total=sum(p.stat().st_size for p in paths), desc="counting chunks", unit="B", unit_scale=True) as bar:
+        for part, n_bytes in _map(_count_range, jobs, workers):
+            counts.update(part)
+            bar.update(n_bytes)
+    return counts
 
 
 def _map(fn, jobs: list, workers: int):
