@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from lmstack.generation.engine import model_device
 from lmstack.models.base import LanguageModel
 
 
@@ -62,6 +63,7 @@ def perplexity(
     res = PerplexityResult(lines=0, tokens=0, oovs=0, bytes=0, log10_prob=0.0, log10_prob_oovs=0.0)
     batch: list[list[int]] = []
     width = 0
+    device = model_device(model)
 
     def flush():
         nonlocal batch, width
@@ -70,7 +72,8 @@ def perplexity(
         rows = torch.full((len(batch), width), eos, dtype=torch.long)
         for i, seq in enumerate(batch):
             rows[i, : len(seq)] = torch.as_tensor(seq)
-        lp = model.token_logprobs(rows).double().cpu().numpy() / math.log(10.0)
+        with torch.no_grad():
+            lp = model.token_logprobs(rows.to(device)).double().cpu().numpy() / math.log(10.0)
         target = rows[:, 1:].numpy()
         lengths = np.array([len(s) - 1 for s in batch])
         real = np.arange(width - 1)[None, :] < lengths[:, None]
