@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def cmd_train(args) -> int:
     from lmstack.training.loop import train
 
     last = train(cfg, resume=bool(args.resume))
-    if last:
+    if last and os.environ.get("RANK", "0") == "0":
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
         print(f"done: step {last['step']}, {summary}; run dir {cfg.out_dir}")
     return 0

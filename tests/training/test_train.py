@@ -1,0 +1,158 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lmstack.cli import main
+from lmstack.cli.train import shipped_configs
+from lmstack.errors import InputError
+from lmstack.models import load
+from lmstack.training import checkpoint
+from lmstack.training.config import TrainConfig
+from lmstack.training.loop import DivergenceError, train
+from lmstack.training.metrics import read_metrics
+
+TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 32}
+
+
+@pytest.fixture(scope="module")
+def small_text(shared, tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text((shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30_000])
+    return path
+
+
+def tiny(small_text, out, **kw):
+    base = dict(out_dir=str(out), data=[str(small_text)], block_size=32, batch_size=4, max_steps=6,
+                warmup_steps=2, eval_interval=0, eval_batches=2, ckpt_interval=0, model=dict(TINY_GPT))
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(small_text, tmp_path):
+    # dropout and gradient accumulation on, so RNG state and micro-batch positions must resume exactly
+    kw = dict(model={**TINY_GPT, "dropout": 0.2}, tokens_per_step=8 * 32, decay_steps=20)
+    train(tiny(small_text, tmp_path / "a", max_steps=20, **kw))
+    train(tiny(small_text, tmp_path / "b", max_steps=10, **kw))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "b")] == ["step_0000010"]
+    train(tiny(small_text, tmp_path / "b", max_steps=20, **kw), resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 20
+    assert a == b  # bit for bit
+    assert a[-1] < a[0]
+
+
+def test_metrics_validation_and_checkpoints(small_text, tmp_path):
+    last = train(tiny(small_text, tmp_path, max_steps=8, eval_interval=2, ckpt_interval=2, keep_last=1, peak_flops=1e12))
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(steps[0])
+    assert steps[-1]["tokens"] == 8 * 4 * 32
+    assert [r["step"] for r in vals] == [2, 4, 6, 8]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in vals)
+    model, tok = load(checkpoint.list_checkpoints(tmp_path)[-1])
+    flops = model.flops_per_token(32)
+    assert steps[-1]["mfu"] == pytest.approx(flops * steps[-1]["tokens_per_s"] / 1e12)
+    assert last["val_loss"] == vals[-1]["val_loss"]
+    # kept: the last checkpoint and the best-validated one
+    best = min(vals, key=lambda r: r["val_loss"])["step"]
+    assert {p.name for p in checkpoint.list_checkpoints(tmp_path)} == {f"step_{8:07d}", f"step_{best:07d}"}
+    # a checkpoint is a model directory: reloaded, it scores text
+    ids = torch.tensor([tok.encode("ROMEO: hello")])
+    assert torch.isfinite(model.token_logprobs(ids)).all()
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["max_steps"] == 8 and saved["model"] == TINY_GPT
+    assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_mfu_is_null_on_cpu_without_a_peak(small_text, tmp_path):
+    train(tiny(small_text, tmp_path, max_steps=1))
+    assert read_metrics(tmp_path)[0]["mfu"] is None
+
+
+def test_nan_loss_stops_with_a_clear_message_or_is_skipped(small_text, tmp_path):
+    with pytest.raises(DivergenceError, match=r"loss is nan at step \d+; lower --lr"):
+        train(tiny(small_text, tmp_path / "a", lr=1e30, min_lr=0.0, warmup_steps=0, max_steps=10))
+    train(tiny(small_text, tmp_path / "b", lr=1e30, min_lr=0.0, warmup_steps=0, max_steps=4, skip_nonfinite=True))
+    records = losses(tmp_path / "b")
+    assert len(records) == 4 and any(r is None for r in records)
+
+
+def test_an_existing_run_must_be_resumed_explicitly(small_text, tmp_path):
+    train(tiny(small_text, tmp_path, max_steps=1))
+    with pytest.raises(InputError, match="already holds checkpoints; continue it with `lmstack train --resume"):
+        train(tiny(small_text, tmp_path, max_steps=2))
+
+
+# Shrinks each shipped config to a few seconds, keeping its family, objective and tokenizer kind.
+SHRINK = {
+    "gpt": ["--model", "n_layer=1", "--model", "n_head=2", "--model", "n_embd=32"],
+    "rnn": ["--preset", "tiny"],
+    "bert": ["--model", "d_model=32", "--model", "n_layers=1", "--model", "n_heads=2", "--model", "d_ff=64"],
+    "t5": ["--model", "d_model=32", "--model", "d_kv=8", "--model", "d_ff=64", "--model", "n_layers=1",
+           "--model", "n_decoder_layers=1", "--model", "n_heads=2"],
+}
+CASES = [(name, None) for name in sorted(shipped_configs())] + [("bert-mlm", "nsp"), ("bert-mlm", "rtd")]
+
+
+@pytest.mark.parametrize("name,objective", CASES, ids=[f"{n}-{o}" if o else n for n, o in CASES])
+def test_each_shipped_config_trains_end_to_end(name, objective, small_text, tmp_path):
+    from lmstack.training.config import read_file
+
+    family = read_file(shipped_configs()[name]).get("family", "gpt")
+    args = ["train", "--config", name, "--data", str(small_text), "--out-dir", str(tmp_path), "--max-steps", "2",
+            "--batch-size", "2", "--block-size", "32", "--tokens-per-step", "0", "--eval-batches", "1",
+            "--vocab-size", "300", "--no-compile", *SHRINK[family]]
+    if name == "gpt2-124m":
+        args += ["--preset", "tiny"]
+    if objective:
+        args += ["--objective", objective]
+    assert main(args) == 0
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert any("val_loss" in r for r in records)
+    model, _ = load(checkpoint.latest(tmp_path))
+    assert model.family == family
+
+
+def test_cli_reports_bad_input_in_one_line(cli, tmp_path):
+    r = cli("train", "--data", tmp_path / "missing.txt", "--out-dir", tmp_path / "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.txt'}: no such file; check the path"]
+    r = cli("train", "--config", "no-such-config")
+    assert r.returncode == 2 and "not a shipped config" in r.stderr
+    r = cli("train", "--resume", tmp_path)
+    assert r.returncode == 2 and "train_config.json" in r.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(cli, small_text, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmstack.cli", "train", "--data", str(small_text), "--out-dir", str(run),
+           "--block-size", "32", "--batch-size", "4", "--max-steps", "100000", "--eval-interval", "0",
+           "--ckpt-interval", "0", "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LMSTACK_NO_PROGRESS="1"))
+    deadline = time.time() + 60
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out
+    ckpt = checkpoint.latest(run)
+    step = json.loads((ckpt / checkpoint.STATE_FILE).read_text())["step"]
+    cli("train", "--resume", run, "--max-steps", step + 2, check=True)
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, step + 3))
