@@ -29,6 +29,14 @@ def top_candidates(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return values.masked_fill(drop, float("-inf")), ids
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One index from [N] probabilities by inverting the CDF with a single uniform draw, so a row's
+    draws depend only on its own generator and distribution (not on padding with zeros)."""
+    cdf = probs.cumsum(0)
+    u = torch.rand((), generator=generator, device=probs.device) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp(max=len(probs) - 1))
+
+
 class Sampler:
     """Chooses the next token of every row of a batch under that row's settings."""
 
@@ -41,7 +49,7 @@ class Sampler:
         self.top_k = column([c.top_k or vocab_size for c in configs], torch.long)
         self.top_p = column([c.top_p for c in configs])
         self.min_p = column([c.min_p for c in configs])
-        self.filtering = any(c.top_k or c.top_p < 1 or c.min_p > 0 for c in configs)
+        self.filters = [bool(c.top_k or c.top_p < 1 or c.min_p > 0) for c in configs]
         self.repetition = column([c.repetition_penalty for c in configs])
         self.frequency = column([c.frequency_penalty for c in configs])
         self.presence = column([c.presence_penalty for c in configs])
@@ -73,16 +81,24 @@ class Sampler:
         x = self.penalise(logprobs)
         picks = x.argmax(-1).tolist()  # what the greedy rows take
         sampled = [r for r in rows if not self.greedy[r]]
-        if sampled:
-            index = torch.tensor(sampled, device=x.device)
-            x = x[index] / self.temperature[index]
-            ids = None
-            if self.filtering:
-                x, ids = top_candidates(x, self.top_k[index], self.top_p[index], self.min_p[index])
-            probs = x.softmax(-1)
-            for j, r in enumerate(sampled):
-                k = int(torch.multinomial(probs[j], 1, generator=self.generators[r]))
-                picks[r] = int(ids[j, k]) if ids is not None else k
+        if not sampled:
+            return {r: picks[r] for r in rows}
+        # Each row draws from its own distribution: rows with top-k/top-p/min-p among their sorted
+        # candidates, the others over the whole vocabulary in id order.
+        draws: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for filtered in (False, True):
+            group = [r for r in sampled if self.filters[r] == filtered]
+            if not group:
+                continue
+            index = torch.tensor(group, device=x.device)
+            logits, ids = x[index] / self.temperature[index], None
+            if filtered:
+                logits, ids = top_candidates(logits, self.top_k[index], self.top_p[index], self.min_p[index])
+            for j, (r, probs) in enumerate(zip(group, logits.softmax(-1))):
+                draws[r] = (probs, None if ids is None else ids[j])
+        for r, (probs, ids) in draws.items():
+            k = _draw(probs, self.generators[r])
+            picks[r] = k if ids is None else int(ids[k])
         return {r: picks[r] for r in rows}
 
     def observe(self, chosen: dict[int, int]) -> None:
