@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from lmstack.errors import FormatError
+from lmstack.errors import FormatError, InputError
 from lmstack.evaluation.tasks import (
     Choice, extract_answer, few_shot_prompt, load_multiple_choice, load_numeric, multiple_choice, numeric_exact_match,
+    run,
 )
 from lmstack.models.base import LanguageModel
 from lmstack.tokenizers.char import CharTokenizer
@@ -117,3 +118,18 @@ def test_malformed_task_files_name_the_line(tmp_path):
     bad.write_text('{"question": "q", "answer": "no marker"}\n')
     with pytest.raises(FormatError, match="#### <number>"):
         load_numeric(bad)
+
+
+def test_run_evaluates_a_task_file_end_to_end(tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"question": "q?", "choices": ["aaaa", "b"], "answer": 1}\n' * 3)
+    result = run("mc", UnigramLM({" ": 0.2, "a": 0.5, "b": 0.3}), TOK, mc, limit=2)
+    assert (result["n"], result["acc"], result["acc_norm"]) == (2, 1.0, 0.0)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"question": "a?", "answer": 42}\n{"question": "b?", "answer": "so #### 42"}\n')
+    result = run("numeric", ScriptLM(" 42\n\nQuestion:"), TOK, problems, shots_path=problems, shots=1)
+    assert result["exact_match"] == 1.0 and result["n"] == 2
+    with pytest.raises(InputError, match="few-shot examples need a file"):
+        run("numeric", ScriptLM("1"), TOK, problems, shots=2)
+    with pytest.raises(InputError, match="unknown task kind"):
+        run("hellaswag", ScriptLM("1"), TOK, problems)

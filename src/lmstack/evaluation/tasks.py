@@ -156,3 +156,26 @@ def numeric_exact_match(model, tokenizer, problems: list[Problem], shots: list[P
         bar.update(len(batch))
     bar.close()
     return {"n": len(results), "exact_match": sum(r["correct"] for r in results) / max(len(results), 1), "items": results}
+
+
+# --- one call per task file (what a CLI command runs) ----------------------------------------
+
+KINDS = ("mc", "numeric")
+
+
+def run(kind: str, model, tokenizer, path: str | os.PathLike, *, limit: int | None = None,
+        shots_path: str | os.PathLike | None = None, shots: int = 0, max_new_tokens: int = 256,
+        batch_size: int = 8) -> dict:
+    """Evaluate a task file: kind "mc" (multiple choice: acc, acc_norm) or "numeric" (GSM8K /
+    SVAMP exact match, with the first `shots` problems of `shots_path` as examples)."""
+    if kind not in KINDS:
+        raise InputError(f"unknown task kind {kind!r}; use one of {KINDS}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be >= 1, got {limit}")
+    if kind == "mc":
+        return multiple_choice(model, tokenizer, load_multiple_choice(path)[:limit])
+    if shots and shots_path is None:
+        raise InputError("few-shot examples need a file to take them from (e.g. gsm8k_train.jsonl)")
+    examples = load_numeric(shots_path)[:shots] if shots else []
+    return numeric_exact_match(model, tokenizer, load_numeric(path)[:limit], examples,
+                               max_new_tokens=max_new_tokens, batch_size=batch_size)
