@@ -93,7 +93,9 @@ class BPETokenizer(Tokenizer):
         self.tokens = list(tokens)
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.pattern = resolve_pattern(pattern)
-        self.engine = engine  # "auto": tiktoken when installed; "tiktoken"; "python"
+        if engine not in ("auto", "tiktoken", "python"):
+            raise InputError(f"unknown BPE engine {engine!r}; use auto, tiktoken or python")
+        self.engine = engine  # auto: tiktoken when installed, else python
         self._ranks = {t: i for i, t in enumerate(self.tokens) if t is not None}
         self._check()
         self._regex = regex.compile(self.pattern)
@@ -123,7 +125,7 @@ class BPETokenizer(Tokenizer):
         vocab_size = _check_vocab_size(vocab_size, special_tokens)
         split = regex.compile(pat).findall
         counts: Counter[str] = Counter()
-        for t in texts:
+        for t in [texts] if isinstance(texts, str) else texts:
             counts.update(split(t))
         return cls._from_counts(counts, vocab_size, special_tokens, pat, min_frequency)
 
