@@ -296,3 +296,5 @@ def test_out_of_range_ids_and_literal_markers():
         model.token_logprobs(torch.tensor([[BOS_ID, model.vocab_size]]))
     # a literal <s> or </s> inside a line is an unknown word, not a sentence marker
     assert model.encode("a </s> <s>") == [model.word_ids["a"], UNK_ID, UNK_ID]
+    # scoring splits words on ASCII 9-13 and space, as KenLM's query does
+    assert model.encode("a\fb\vb\t\ra") == [model.word_ids[w] for w in "abba"]

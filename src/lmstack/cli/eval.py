@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lmstack.cli import add_group
 from lmstack.errors import InputError
+from lmstack.io import check_readable, iter_text_chunks
 
 
 def register(sub) -> None:
@@ -35,19 +36,27 @@ def text_codec(model, tokenizer) -> dict:
     return {"encode": tokenizer.encode, "bos": tokenizer.eot_id, "eos": tokenizer.eot_id, "unk": None}
 
 
+def _lines(paths):
+    """Lines split on \\n only, as KenLM splits them (str.splitlines would also break at form
+    feeds, U+2028 and other separators inside a line)."""
+    for p in paths:
+        for chunk in iter_text_chunks(p):
+            lines = chunk.split("\n")
+            yield from lines[:-1] if chunk.endswith("\n") else lines
+
+
 def cmd_perplexity(args) -> int:
     import lmstack
     from lmstack.evaluation.perplexity import perplexity
-    from lmstack.io import check_readable, iter_lines
     from lmstack.progress import progress
 
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
     paths = [check_readable(f) for f in args.files]
     for p in paths:  # fail on a bad file before loading the model
-        next(iter(iter_lines(p)))
+        next(iter_text_chunks(p))
     model, tokenizer = lmstack.load(args.model)
-    lines = (line for p in paths for line in iter_lines(p))
+    lines = _lines(paths)
     with progress(desc="scoring", unit="line") as bar:
         res = perplexity(model, lines, max_batch_tokens=args.batch_tokens, progress_bar=bar,
                          **text_codec(model, tokenizer))

@@ -9,6 +9,7 @@ tokenizers comparable.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
@@ -69,14 +70,14 @@ def perplexity(
         nonlocal batch, width
         if not batch:
             return
-        rows = torch.full((len(batch), width), eos, dtype=torch.long)
-        for i, seq in enumerate(batch):
-            rows[i, : len(seq)] = torch.as_tensor(seq)
+        lengths = np.fromiter(map(len, batch), np.int64, len(batch))
+        inside = np.arange(width)[None, :] < lengths[:, None]
+        rows = np.full((len(batch), width), eos, np.int64)
+        rows[inside] = np.fromiter(itertools.chain.from_iterable(batch), np.int64, int(lengths.sum()))
         with torch.no_grad():
-            lp = model.token_logprobs(rows.to(device)).double().cpu().numpy() / math.log(10.0)
-        target = rows[:, 1:].numpy()
-        lengths = np.array([len(s) - 1 for s in batch])
-        real = np.arange(width - 1)[None, :] < lengths[:, None]
+            lp = model.token_logprobs(torch.from_numpy(rows).to(device)).double().cpu().numpy() / math.log(10.0)
+        target = rows[:, 1:]
+        real = inside[:, 1:]
         res.log10_prob += float(lp[real].sum())
         if unk is not None:
             res.log10_prob_oovs += float(lp[real & (target == unk)].sum())

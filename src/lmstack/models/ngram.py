@@ -30,7 +30,7 @@ import torch
 
 from lmstack.errors import CheckpointError, FormatError, InputError
 from lmstack.io import check_readable, iter_text_chunks, write_json
-from lmstack.models.arpa import BOS, EOS, UNK, read_arpa, split_words, write_arpa
+from lmstack.models.arpa import BOS, EOS, UNK, read_arpa, write_arpa
 from lmstack.models.base import LanguageModel
 from lmstack.models.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_family_config
 from lmstack.progress import progress
@@ -40,6 +40,8 @@ ARPA_FILE = "model.arpa"
 SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k")
 BOUNDARIES = ("line", "file")
 LN10 = float(np.log(10.0))
+# KenLM's query splits words on ASCII 9-13 and space (lmplz, training, only on tab, CR, space).
+_QUERY_SPACES = str.maketrans("\t\n\v\f\r", "     ")
 # lmplz's substitute discounts (D1, D2, D3+) under --discount_fallback.
 FALLBACK_DISCOUNTS = (0.5, 1.0, 1.5)
 
@@ -469,7 +471,7 @@ class NGramLM(LanguageModel):
         if self.tokenizer is not None:
             pieces = [str(t) for t in self.tokenizer.encode(text)]
         else:
-            pieces = split_words(text)
+            pieces = [w for w in text.translate(_QUERY_SPACES).split(" ") if w]
         get = self._text_ids.get
         return [get(w, UNK_ID) for w in pieces]
 
