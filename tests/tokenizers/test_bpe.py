@@ -48,6 +48,14 @@ def test_merges_equal_huggingface_in_order(texts, corpus, pattern, vocab_size):
     assert tok.vocab_size == vocab_size
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("corpus,pattern", [("shakespeare", "gpt2"), ("tang", "gpt4")])
+def test_merges_equal_huggingface_on_whole_corpora(shared, corpus, pattern):
+    lines = (shared / "data" / CORPORA[corpus]).read_text(encoding="utf-8").splitlines(keepends=True)
+    tok = BPETokenizer.train(lines, 8192, special_tokens=(EOT,), pattern=pattern)
+    assert our_merges(tok) == hf_merges(lines, 8192, pattern)
+
+
 def test_min_frequency_stops_like_huggingface(texts):
     lines = texts["shakespeare"].splitlines(keepends=True)
     tok = BPETokenizer.train(lines, 5000, special_tokens=(EOT,), min_frequency=40)

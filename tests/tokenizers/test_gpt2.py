@@ -37,6 +37,14 @@ def test_ids_equal_tiktoken_gpt2(shared, gpt2, reference, corpus, n_chars, engin
     assert tok.decode(ids) == text
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["python", "tiktoken"])
+def test_ids_equal_tiktoken_gpt2_on_all_tang_poems(shared, gpt2, reference, engine):
+    text = (shared / "data" / "zh_tang_poems.txt").read_text(encoding="utf-8")
+    tok = BPETokenizer(gpt2.tokens, gpt2.merges, gpt2.pattern, gpt2.special_tokens, engine=engine)
+    assert tok.encode(text) == reference.encode_ordinary(text)
+
+
 def test_endoftext_is_the_special_token_50256(gpt2, reference):
     assert gpt2.vocab_size == 50257 and gpt2.special_tokens == {EOT: 50256}
     text = f"The end.{EOT}Once upon a time"
