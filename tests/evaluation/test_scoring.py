@@ -59,7 +59,7 @@ def test_conditional_score_of_a_continuation(pair, tokenizer):
     p, a = tokenizer.encode(prompt), tokenizer.encode(answer)
     ref = hf_logprobs(hf, p + a)[len(p) - 1 : -1].gather(-1, torch.tensor(a)[:, None])[:, 0]
     assert out["logprob"] == pytest.approx(float(ref.sum()), abs=1e-4)
-    assert out["num_tokens"] == len(a) and "".join(t["text"] for t in out["tokens"]) == answer
+    assert out["num_tokens"] == len(a) and "".join(t["piece"] for t in out["tokens"]) == answer
     assert out["perplexity"] == pytest.approx(math.exp(-float(ref.mean())), rel=1e-4)
     assert all(len(t["top"]) == 2 and t["top"][0]["logprob"] >= t["top"][1]["logprob"] for t in out["tokens"])
     # The same answer after a different prompt gets its own, different score.

@@ -35,7 +35,7 @@ def cmd_score(args) -> int:
         print(json.dumps(result, ensure_ascii=False))
         return 0
     for t in result["tokens"]:
-        alts = "  ".join(f"{a['text']!r} {a['logprob']:.3f}" for a in t["top"])
-        print(f"{t['text']!r:>16} {t['logprob']:9.4f}   {alts}")
+        alts = "  ".join(f"{a['piece']!r} {a['logprob']:.3f}" for a in t["top"])
+        print(f"{t['piece']!r:>16} {t['logprob']:9.4f}   {alts}")
     print(f"logprob {result['logprob']:.4f} over {result['num_tokens']} tokens, perplexity {result['perplexity']:.3f}")
     return 0

@@ -67,9 +67,7 @@ def score_text(model, tokenizer, prompt: str, continuation: str | None = None, t
     tokens = token_scores(model, context + scored, start=len(context), top=top)
     total = sum(t.logprob for t in tokens)
 
-    def piece(i: int) -> str:
-        return tokenizer.decode([i])
-
+    piece = tokenizer.id_to_piece  # readable even for a token that is part of a character (<0xE4>)
     return {
         "prompt": prompt if continuation is not None else "",
         "continuation": continuation if continuation is not None else prompt,
@@ -78,7 +76,7 @@ def score_text(model, tokenizer, prompt: str, continuation: str | None = None, t
         "perplexity": math.exp(-total / len(tokens)),
         "is_greedy": all(t.top[0][0] == t.token for t in tokens) if top else None,
         "tokens": [
-            {**asdict(t), "text": piece(t.token), "top": [{"token": i, "text": piece(i), "logprob": v} for i, v in t.top]}
+            {**asdict(t), "piece": piece(t.token), "top": [{"token": i, "piece": piece(i), "logprob": v} for i, v in t.top]}
             for t in tokens
         ],
     }
