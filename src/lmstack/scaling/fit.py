@@ -125,7 +125,7 @@ def _grid_objective(starts: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarra
 def _lbfgs(start: np.ndarray, log_n, log_d, log_l, delta) -> tuple[np.ndarray, float]:
     x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     ln, ld, ll = (torch.as_tensor(v, dtype=torch.float64) for v in (log_n, log_d, log_l))
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-15,
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=300, tolerance_grad=1e-10, tolerance_change=1e-13,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def value():
@@ -235,7 +235,7 @@ def fit(n, d, loss, names=None, bootstrap: int = 0, confidence: float = 0.95, se
     """Both laws, and with `bootstrap` > 0 percentile intervals from that many resamples.
 
     A resample without two distinct N and D is drawn again; each refit starts from the full fit
-    plus the best few grid points, so the intervals cost a few L-BFGS runs per resample.
+    (a nearby optimum), so the intervals cost one L-BFGS run per resample.
     """
     n, d, loss = check_points(n, d, loss, names)
     law, kaplan = fit_chinchilla(n, d, loss), fit_kaplan(n, d, loss)
@@ -249,7 +249,7 @@ def fit(n, d, loss, names=None, bootstrap: int = 0, confidence: float = 0.95, se
                 if len(np.unique(n[idx])) >= 2 and len(np.unique(d[idx])) >= 2:
                     break
             bn, bd, bl = n[idx], d[idx], loss[idx]
-            samples.append(_summary(fit_chinchilla(bn, bd, bl, starts=4, init=law), fit_kaplan(bn, bd, bl)))
+            samples.append(_summary(fit_chinchilla(bn, bd, bl, starts=0, init=law), fit_kaplan(bn, bd, bl)))
         tail = (1 - confidence) / 2 * 100
         for key in samples[0]:
             values = np.array([s[key] for s in samples])
