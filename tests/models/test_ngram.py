@@ -18,6 +18,22 @@ from lmstack.models.ngram import BOS_ID, EOS_ID, UNK_ID, NGramLM
 SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k")
 
 
+@pytest.fixture
+def lmstack_cli(capsys, monkeypatch):
+    """Run `lmstack ARGS...` in this process (no torch import per call); returns (code, stdout)."""
+    from lmstack.cli import main
+
+    monkeypatch.setenv("LMSTACK_NO_PROGRESS", "1")
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    return run
+
+
 # --- KenLM fixtures ---------------------------------------------------------------------------
 
 
@@ -144,14 +160,14 @@ def test_reorder_keeps_each_rows_context():
     assert torch.allclose(nxt, want[[0, 0, 1]])
 
 
-def test_sample_cli_is_reproducible_and_stays_in_vocabulary(cli, tmp_path):
+def test_sample_cli_is_reproducible_and_stays_in_vocabulary(lmstack_cli, tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 4, encoding="utf-8")
-    cli("ngram", "train", f, "--order", "3", "--out", tmp_path / "m", "--discount-fallback", check=True)
+    lmstack_cli("ngram", "train", f, "--order", "3", "--out", tmp_path / "m", "--discount-fallback")
     args = ("ngram", "sample", "--model", tmp_path / "m", "--num", "4", "--seed", "3", "--prompt", "the",
             "--temperature", "1.5")
-    first = cli(*args, check=True).stdout
-    assert first == cli(*args, check=True).stdout
+    first = lmstack_cli(*args)
+    assert first == lmstack_cli(*args)
     samples = first.splitlines()
     assert len(samples) == 4 and all(s.split()[0] == "the" for s in samples)
     assert set(first.split()) <= {"the", "cat", "sat", "on", "mat", "dog", "log", "a", "saw", "<unk>"}
@@ -201,15 +217,15 @@ def test_document_boundaries_wrap_each_file(tmp_path):
     assert "b c" in texts and "b </s>" not in texts and "d </s>" in texts
 
 
-def test_subword_ngram_with_a_tokenizer(tmp_path, cli):
+def test_subword_ngram_with_a_tokenizer(tmp_path, lmstack_cli):
     from lmstack.tokenizers.char import CharTokenizer
 
     tok = CharTokenizer.train(["hello world\nhold the door\n"])
     tok.save(tmp_path / "tok")
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world\nhold the door\nhello door\n", encoding="utf-8")
-    cli("ngram", "train", corpus, "--order", "4", "--out", tmp_path / "m", "--tokenizer", tmp_path / "tok",
-        "--discount-fallback", check=True)
+    lmstack_cli("ngram", "train", corpus, "--order", "4", "--out", tmp_path / "m", "--tokenizer", tmp_path / "tok",
+                "--discount-fallback")
     assert (tmp_path / "m" / "tokenizer.json").exists()
     model, _ = lmstack.load(tmp_path / "m")
     assert model.tokenizer is not None
