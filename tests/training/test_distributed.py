@@ -20,15 +20,13 @@ def curve(run_dir):
 
 
 @pytest.fixture(scope="module")
-def single(shared, tmp_path_factory):
+def single(small_text, tmp_path_factory):
     """One process, batch 4 with 2 accumulation steps = a global batch of 8 sequences."""
-    root = tmp_path_factory.mktemp("dist")
-    data = root / "small.txt"
-    data.write_text((shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30_000])
-    train(TrainConfig(out_dir=str(root / "single"), data=[str(data)], block_size=32, batch_size=4, tokens_per_step=8 * 32,
+    out = tmp_path_factory.mktemp("single")
+    train(TrainConfig(out_dir=str(out), data=[str(small_text)], block_size=32, batch_size=4, tokens_per_step=8 * 32,
                       max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=2,
                       model={"n_layer": 1, "n_embd": 32, "n_head": 2}))
-    return data, curve(root / "single")
+    return small_text, curve(out)
 
 
 @pytest.mark.multiprocess

@@ -1,10 +1,5 @@
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,45 +9,16 @@ from lmstack.cli.train import shipped_configs
 from lmstack.errors import InputError
 from lmstack.models import load
 from lmstack.training import checkpoint
-from lmstack.training.config import TrainConfig
 from lmstack.training.loop import DivergenceError, train
 from lmstack.training.metrics import read_metrics
-
-TINY_GPT = {"n_layer": 1, "n_head": 2, "n_embd": 32}
-
-
-@pytest.fixture(scope="module")
-def small_text(shared, tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text((shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:30_000])
-    return path
-
-
-def tiny(small_text, out, **kw):
-    base = dict(out_dir=str(out), data=[str(small_text)], block_size=32, batch_size=4, max_steps=6,
-                warmup_steps=2, eval_interval=0, eval_batches=2, ckpt_interval=0, model=dict(TINY_GPT))
-    return TrainConfig(**{**base, **kw})
 
 
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(small_text, tmp_path):
-    # dropout and gradient accumulation on, so RNG state and micro-batch positions must resume exactly
-    kw = dict(model={**TINY_GPT, "dropout": 0.2}, tokens_per_step=8 * 32, decay_steps=20)
-    train(tiny(small_text, tmp_path / "a", max_steps=20, **kw))
-    train(tiny(small_text, tmp_path / "b", max_steps=10, **kw))
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "b")] == ["step_0000010"]
-    train(tiny(small_text, tmp_path / "b", max_steps=20, **kw), resume=True)
-    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert len(a) == len(b) == 20
-    assert a == b  # bit for bit
-    assert a[-1] < a[0]
-
-
-def test_metrics_validation_and_checkpoints(small_text, tmp_path):
-    last = train(tiny(small_text, tmp_path, max_steps=8, eval_interval=2, ckpt_interval=2, keep_last=1, peak_flops=1e12))
+def test_metrics_validation_and_checkpoints(tiny, tmp_path):
+    last = train(tiny(tmp_path, max_steps=8, eval_interval=2, ckpt_interval=2, keep_last=1, peak_flops=1e12))
     records = read_metrics(tmp_path)
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val_loss" in r]
@@ -72,27 +38,27 @@ def test_metrics_validation_and_checkpoints(small_text, tmp_path):
     ids = torch.tensor([tok.encode("ROMEO: hello")])
     assert torch.isfinite(model.token_logprobs(ids)).all()
     saved = json.loads((tmp_path / "train_config.json").read_text())
-    assert saved["max_steps"] == 8 and saved["model"] == TINY_GPT
+    assert saved["max_steps"] == 8 and saved["model"] == {"n_layer": 1, "n_head": 2, "n_embd": 32}
     assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
 
 
-def test_mfu_is_null_on_cpu_without_a_peak(small_text, tmp_path):
-    train(tiny(small_text, tmp_path, max_steps=1))
+def test_mfu_is_null_on_cpu_without_a_peak(tiny, tmp_path):
+    train(tiny(tmp_path, max_steps=1))
     assert read_metrics(tmp_path)[0]["mfu"] is None
 
 
-def test_nan_loss_stops_with_a_clear_message_or_is_skipped(small_text, tmp_path):
+def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tiny, tmp_path):
     with pytest.raises(DivergenceError, match=r"loss is nan at step \d+; lower --lr"):
-        train(tiny(small_text, tmp_path / "a", lr=1e30, min_lr=0.0, warmup_steps=0, max_steps=10))
-    train(tiny(small_text, tmp_path / "b", lr=1e30, min_lr=0.0, warmup_steps=0, max_steps=4, skip_nonfinite=True))
+        train(tiny(tmp_path / "a", lr=1e30, min_lr=0.0, warmup_steps=0, max_steps=10))
+    train(tiny(tmp_path / "b", lr=1e30, min_lr=0.0, warmup_steps=0, max_steps=4, skip_nonfinite=True))
     records = losses(tmp_path / "b")
     assert len(records) == 4 and any(r is None for r in records)
 
 
-def test_an_existing_run_must_be_resumed_explicitly(small_text, tmp_path):
-    train(tiny(small_text, tmp_path, max_steps=1))
+def test_an_existing_run_must_be_resumed_explicitly(tiny, tmp_path):
+    train(tiny(tmp_path, max_steps=1))
     with pytest.raises(InputError, match="already holds checkpoints; continue it with `lmstack train --resume"):
-        train(tiny(small_text, tmp_path, max_steps=2))
+        train(tiny(tmp_path, max_steps=2))
 
 
 # Shrinks each shipped config to a few seconds, keeping its family, objective and tokenizer kind.
@@ -103,7 +69,8 @@ SHRINK = {
     "t5": ["--model", "d_model=32", "--model", "d_kv=8", "--model", "d_ff=64", "--model", "n_layers=1",
            "--model", "n_decoder_layers=1", "--model", "n_heads=2"],
 }
-CASES = [(name, None) for name in sorted(shipped_configs())] + [("bert-mlm", "nsp"), ("bert-mlm", "rtd")]
+TRAIN_CONFIGS = ["shakespeare-char", "shakespeare-bpe", "lstm-zaremba-medium", "bert-mlm", "t5-span", "gpt2-124m"]
+CASES = [(name, None) for name in TRAIN_CONFIGS] + [("bert-mlm", "nsp"), ("bert-mlm", "rtd")]
 
 
 @pytest.mark.parametrize("name,objective", CASES, ids=[f"{n}-{o}" if o else n for n, o in CASES])
@@ -135,24 +102,3 @@ def test_cli_reports_bad_input_in_one_line(cli, tmp_path):
     assert r.returncode == 2 and "not a shipped config" in r.stderr
     r = cli("train", "--resume", tmp_path)
     assert r.returncode == 2 and "train_config.json" in r.stderr
-
-
-def test_sigterm_saves_a_checkpoint_and_resume_continues(cli, small_text, tmp_path):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lmstack.cli", "train", "--data", str(small_text), "--out-dir", str(run),
-           "--block-size", "32", "--batch-size", "4", "--max-steps", "100000", "--eval-interval", "0",
-           "--ckpt-interval", "0", "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, LMSTACK_NO_PROGRESS="1"))
-    deadline = time.time() + 60
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "stopped by signal" in out
-    ckpt = checkpoint.latest(run)
-    step = json.loads((ckpt / checkpoint.STATE_FILE).read_text())["step"]
-    cli("train", "--resume", run, "--max-steps", step + 2, check=True)
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, step + 3))
