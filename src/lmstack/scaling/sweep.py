@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmstack.errors import InputError
-from lmstack.io import atomic_write, check_readable
+from lmstack.io import atomic_write, check_readable, read_json
 
 RUNS_FILE = "runs.jsonl"
 CSV_FILE = "runs.csv"
@@ -119,7 +119,6 @@ def read_run(run_dir: str | os.PathLike) -> dict | None:
     from lmstack.tokenizers import load_tokenizer
     from lmstack.training import checkpoint
     from lmstack.training import config as config_mod
-    from lmstack.io import read_json
 
     run_dir = Path(run_dir)
     if not (run_dir / config_mod.CONFIG_FILE).exists():
@@ -190,6 +189,8 @@ def load_runs(paths: list[str | os.PathLike]) -> list[dict]:
             rows.append(row)
         else:
             rows += _read_table(check_readable(p))
+    if not rows:
+        raise InputError(f"no runs in {', '.join(map(str, paths))}; run `lmstack scaling sweep` first")
     for r in rows:
         missing = [k for k in ("n_params", "tokens", "val_loss") if k not in r]
         if missing:
