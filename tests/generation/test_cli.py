@@ -65,3 +65,11 @@ def test_a_checkpoint_without_tokenizer_is_a_clear_error(cli, tmp_path):
     GPT(GPTConfig.preset("tiny", vocab_size=50)).save(tmp_path)
     proc = cli("generate", "--model", tmp_path, "--prompt", "x")
     assert proc.returncode != 0 and "no tokenizer.json" in proc.stderr
+
+
+def test_a_model_with_its_own_vocabulary_is_sent_to_its_sampler(cli, tmp_path):
+    from lmstack.models.ngram import NGramLM
+
+    NGramLM.train_texts(["a b c", "a b d"], order=2, discount_fallback=True).save(tmp_path)
+    proc = cli("generate", "--model", tmp_path, "--prompt", "a")
+    assert proc.returncode != 0 and "lmstack ngram sample" in proc.stderr
