@@ -102,3 +102,28 @@ def test_cli_reports_bad_input_in_one_line(cli, tmp_path):
     assert r.returncode == 2 and "not a shipped config" in r.stderr
     r = cli("train", "--resume", tmp_path)
     assert r.returncode == 2 and "train_config.json" in r.stderr
+
+
+def test_out_of_memory_names_the_micro_batch_setting(tiny, tmp_path, monkeypatch):
+    from lmstack.training import objectives
+
+    def oom(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(objectives.CausalLM, "forward", oom)
+    with pytest.raises(InputError, match=r"out of memory with micro-batches of 4 × 32 tokens; lower --batch-size"):
+        train(tiny(tmp_path, max_steps=1))
+
+
+def test_prepare_only_then_train_from_the_shard_directory(small_text, tmp_path, capsys):
+    assert main(["train", "--prepare-only", "--data", str(small_text), "--out-dir", str(tmp_path / "prep"),
+                 "--tokenizer", "word"]) == 0
+    assert "prepared" in capsys.readouterr().out
+    shard_dir = tmp_path / "prep" / "data"
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert main(["train", "--data", str(shard_dir), "--out-dir", str(tmp_path / "run"), "--max-steps", "1",
+                 "--block-size", "16", "--batch-size", "2", "--model", "n_layer=1", "--model", "n_embd=16",
+                 "--model", "n_head=2"]) == 0
+    _, tok = load(checkpoint.latest(tmp_path / "run"))
+    assert tok.kind == "word" and tok.fingerprint() == manifest["tokenizer"]
+    assert not (tmp_path / "run" / "data").exists()  # the given shards were used, not re-made

@@ -48,18 +48,26 @@ class DivergenceError(LmstackError):
 # --- setup ---------------------------------------------------------------------------------
 
 
-def _shard_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+def _given_shards(cfg: TrainConfig) -> Path | None:
+    """--data names one already prepared shard directory."""
     if len(cfg.data) == 1 and (Path(cfg.data[0]) / MANIFEST).exists():
-        return Path(cfg.data[0])  # already prepared
-    return Path(cfg.data_dir) if cfg.data_dir else run_dir / "data"
+        return Path(cfg.data[0])
+    return None
 
 
-def _base_tokenizer(cfg: TrainConfig, shard_dir: Path):
-    """The tokenizer named by --tokenizer: a saved one, or a new one of that kind trained on the data."""
+def _shard_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    return _given_shards(cfg) or (Path(cfg.data_dir) if cfg.data_dir else run_dir / "data")
+
+
+def _base_tokenizer(cfg: TrainConfig):
+    """The tokenizer named by --tokenizer (a saved one), else the one saved with prepared
+    shards given as --data, else a new one of the kind --tokenizer names, trained on the data
+    (deterministic, so cached shards made with it are reused)."""
     if Path(cfg.tokenizer).exists():
         return load_tokenizer(cfg.tokenizer)
-    if (shard_dir / TOKENIZER_FILE).exists() and (shard_dir / MANIFEST).exists():
-        return load_tokenizer(shard_dir / TOKENIZER_FILE)
+    given = _given_shards(cfg)
+    if given is not None and (given / TOKENIZER_FILE).exists():
+        return load_tokenizer(given / TOKENIZER_FILE)
     kinds = registry()
     if cfg.tokenizer not in kinds:
         raise InputError(f"--tokenizer {cfg.tokenizer!r} is neither a tokenizer file/directory nor a kind ({', '.join(kinds)})")
@@ -74,7 +82,7 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, d: distributed.Dist, resume: b
     any tokenizer training and tokenizing while the others wait."""
     shard_dir = _shard_dir(cfg, run_dir)
     if d.main and not resume:
-        tok = _base_tokenizer(cfg, shard_dir)
+        tok = _base_tokenizer(cfg)
         if not (shard_dir / MANIFEST).exists() or _stale(shard_dir, cfg, tok):
             prepare_shards(cfg.data, tok, shard_dir, val_fraction=cfg.val_fraction, text_field=cfg.text_field)
             tok.save(shard_dir / TOKENIZER_FILE)
@@ -91,7 +99,7 @@ def _stale(shard_dir: Path, cfg: TrainConfig, tok) -> bool:
     from lmstack.data.corpus import corpus_files
     from lmstack.data.shards import read_manifest
 
-    if len(cfg.data) == 1 and Path(cfg.data[0]) == shard_dir:
+    if _given_shards(cfg) == shard_dir:
         return False
     m = read_manifest(shard_dir)
     sources = [{"path": str(f), "bytes": f.stat().st_size} for f in corpus_files(cfg.data)]
