@@ -16,9 +16,19 @@ from lmstack.errors import InputError
 
 
 def shipped_configs() -> dict[str, Path]:
-    """Config name (file stem) -> path of the TOML files shipped in lmstack/configs."""
-    root = resources.files("lmstack") / "configs"
-    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+    """Config name (file stem) -> path, for the training configs shipped in lmstack/configs
+    (the folder also holds other commands' configs, e.g. scaling sweeps)."""
+    from lmstack.training.config import read_file
+
+    found = {}
+    for entry in (resources.files("lmstack") / "configs").iterdir():
+        if entry.name.endswith(".toml"):
+            try:
+                read_file(Path(str(entry)))
+            except InputError:
+                continue
+            found[Path(entry.name).stem] = Path(str(entry))
+    return found
 
 
 def register(sub) -> None:

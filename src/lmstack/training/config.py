@@ -22,62 +22,69 @@ from lmstack.io import check_readable, read_json, write_json
 CONFIG_FILE = "train_config.json"
 
 
+def _field(default, help: str):
+    """A field with its --help text; an empty list or dict default gets a fresh one per config."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=type(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     # --- run
-    out_dir: str = "runs/lmstack"  # run directory: config, metrics, checkpoints, shards
-    seed: int = 1337
-    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the model
+    out_dir: str = _field("runs/lmstack", "run directory: config, metrics, checkpoints, shards")
+    seed: int = _field(1337, "seeds initialisation, batches and dropout")
+    device: str = _field("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps")
+    dtype: str = _field("auto", "autocast dtype: auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16")
+    compile: bool = _field(False, "torch.compile the model")
     # --- data
-    data: list[str] = field(default_factory=list)  # text files, directories, JSONL files, or a prepared shard directory
-    text_field: str = "text"  # JSONL: the field holding each document
-    val_fraction: float = 0.1  # last fraction of the corpus (by bytes) kept for validation
-    data_dir: str = ""  # where shards go; "" = OUT_DIR/data
-    tokenizer: str = "char"  # a tokenizer directory or .json, or a kind (char, word, bpe, unigram) to train on the data
-    vocab_size: int = 0  # when training a tokenizer; 0 = the kind's default
+    data: list[str] = _field([], "text files, directories, JSONL files, or a prepared shard directory")
+    text_field: str = _field("text", "JSONL: the field holding each document")
+    val_fraction: float = _field(0.1, "last fraction of the corpus (by bytes) kept for validation")
+    data_dir: str = _field("", 'where shards go; "" = OUT_DIR/data')
+    tokenizer: str = _field("char", "a tokenizer directory or .json, or a kind (char, word, bpe, unigram) to train on the data")
+    vocab_size: int = _field(0, "when training a tokenizer; 0 = the kind's default")
     # --- model
-    family: str = "gpt"  # gpt | rnn | ffn | bert | t5
-    preset: str = ""  # a named size of the family (e.g. tiny, gpt2-124m, zaremba-medium); "" = the config defaults
-    model: dict = field(default_factory=dict)  # overrides of the family's config fields
+    family: str = _field("gpt", "gpt | rnn | ffn | bert | t5")
+    preset: str = _field("", 'a named size of the family (e.g. tiny, gpt2-124m, zaremba-medium); "" = the config defaults')
+    model: dict = _field({}, "overrides of the family's config fields")
     # --- objective
-    objective: str = "clm"  # clm | mlm | nsp | span | rtd
-    block_size: int = 256  # tokens per training sequence
-    mlm_probability: float = 0.15
-    noise_density: float = 0.15  # span corruption: fraction of tokens corrupted
-    mean_span: float = 3.0  # span corruption: mean span length
-    generator: dict = field(default_factory=dict)  # rtd: overrides for the generator (default: a quarter of the width)
-    rtd_weight: float = 50.0  # rtd: weight of the discriminator loss (ELECTRA's lambda)
+    objective: str = _field("clm", "clm | mlm | nsp | span | rtd")
+    block_size: int = _field(256, "tokens per training sequence")
+    mlm_probability: float = _field(0.15, "mlm / nsp / rtd: fraction of tokens chosen for prediction")
+    noise_density: float = _field(0.15, "span corruption: fraction of tokens corrupted")
+    mean_span: float = _field(3.0, "span corruption: mean span length")
+    generator: dict = _field({}, "rtd: overrides for the generator (default: a quarter of the width)")
+    rtd_weight: float = _field(50.0, "rtd: weight of the discriminator loss (ELECTRA's lambda)")
     # --- batch
-    batch_size: int = 16  # sequences per micro-batch on each process: lower it on out-of-memory
-    tokens_per_step: int = 0  # tokens per optimizer step, all processes; reached by gradient accumulation. 0 = one micro-batch
-    max_steps: int = 1000
+    batch_size: int = _field(16, "sequences per micro-batch on each process: lower it on out-of-memory")
+    tokens_per_step: int = _field(0, "tokens per optimizer step, all processes; reached by gradient accumulation. 0 = one micro-batch")
+    max_steps: int = _field(1000, "optimizer steps to train for")
     # --- optimizer and schedule
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 100
-    decay_steps: int = 0  # the schedule's length in steps; 0 = max_steps
-    wsd_decay_fraction: float = 0.2  # wsd: last fraction of the schedule spent decaying linearly to min_lr
-    weight_decay: float = 0.1  # applied to matrices and embeddings, never to biases and norms
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = off
-    skip_nonfinite: bool = False  # on a NaN/inf loss skip the step instead of stopping
+    lr: float = _field(1e-3, "peak learning rate")
+    min_lr: float = _field(1e-4, "learning rate at the end of the schedule")
+    schedule: str = _field("cosine", "cosine | wsd (warmup-stable-decay) | constant")
+    warmup_steps: int = _field(100, "")
+    decay_steps: int = _field(0, "the schedule's length in steps; 0 = max_steps")
+    wsd_decay_fraction: float = _field(0.2, "wsd: last fraction of the schedule spent decaying linearly to min_lr")
+    weight_decay: float = _field(0.1, "applied to matrices and embeddings, never to biases and norms")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    eps: float = _field(1e-8, "AdamW epsilon")
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this; 0 = off")
+    skip_nonfinite: bool = _field(False, "on a NaN/inf loss skip the step instead of stopping")
     # --- evaluation and logging
-    eval_interval: int = 200  # validate every N steps (and at the end); 0 = only at the end
-    eval_batches: int = 20
-    sample_interval: int = 0  # print a sample every N steps (clm only); 0 = never
-    sample_tokens: int = 200
-    tensorboard: bool = False  # also write TensorBoard events to OUT_DIR/tb (needs the tensorboard package)
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 = look up known GPUs, else MFU is null
+    eval_interval: int = _field(200, "validate every N steps (and at the end); 0 = only at the end")
+    eval_batches: int = _field(20, "validation batches per evaluation")
+    sample_interval: int = _field(0, "print a sample every N steps (clm only); 0 = never")
+    sample_tokens: int = _field(200, "length of each sample")
+    tensorboard: bool = _field(False, "also write TensorBoard events to OUT_DIR/tb (needs the tensorboard package)")
+    peak_flops: float = _field(0.0, "device peak FLOP/s for MFU; 0 = look up known GPUs, else MFU is null")
     # --- checkpoints
-    ckpt_interval: int = 500  # save every N steps (and at the end); 0 = only at the end
-    keep_last: int = 2  # checkpoints kept besides the best one
+    ckpt_interval: int = _field(500, "save every N steps (and at the end); 0 = only at the end")
+    keep_last: int = _field(2, "checkpoints kept besides the best one")
     # --- distributed (under torchrun)
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard)
+    parallel: str = _field("ddp", "ddp | fsdp (FSDP2 fully_shard)")
 
     def __post_init__(self):
         checks = [
@@ -130,7 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        comment = f"(default: {default!r})"
+        comment = f"{f.metadata.get('help', '')} (default: {default!r})".strip()
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=comment)
         elif f.type == "list[str]":
