@@ -178,8 +178,9 @@ def prepare_shards(
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out / MANIFEST).unlink()  # the directory is not a valid preparation until we finish
-    for old in out.glob("*.bin"):
-        old.unlink()
+    for split in SPLITS:
+        for old in out.glob(f"{split}_*.bin"):
+            old.unlink()
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in SPLITS}
     cut = total - int(total * val_fraction) if val_fraction else total + 1
