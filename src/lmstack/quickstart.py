@@ -1,0 +1,402 @@
+"""`lmstack quickstart`: the whole story of language modelling on one small corpus, in minutes.
+
+It calls the layers below in the order a textbook tells the story: split the corpus (the last
+~10% of lines held out), train a byte-level BPE tokenizer, a word 5-gram and a subword 5-gram
+(modified Kneser-Ney), an LSTM and a small GPT (the training engine, by wall-clock budget),
+score all five on the held-out lines in bits per byte, sample from the best one at several
+temperatures and truncations, and ask every model how likely a grammatical sentence is beside
+the same words scrambled. Everything is built in a hidden directory beside `--out` and renamed
+into place at the end, so a run that fails or is interrupted leaves no half-written results.
+
+The neural models are trained on one JSONL document per line, so they learn the line ends the
+n-grams know as `</s>`, and every model is scored on the same footing: each held-out line alone,
+as `<eot> line <eot>` (see `lmstack.evaluation.perplexity`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from lmstack.errors import InputError
+from lmstack.io import atomic_write, read_text, write_json
+
+CORPUS_NAME = "tinyshakespeare.txt"
+MIN_LINES = 20  # enough to hold out a tenth and still train on something
+MIN_BYTES = 2_000
+TOKENIZER_VOCAB = 512  # small: short sequences for the n-gram, cheap softmax for the neural nets
+NGRAM_ORDER = 5
+# Wall-clock shares of --minutes for the neural nets; the tokenizer, n-grams, scoring and
+# samples take the rest (seconds on Tiny Shakespeare).
+BUDGET_SHARE = {"lstm": 0.25, "gpt": 0.55}
+WARMUP_STEPS = 8  # timed steps before each neural run, to turn its seconds into optimizer steps
+# Recipes for a 2-core CPU: a few layers, 128-token context, a high learning rate.
+RECIPES = {
+    "lstm": dict(family="rnn", block_size=64, batch_size=32, lr=4e-3, min_lr=4e-4, weight_decay=0.0, grad_clip=1.0,
+                 model=dict(cell="lstm", d_embed=256, d_hidden=256, n_layers=2, dropout=0.1)),
+    "gpt": dict(family="gpt", block_size=128, batch_size=32, lr=2e-3, min_lr=2e-4, weight_decay=0.1, beta2=0.99,
+                grad_clip=1.0, model=dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0)),
+}
+SENTENCES = ("the mouse ate the cheese", "cheese the ate mouse the")  # grammatical, scrambled
+SAMPLING = {  # name -> GenerationConfig options
+    "temperature 0 (greedy)": dict(temperature=0.0),
+    "temperature 0.7": dict(temperature=0.7),
+    "temperature 1.0": dict(temperature=1.0),
+    "top-k 40": dict(temperature=1.0, top_k=40),
+    "top-p 0.9": dict(temperature=1.0, top_p=0.9),
+}
+
+
+@dataclass
+class Row:
+    """One line of the comparison table."""
+
+    model: str
+    params: int  # weights, or stored n-grams for a count model
+    train_s: float
+    bits_per_byte: float
+    ppl_token: float
+    ppl_word: float
+    tokens: int
+    path: str
+    extra: dict = field(default_factory=dict)
+
+
+def shipped_corpus() -> Path:
+    return Path(str(resources.files("lmstack") / "assets" / CORPUS_NAME))
+
+
+def split_corpus(path: Path, work: Path) -> dict[str, Path]:
+    """Train / held-out files (last ~10% of lines), as text for the n-grams and as JSONL (one
+    document per line) for the training engine."""
+    text = read_text(path)  # names the file if missing, empty, binary or not UTF-8
+    lines = text.splitlines()
+    if len(lines) < MIN_LINES or len(text.encode("utf-8")) < MIN_BYTES:
+        raise InputError(f"{path}: too small to split into training and held-out text ({len(lines)} lines); "
+                         f"pass a corpus of at least {MIN_LINES} lines and {MIN_BYTES} bytes")
+    cut = len(lines) - max(len(lines) // 10, 1)
+    parts = {"train": lines[:cut], "heldout": lines[cut:]}
+    if not any(s.strip() for s in parts["heldout"]):
+        raise InputError(f"{path}: the held-out last tenth of the lines is blank; pass a corpus with text throughout")
+    out = {}
+    for name, part in parts.items():
+        out[name] = work / f"{name}.txt"
+        out[name].write_text("".join(s + "\n" for s in part), encoding="utf-8")
+        out[f"{name}_jsonl"] = work / f"{name}.jsonl"
+        out[f"{name}_jsonl"].write_text("".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in part),
+                                        encoding="utf-8")
+    return out
+
+
+def cpu_threads() -> int:
+    """Torch's threads for CPU work: all cores on an idle machine, one when other work already
+    fills them (an oversubscribed thread pool spins, and ran 3-5x slower per step on a loaded
+    2-core machine)."""
+    import os
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), round(cores - os.getloadavg()[0])))
+
+
+def _stage(n: int, title: str) -> None:
+    print(f"[{n}/7] {title}", flush=True)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def train_tokenizer(files: dict[str, Path], out: Path):
+    from lmstack.tokenizers import EOT
+    from lmstack.tokenizers.bpe import BPETokenizer
+
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train_files([files["train"]], vocab_size=TOKENIZER_VOCAB, special_tokens=(EOT,))
+    tok.save(out)
+    return tok, time.perf_counter() - t0
+
+
+def train_ngram(files: dict[str, Path], out: Path, tokenizer=None):
+    from lmstack.models.ngram import NGramLM
+
+    t0 = time.perf_counter()
+    model = NGramLM.train([files["train"]], order=NGRAM_ORDER, tokenizer=tokenizer)
+    seconds = time.perf_counter() - t0
+    model.save(out)
+    return model, seconds
+
+
+def prepare_data(files: dict[str, Path], tok, tok_dir: Path, out: Path) -> Path:
+    """Token shards whose validation split is exactly the held-out lines (the engine cuts the
+    last `val_fraction` of the bytes; half a byte of slack keeps the rounding on the boundary)."""
+    from lmstack.data.shards import prepare_shards
+
+    paths = [files["train_jsonl"], files["heldout_jsonl"]]
+    total = sum(p.stat().st_size for p in paths)
+    prepare_shards(paths, tok, out, val_fraction=(paths[1].stat().st_size + 0.5) / total)
+    tok.save(out / "tokenizer.json")
+    return out
+
+
+def _config(name: str, shards: Path, run_dir: Path, max_steps: int, device: str, seed: int):
+    from lmstack.training.config import TrainConfig
+
+    recipe = dict(RECIPES[name])
+    return TrainConfig(out_dir=str(run_dir), data=[str(shards)], tokenizer=str(shards / "tokenizer.json"),
+                       device=device, seed=seed, max_steps=max_steps, warmup_steps=max(min(100, max_steps // 10), 1),
+                       eval_interval=max(max_steps // 10, 1), eval_batches=8, ckpt_interval=0, keep_last=1, **recipe)
+
+
+def train_neural(name: str, shards: Path, out: Path, work: Path, seconds: float, device: str, seed: int):
+    """Train for about `seconds` of wall-clock time. The engine counts optimizer steps, so a
+    short timed warm-up run turns the budget into a step count (a time limit in the engine
+    itself would make this exact)."""
+    from lmstack.training import checkpoint
+    from lmstack.training.loop import train
+    from lmstack.training.metrics import read_metrics
+
+    t0 = time.perf_counter()
+    warm = work / f"warmup-{name}"
+    with contextlib.redirect_stdout(None):
+        train(_config(name, shards, warm, WARMUP_STEPS, device, seed))
+    steady = [r["tokens_per_s"] for r in read_metrics(warm)[2:] if "tokens_per_s" in r]
+    shutil.rmtree(warm)
+    tokens_per_step = RECIPES[name]["block_size"] * RECIPES[name]["batch_size"]
+    left = seconds - (time.perf_counter() - t0)
+    # validation passes and the final checkpoint cost about a tenth on top of the steps
+    steps = max(int(0.9 * left * sorted(steady)[len(steady) // 2] / tokens_per_step), WARMUP_STEPS)
+    print(f"      {steps} steps of {tokens_per_step} tokens (≈{left:.0f} s)", flush=True)
+    train(_config(name, shards, out, steps, device, seed))
+    return checkpoint.latest(out), time.perf_counter() - t0
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def _codec(model, tokenizer) -> dict:
+    from lmstack.cli.eval import text_codec
+
+    return text_codec(model, tokenizer)
+
+
+def _eval_lines(lines: list[str], max_bytes: int | None) -> list[str]:
+    """Held-out lines, each cut into pieces of at most `max_bytes` UTF-8 bytes when a model has a
+    context limit, so every model scores the same pieces (every BPE token is at least a byte)."""
+    if max_bytes is None:
+        return lines
+    out = []
+    for line in lines:
+        piece, size = [], 0
+        for ch in line:
+            n = len(ch.encode("utf-8"))
+            if size + n > max_bytes:
+                out.append("".join(piece))
+                piece, size = [], 0
+            piece.append(ch)
+            size += n
+        out.append("".join(piece))
+    return out
+
+
+def evaluate(name: str, model, tokenizer, lines: list[str], words: int) -> dict:
+    """Bits per byte and perplexity per token and per word (`words` counts a `</s>` per line, as
+    the word n-gram's tokens do) on the held-out lines."""
+    from lmstack.evaluation.perplexity import perplexity
+    from lmstack.progress import progress
+
+    with progress(total=len(lines), desc=f"scoring {name}", unit="line") as bar:
+        res = perplexity(model, lines, progress_bar=bar, **_codec(model, tokenizer))
+    return {"bits_per_byte": res.bits_per_byte, "ppl_token": res.perplexity,
+            "ppl_word": 10.0 ** (-res.log10_prob / words), "tokens": res.tokens}
+
+
+def sentence_log2(model, tokenizer, sentence: str) -> float:
+    """log2 p(<s> sentence </s>) under the model."""
+    from lmstack.evaluation.perplexity import perplexity
+
+    return perplexity(model, [sentence], **_codec(model, tokenizer)).log10_prob * math.log2(10.0)
+
+
+def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 60) -> dict[str, str]:
+    """The same prompt under each decoding setting in SAMPLING; each sample ends at a line end."""
+    from lmstack.generation import GenerationConfig, generate_tokens
+
+    codec = _codec(model, tokenizer)
+    decode = model.decode if hasattr(model, "encode") else tokenizer.decode
+    prompt_ids = [codec["bos"], *codec["encode"](prompt)]
+    configs = [GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_at_eot=False, **opts)
+               for opts in SAMPLING.values()]
+    out = {}
+    for name, gen in zip(SAMPLING, generate_tokens(model, [prompt_ids] * len(configs), configs)):
+        ids = gen.tokens[: gen.tokens.index(codec["eos"])] if codec["eos"] in gen.tokens else gen.tokens
+        out[name] = decode(prompt_ids[1:] + ids)
+    return out
+
+
+def default_prompt(heldout: list[str]) -> str:
+    """The start of the first held-out line with a few words (a few characters for text
+    written without spaces, such as Chinese)."""
+    line = next((s for s in heldout if len(s.split()) >= 3), None) or next(s for s in heldout if s.strip())
+    words = line.split()
+    return " ".join(words[:2]) if len(words) >= 3 else line.strip()[:4]
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    head = "| model | parameters | train time (s) | bits/byte | ppl/token | ppl/word |\n|---|---:|---:|---:|---:|---:|\n"
+    return head + "".join(f"| {r.model} | {r.params:,} | {r.train_s:.1f} | {r.bits_per_byte:.3f} | "
+                          f"{r.ppl_token:.2f} | {r.ppl_word:.1f} |\n" for r in rows)
+
+
+def plot_curves(runs: dict[str, Path], path: Path) -> str | None:
+    """Training and validation loss per step of the neural runs; None, or why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'lmstack[plot]'), so no curves.png"
+    from lmstack.io import atomic_path
+    from lmstack.training.metrics import read_metrics
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, run in runs.items():
+        recs = read_metrics(run)
+        train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
+        (line,) = ax.plot(*zip(*train), alpha=0.5, label=f"{name} train")
+        if val:
+            ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per BPE token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_report(out: Path, corpus: Path, rows: list[Row], best: str, prompt: str, texts: dict[str, str],
+                 sentences: dict[str, dict[str, float]], notes: list[str]) -> None:
+    md = [f"# lmstack quickstart\n\nCorpus: `{corpus}` (last tenth of the lines held out). Every model scores "
+          "each held-out line alone, as `<s> line </s>`; bits per byte make models with different "
+          "vocabularies comparable (lower is better).\n\n", table(rows),
+          f"\n## Samples from the best model ({best})\n\nPrompt: `{prompt}`\n\n"]
+    md += [f"- **{k}**: {v!r}\n" for k, v in texts.items()]
+    md.append("\n## A grammatical sentence versus the same words scrambled (log2 probability)\n\n"
+              f"| model | `{SENTENCES[0]}` | `{SENTENCES[1]}` | ratio |\n|---|---:|---:|---:|\n")
+    for name, s in sentences.items():
+        good, bad = s[SENTENCES[0]], s[SENTENCES[1]]
+        md.append(f"| {name} | {good:.1f} | {bad:.1f} | 2^{good - bad:.1f} |\n")
+    md.append("\n## Files\n\n" + "".join(f"- `{r.path}`: {r.model}\n" for r in rows)
+              + "- `tokenizer/`: the BPE tokenizer\n- `results.json`: this report's numbers\n"
+              + ("- `curves.png`: training curves\n" if (out / "curves.png").exists() else ""))
+    if notes:
+        md.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
+    with atomic_write(out / "report.md") as f:
+        f.write("".join(md))
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A hidden directory beside `out` that replaces it on success and vanishes on failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f"{tmp.name}.old"
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", minutes: float = 10.0,
+        device: str = "auto", seed: int = 1337) -> dict:
+    """Run the quickstart; returns what results.json holds."""
+    import lmstack
+
+    if not minutes > 0:
+        raise InputError(f"--minutes must be positive, got {minutes}")
+    corpus = Path(corpus) if corpus else shipped_corpus()
+    out = Path(out)
+    budget = 60.0 * minutes
+    import torch
+
+    threads = cpu_threads()
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as scratch, _staging(out) as stage:
+        work = Path(scratch)
+        _stage(1, f"splitting {corpus}")
+        files = split_corpus(corpus, work)
+        heldout = files["heldout"].read_text(encoding="utf-8").splitlines()
+
+        _stage(2, f"training a byte-level BPE tokenizer ({TOKENIZER_VOCAB} tokens)")
+        tok, tok_s = train_tokenizer(files, stage / "tokenizer")
+        _stage(3, f"counting a word {NGRAM_ORDER}-gram and a subword {NGRAM_ORDER}-gram (modified Kneser-Ney)")
+        models = {}
+        models["word 5-gram"], word_s = train_ngram(files, stage / "ngram-word")
+        models["subword 5-gram"], sub_s = train_ngram(files, stage / "ngram-subword", tok)
+        shards = prepare_data(files, tok, stage / "tokenizer", work / "shards")
+
+        _stage(4, f"training an LSTM (≈{BUDGET_SHARE['lstm'] * budget:.0f} s)")
+        lstm_ckpt, lstm_s = train_neural("lstm", shards, stage / "lstm", work, BUDGET_SHARE["lstm"] * budget, device, seed)
+        _stage(5, f"training a GPT (≈{BUDGET_SHARE['gpt'] * budget:.0f} s)")
+        gpt_ckpt, gpt_s = train_neural("gpt", shards, stage / "gpt", work, BUDGET_SHARE["gpt"] * budget, device, seed)
+        tokenizers = {"word 5-gram": None, "subword 5-gram": None}
+        for name, ckpt in (("LSTM", lstm_ckpt), ("GPT", gpt_ckpt)):
+            models[name], tokenizers[name] = lmstack.load(ckpt)  # scored and sampled on the CPU
+            models[name].eval()
+
+        _stage(6, "scoring every model on the held-out lines")
+        lines = _eval_lines(heldout, models["GPT"].max_context - 2)
+        words = sum(len(s.split()) + 1 for s in lines)
+        paths = {"word 5-gram": "ngram-word", "subword 5-gram": "ngram-subword",
+                 "LSTM": lstm_ckpt.relative_to(stage), "GPT": gpt_ckpt.relative_to(stage)}
+        seconds = {"word 5-gram": word_s, "subword 5-gram": sub_s, "LSTM": lstm_s, "GPT": gpt_s}
+        rows = []
+        for name, model in models.items():
+            params = sum(len(t.keys) for t in model.tables) if hasattr(model, "tables") else model.num_params()
+            rows.append(Row(name, params, seconds[name], path=str(paths[name]),
+                            **evaluate(name, model, tokenizers[name], lines, words)))
+        print("\n" + table(rows), flush=True)
+
+        _stage(7, "sampling from the best model and scoring a sentence against its scramble")
+        best = min(rows, key=lambda r: r.bits_per_byte).model
+        prompt = default_prompt(heldout)
+        texts = samples(models[best], tokenizers[best], prompt, seed)
+        for k, v in texts.items():
+            print(f"  {k:>22}: {v!r}")
+        sentences = {name: {s: sentence_log2(m, tokenizers[name], s) for s in SENTENCES} for name, m in models.items()}
+        for name, s in sentences.items():
+            print(f"  {name:>14}: log2 p = {s[SENTENCES[0]]:.1f} ({SENTENCES[0]!r}) vs {s[SENTENCES[1]]:.1f} ({SENTENCES[1]!r})")
+
+        notes = [n for n in [plot_curves({"LSTM": stage / "lstm", "GPT": stage / "gpt"}, stage / "curves.png")] if n]
+        results = {"corpus": str(corpus), "minutes": minutes, "device": device, "cpu_threads": threads, "seed": seed,
+                   "tokenizer": {"kind": "bpe", "vocab_size": tok.vocab_size, "train_s": tok_s},
+                   "heldout_lines": len(heldout), "table": [r.__dict__ for r in rows], "best": best,
+                   "prompt": prompt, "samples": texts, "sentences": sentences, "notes": notes}
+        write_json(stage / "results.json", results)
+        write_report(stage, corpus, rows, best, prompt, texts, sentences, notes)
+    print(f"\nwrote {out}/: report.md, results.json, checkpoints" + ("" if notes else ", curves.png"))
+    return results
