@@ -57,6 +57,10 @@ def test_import_of_a_huggingface_trained_tokenizer_keeps_its_ids(tmp_path, sampl
         assert tok.encode(text) == hf.encode(text).ids
     tok.save(tmp_path / "lmstack")  # and it survives lmstack's own format
     assert load_tokenizer(tmp_path / "lmstack").encode(sample[1]) == hf.encode(sample[1]).ids
+    save_hf(tok, tmp_path / "again.json")  # and exporting it back keeps the special's id
+    again = Tokenizer.from_file(str(tmp_path / "again.json"))
+    text = sample[0][:2000] + EOT + sample[1][:2000]
+    assert again.encode(text).ids == hf.encode(text).ids
 
 
 def test_gpt2_exports_to_huggingface_with_gpt2_ids(shared, tmp_path):

@@ -23,6 +23,8 @@ def to_hf_dict(tok: BPETokenizer) -> dict:
         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     ]
     vocab = {to_bytelevel(t): i for i, t in enumerate(tok.tokens) if t is not None}
+    # Specials belong in the model vocab too, or HF re-numbers them (clashing with real ids).
+    vocab.update(tok.special_tokens)
     pieces = [None if t is None else to_bytelevel(t) for t in tok.tokens]
     return {
         "version": "1.0",
