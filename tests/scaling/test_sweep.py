@@ -1,8 +1,12 @@
 """Scaling sweeps on a tiny corpus (seconds): the table's N, D, C and losses, resuming, and the
 `lmstack scaling` commands end to end, bad input included."""
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -37,10 +41,6 @@ tokens = [320, 192]
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, shared):
     """A finished 2 × 2 sweep, run through the CLI."""
-    import subprocess
-    import sys
-    import os
-
     root = tmp_path_factory.mktemp("sweep")
     text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]
     (root / "corpus.txt").write_text(text, encoding="utf-8")
@@ -70,6 +70,7 @@ def test_sweep_table_records_n_d_c_and_final_validation_loss(swept):
     csv_lines = (out / "runs.csv").read_text().splitlines()
     assert csv_lines[0].startswith("name,family,") and len(csv_lines) == 5
     assert sweep_mod.load_runs([out / "runs.csv"])[2]["n_params"] == rows[2]["n_params"]
+    assert sweep_mod.load_runs([out / rows[1]["name"]]) == [rows[1]]  # a run directory reads the same
     assert "4 runs in" in stdout
 
 
@@ -117,12 +118,8 @@ def test_fit_command_predicts_held_out_run_and_writes_json_and_plots(tmp_path, c
     table = _synthetic_table(tmp_path / "runs.jsonl")
     args = ["scaling", "fit", table, "--hold-out", "1", "--bootstrap", "5", "--predict", "1e9", "2e10",
             "--compute", "1e21", "--out", tmp_path / "fit.json"]
-    try:
-        import matplotlib  # noqa: F401
-
+    if importlib.util.find_spec("matplotlib"):
         args += ["--plots", tmp_path / "plots"]
-    except ImportError:
-        pass
     proc = cli(*args, check=True)
     result = json.loads((tmp_path / "fit.json").read_text())
     assert result["n_runs"] == 15

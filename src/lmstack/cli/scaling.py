@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from lmstack.cli import add_group
 from lmstack.errors import InputError
