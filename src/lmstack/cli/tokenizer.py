@@ -43,6 +43,20 @@ def register(sub) -> None:
     p.add_argument("ids", nargs="*", type=int, help="token ids (default: read whitespace-separated ids from standard input)")
     p.set_defaults(func=cmd_decode)
 
+    p = g.add_parser("import", help="import GPT-2 files or a Hugging Face byte-level BPE tokenizer.json",
+                     description="Import a byte-level BPE tokenizer, keeping its ids: a Hugging Face tokenizer.json, "
+                     "or a folder with GPT-2's encoder.json + vocab.bpe (or vocab.json + merges.txt).")
+    p.add_argument("source", metavar="PATH", help="tokenizer.json, or a folder holding one of the file sets above")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory; gets lmstack's tokenizer.json")
+    p.set_defaults(func=cmd_import)
+
+    p = g.add_parser("export", help="write a BPE tokenizer as a Hugging Face tokenizer.json",
+                     description="Write an lmstack BPE tokenizer as a Hugging Face tokenizer.json that "
+                     "`tokenizers.Tokenizer.from_file` loads with the same ids.")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="lmstack tokenizer directory or tokenizer.json")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (a directory gets tokenizer.json)")
+    p.set_defaults(func=cmd_export)
+
     p = g.add_parser("stats", help="bytes per token, tokens per word and vocabulary use on text files")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer directory or tokenizer.json")
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -108,6 +122,42 @@ def cmd_decode(args) -> int:
     sys.stdout.write(tok.decode(ids))
     if sys.stdout.isatty():
         sys.stdout.write("\n")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from lmstack.tokenizers.gpt2 import load_gpt2
+    from lmstack.tokenizers.hf import load_hf
+
+    src = check_readable(args.source) if not Path(args.source).is_dir() else Path(args.source)
+    if src.is_dir():
+        pairs = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]
+        found = next(((src / a, src / b) for a, b in pairs if (src / a).exists() and (src / b).exists()), None)
+        if found:
+            tok = load_gpt2(*found)
+        elif (src / "tokenizer.json").exists():
+            tok = load_hf(src / "tokenizer.json")
+        else:
+            raise InputError(f"{src}: no tokenizer.json, encoder.json + vocab.bpe, or vocab.json + merges.txt in this folder")
+    else:
+        tok = load_hf(src)
+    path = tok.save(args.out)
+    print(f"imported {tok.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) -> {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lmstack.tokenizers.bpe import BPETokenizer
+    from lmstack.tokenizers.hf import save_hf
+
+    tok = _load(args.tokenizer)
+    if not isinstance(tok, BPETokenizer):
+        raise InputError(f"{args.tokenizer}: a {tok.kind} tokenizer; only byte-level BPE exports to Hugging Face")
+    out = Path(args.out)
+    if out.is_dir() or out.suffix != ".json":
+        out = out / "tokenizer.json"
+    save_hf(tok, out)
+    print(f"exported to {out}")
     return 0
 
 
