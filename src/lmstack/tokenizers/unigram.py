@@ -282,6 +282,18 @@ class _Hashes:
             return tuple(prefix[end] - prefix[start] * power[end - start] for power, prefix in self.tables)
 
 
+def _name_substrings(text: str, start: np.ndarray, end: np.ndarray):
+    """Ids for the substrings text[start:end]. Returns the hasher, each id's hash (sorted), the
+    index of each id's first occurrence and each substring's id."""
+    for bases in _Hashes.BASES:
+        hashes = _Hashes(text, bases)
+        h1, h2 = hashes(start, end)
+        names, first, sub = np.unique(h1, return_index=True, return_inverse=True)
+        if np.array_equal(h2, h2[first][sub]):
+            return hashes, names, first, sub
+    raise RuntimeError("substring hashes clashed with every base; please report this")  # pragma: no cover
+
+
 class _Lattice:
     """All segmentations of many strings at once. Node `first[k] + t` is position t of string k;
     an edge is a piece from one node to a later one. Forward-backward and Viterbi walk positions
@@ -313,7 +325,8 @@ class _Lattice:
                 a[f] for a in (self.f_src, self.f_dst, self.f_pos, self.f_piece, self.f_owner))
         b = alive[self.b_piece]
         if not b.all():
-            self.b_src, self.b_dst, self.b_pos, self.b_piece = (a[b] for a in (self.b_src, self.b_dst, self.b_pos, self.b_piece))
+            self.b_src, self.b_dst, self.b_pos, self.b_piece = (
+                a[b] for a in (self.b_src, self.b_dst, self.b_pos, self.b_piece))
         self.f_steps = _steps(self.f_pos, self.f_dst)
         self.b_steps = _steps(self.b_pos, self.b_src)
 
@@ -436,16 +449,7 @@ class _Trainer:
         offset = np.r_[0, np.cumsum(lengths)[:-1]]
         owner, start, end = _spans(lengths, max_len)
         g_start, g_end = offset[owner] + start, offset[owner] + end
-        # Name every distinct substring: sub[e] is the id of the substring under edge e.
-        for bases in _Hashes.BASES:
-            hashes = _Hashes(text, bases)
-            h1, h2 = hashes(g_start, g_end)
-            names, first, sub = np.unique(h1, return_index=True, return_inverse=True)
-            if np.array_equal(h2, h2[first][sub]):
-                break
-        else:  # pragma: no cover - three independent 64-bit clashes
-            raise RuntimeError("substring hashes clashed with every base; please report this")
-        del h1, h2
+        hashes, names, first, sub = _name_substrings(text, g_start, g_end)
         n_sub = len(names)
         sub_count = np.bincount(sub, weights=self.freq[owner], minlength=n_sub)
         sub_len = (end - start)[first]
