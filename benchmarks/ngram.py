@@ -64,6 +64,15 @@ def synthetic_corpus(path: Path, tokens: int, vocab: int = 200_000, seed: int = 
             left -= n
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would
+    inherit the parent's peak (e.g. after it generated a corpus in memory)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build_child(corpus: str, order: int, query: str) -> dict:
     """Runs in a subprocess: build, report times, peak RSS and query speed."""
     import torch
@@ -71,11 +80,11 @@ def build_child(corpus: str, order: int, query: str) -> dict:
     from lmstack.evaluation.perplexity import perplexity
     from lmstack.models.ngram import NGramLM
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = peak_rss_mb()
     t0 = time.perf_counter()
     model = NGramLM.train([corpus], order=order)
     build = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     lines = Path(query).read_text(encoding="utf-8").split("\n")[:-1]
     t0 = time.perf_counter()
     res = perplexity(model, lines, model.encode, model.bos_id, model.eos_id, model.unk_id, max_batch_tokens=1 << 20)
