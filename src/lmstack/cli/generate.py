@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
                     print(f"[score {b['score']:.4f}] {prompt}{b['text']}")
         return 0
 
-    for prompt, out in zip(prompts, generate(model, tokenizer, prompts, config)):
+    for prompt, out in zip(prompts, generate(model, tokenizer, prompts, config, show_progress=True)):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "tokens": out.tokens, "num_tokens": len(out.tokens),
                               "finish_reason": out.finish_reason, "logprob": out.logprob}, ensure_ascii=False))

@@ -23,6 +23,7 @@ from lmstack.generation.config import GenerationConfig
 from lmstack.generation.detok import StreamDecoder
 from lmstack.generation.processors import Sampler
 from lmstack.models.base import LanguageModel
+from lmstack.progress import progress
 
 
 @dataclass
@@ -159,27 +160,33 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         fed += 1
 
 
-def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None) -> list[Generation]:
-    """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row."""
+def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None, show_progress: bool = False) -> list[Generation]:
+    """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row.
+    `show_progress`: a progress bar of decoding steps (on a terminal)."""
     configs = _per_row(config, len(prompts))
     if not isinstance(model, LanguageModel) and len({len(p) for p in prompts}) > 1:
         results: dict[int, Generation] = {}
         for length in {len(p) for p in prompts}:
             group = [i for i, p in enumerate(prompts) if len(p) == length]
-            outs = generate_tokens(model, [prompts[i] for i in group], [configs[i] for i in group], tokenizer)
+            outs = generate_tokens(model, [prompts[i] for i in group], [configs[i] for i in group], tokenizer, show_progress)
             results.update(zip(group, outs))
         return [results[i] for i in range(len(prompts))]
     rows: list[_Row] = []
+    steps = max((len(p) + c.max_new_tokens for p, c in zip(prompts, configs)), default=0) - min(map(len, prompts), default=0)
+    bar = progress(total=steps, desc="decoding", unit="step") if show_progress else None
     for rows in decode_steps(model, prompts, configs, tokenizer):
-        pass
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return [r.result() for r in rows]
 
 
-def generate(model, tokenizer, prompts: list[str], config=None) -> list[Generation]:
+def generate(model, tokenizer, prompts: list[str], config=None, show_progress: bool = False) -> list[Generation]:
     """Generate from text prompts (a batch; `config` is shared or one per prompt)."""
     if isinstance(prompts, str):
         raise InputError("generate takes a list of prompts; wrap a single prompt in a list")
-    return generate_tokens(model, [encode_prompt(tokenizer, p) for p in prompts], config, tokenizer)
+    return generate_tokens(model, [encode_prompt(tokenizer, p) for p in prompts], config, tokenizer, show_progress)
 
 
 def stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
