@@ -90,11 +90,18 @@ def test_malformed_files_name_the_line(tmp_path, edit, line, message):
         assert f"m.arpa:{line}:" in str(e.value)
 
 
-def test_missing_prefix_is_reported(tmp_path):
-    text = GOOD.replace("ngram 2=3", "ngram 2=2").replace("-0.2\ta b\n", "").replace(
-        "\\end\\", "\\3-grams:\n-0.05\ta b </s>\n\n\\end\\").replace("ngram 2=2\n", "ngram 2=2\nngram 3=1\n")
-    with pytest.raises(FormatError, match="no entry for its first 2 words"):
-        NGramLM.load(_write(tmp_path, text))
+def test_missing_prefix_is_filled_in_as_kenlm_does(tmp_path):
+    """`a b </s>` is listed but `a b` is not (a pruned file): the trigram still counts, and
+    `a b` itself scores by back-off, bo(a) + p(b)."""
+    text = GOOD.replace("ngram 2=3", "ngram 2=2\nngram 3=1").replace("-0.2\ta b\n", "").replace(
+        "\\end\\", "\\3-grams:\n-0.05\ta b </s>\n\n\\end\\")
+    model = NGramLM.load(_write(tmp_path, text))
+    assert _log10_scores(model, "a b") == pytest.approx([-0.1, -0.2 - 0.8, -0.05])
+    assert _log10_scores(model, "b a b") == pytest.approx([-0.5 - 0.8, -0.3 - 0.7, -0.2 - 0.8, -0.05])
+    # written back, the filled-in entry is an ordinary one and scores the same
+    model.write_arpa(tmp_path / "again.arpa")
+    again = NGramLM.load(tmp_path / "again.arpa")
+    assert _log10_scores(again, "b a b") == pytest.approx(_log10_scores(model, "b a b"))
 
 
 def test_binary_file_is_rejected(tmp_path):

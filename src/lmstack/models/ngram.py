@@ -363,7 +363,12 @@ class NGramLM(LanguageModel):
 
     @classmethod
     def from_arpa(cls, path: str | os.PathLike) -> "NGramLM":
-        """Load an ARPA file (KenLM, SRILM, ...); it scores exactly as the file says."""
+        """Load an ARPA file (KenLM, SRILM, ...); it scores exactly as the file says.
+
+        An n-gram whose prefix is not listed (some pruned files) gets that prefix as a "blank"
+        entry, as KenLM's trie loader does (its default probing loader refuses such files):
+        back-off 0 and the probability the back-off rule gives it, so scores are unchanged and
+        every n-gram's prefix can be looked up."""
         words, sections = read_arpa(path)
         # Renumber so that <unk>, <s>, </s> are ids 0, 1, 2 (KenLM also accepts <UNK>).
         words = [UNK if w == "<UNK>" else w for w in words]
@@ -375,34 +380,49 @@ class NGramLM(LanguageModel):
         logp1 = np.full(V, -100.0)  # a missing <unk> gets log10 p = -100, as build_binary -u
         logp1[BOS_ID] = 0.0
         logp1[remap] = first.logp
-        tables = [_Table(keys=np.arange(V, dtype=np.int64), logp=logp1, backoff=None)]
+        bo1 = np.zeros(V)
         if first.backoff is not None:
-            bo1 = np.zeros(V)
             bo1[remap] = first.backoff
-            tables[0].backoff = bo1
-        for n, sec in enumerate(sections[1:], 2):
-            ids = remap[sec.ids]
-            prefix = ids[:, 0]
+        tables = [_Table(keys=np.arange(V, dtype=np.int64), logp=logp1, backoff=bo1 if len(sections) > 1 else None)]
+        ids = [remap[sec.ids] for sec in sections]
+        logps = [sec.logp for sec in sections]
+        backoffs = [sec.backoff for sec in sections]
+        lines = [sec.lines for sec in sections]
+        n = 2
+        while n <= len(sections):
+            prefix = ids[n - 1][:, 0]
             for j in range(1, n - 1):
-                prefix = _lookup(tables[j], prefix, ids[:, j], V)
+                prefix = _lookup(tables[j], prefix, ids[n - 1][:, j], V)
             missing = prefix < 0
-            if missing.any():
-                i = int(np.argmax(missing))
-                raise FormatError(
-                    f"{path}:{sec.lines[i]}: the {n}-gram {' '.join(vocab[w] for w in ids[i])!r} has no entry "
-                    f"for its first {n - 1} words; lmstack reads ARPA files whose n-gram prefixes are listed "
-                    "(as lmplz and SRILM write them)"
-                )
-            keys = prefix * V + ids[:, -1]
+            if missing.any():  # add the absent prefixes to order n-1 as blanks, rebuild from there
+                rows = np.unique(ids[n - 1][missing, :-1], axis=0)
+                ids[n - 2] = np.concatenate([ids[n - 2], rows])
+                logps[n - 2] = np.concatenate([logps[n - 2], np.full(len(rows), np.nan)])
+                backoffs[n - 2] = np.concatenate([backoffs[n - 2], np.zeros(len(rows))])
+                lines[n - 2] = np.concatenate([lines[n - 2], np.zeros(len(rows), np.int64)])
+                del tables[n - 2 :]
+                n -= 1
+                continue
+            keys = prefix * V + ids[n - 1][:, -1]
             order = np.argsort(keys, kind="stable")
             keys = keys[order]
             dup = np.flatnonzero(keys[1:] == keys[:-1])
             if len(dup):
-                raise FormatError(f"{path}:{sec.lines[order[dup[0] + 1]]}: duplicate {n}-gram; is this an ARPA language model file?")
-            tables.append(_Table(keys=keys, logp=sec.logp[order],
-                                 backoff=None if sec.backoff is None else sec.backoff[order]))
+                raise FormatError(f"{path}:{lines[n - 1][order[dup[0] + 1]]}: duplicate {n}-gram; "
+                                  "is this an ARPA language model file?")
+            tables.append(_Table(keys=keys, logp=logps[n - 1][order],
+                                 backoff=None if backoffs[n - 1] is None else backoffs[n - 1][order]))
+            n += 1
         cfg = NGramConfig(order=len(tables), smoothing="arpa", vocab_size=V)
-        return cls(vocab, tables, cfg)
+        model = cls(vocab, tables, cfg)
+        for n, t in enumerate(tables[1:], 2):  # blanks, lower orders first
+            blank = np.flatnonzero(np.isnan(t.logp))
+            if len(blank):
+                words_of = model.ngram_ids(n, blank)
+                # log p(w_n | w_1..w_n-1) = back-off(w_1..w_n-1) + log p(w_n | w_2..w_n-1)
+                shorter = model._score10(words_of[:, 1:])[:, -1] if n > 2 else tables[0].logp[words_of[:, 1]]
+                t.logp[blank] = tables[n - 2].backoff[t.keys[blank] // V] + shorter
+        return model
 
     # --- files --------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
