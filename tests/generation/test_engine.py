@@ -166,3 +166,13 @@ def test_t5_decoder_uses_the_same_api():
             expected.append(int(lp[0].argmax()))
             state, lp = model.step(state, torch.tensor(expected[-1:]))
         assert out.tokens == expected
+
+
+def test_a_model_still_trains_after_generating():
+    # Decoding runs under inference mode; nothing it creates may leak into a later training step.
+    model = families()["gpt"].train()
+    generate_tokens(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=4, seed=0))
+    x = torch.randint(0, V, (2, 8))
+    _, loss = model(x, x)
+    loss.backward()
+    assert model.wte.weight.grad is not None

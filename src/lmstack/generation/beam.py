@@ -33,7 +33,7 @@ class Beam:
 
 def _follow(model, state, index: list[int], tokens: list[int], sequences: list[list[int]], device):
     """Advance the state of the beams `index` by `tokens`; `sequences` are their full token lists."""
-    with torch.no_grad():
+    with torch.inference_mode():
         try:
             state = model.reorder(state, torch.tensor(index, device=device))
         except NotImplementedError:
@@ -60,7 +60,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     def score(logprob: float, length: int) -> float:
         return logprob / max(length, 1) ** length_penalty
 
-    with torch.no_grad():
+    with torch.inference_mode():
         state, logprobs = model.start(torch.tensor([prompt], device=device))
     beams: list[list[int]] = [[]]
     sums = torch.zeros(1, dtype=torch.float64, device=device)

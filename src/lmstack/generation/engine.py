@@ -141,8 +141,8 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
     device = model_device(model)
     sampler = Sampler(configs, prompts, model.vocab_size, device)
     fed = min(len(p) for p in prompts)
-    # no_grad around each model call, not the loop: a generator must not leak it into the caller.
-    with torch.no_grad():
+    # inference_mode around each model call, not the loop: a generator must not leak it into the caller.
+    with torch.inference_mode():
         state, logprobs = model.start(torch.tensor([p[:fed] for p in prompts], device=device))
     while True:
         active = [i for i, r in enumerate(rows) if not r.done and fed >= len(r.prompt)]
@@ -155,7 +155,7 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         if all(r.done for r in rows):
             return
         feed = torch.tensor([r.next_input(fed) for r in rows], device=device)
-        with torch.no_grad():
+        with torch.inference_mode():
             state, logprobs = model.step(state, feed)
         fed += 1
 
