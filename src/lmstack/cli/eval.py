@@ -29,7 +29,8 @@ def register(sub) -> None:
 def text_codec(model, tokenizer) -> dict:
     """How text becomes the model's ids: the n-gram's own vocabulary, or the checkpoint's
     tokenizer with its end-of-text token as both sentence start and end."""
-    if hasattr(model, "encode"):
+    # (BERT and T5 have an `encode` of their own, over ids; the vocabulary ids tell them apart)
+    if all(hasattr(model, a) for a in ("encode", "bos_id", "eos_id", "unk_id")):
         return {"encode": model.encode, "bos": model.bos_id, "eos": model.eos_id, "unk": model.unk_id}
     if tokenizer is None or tokenizer.eot_id is None:
         raise InputError("this checkpoint has no tokenizer with an end-of-text token; save one with the model")

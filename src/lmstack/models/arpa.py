@@ -27,8 +27,8 @@ _BLOCK = 1 << 20  # entries parsed per block
 
 
 def split_words(line: str) -> list[str]:
-    """Words as KenLM splits them: on space, tab and carriage return only (so a no-break space
-    or a form feed stays inside a word, as in lmplz)."""
+    """Fields of an ARPA line as KenLM's reader splits them: on space, tab and carriage return
+    (a no-break space stays inside a word)."""
     return [w for w in line.replace("\t", " ").replace("\r", " ").split(" ") if w]
 
 
