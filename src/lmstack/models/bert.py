@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import CheckpointError, ContextLengthError, InputError
-from lmstack.models.checkpoint import assign_weights, load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.checkpoint import TorchCheckpoint, assign_weights
 from lmstack.models.hf_dir import read_hf_dir, take_tensors
 from lmstack.models.sizes import Presets
 
@@ -91,8 +91,9 @@ class Block(nn.Module):
         return self.ff_norm(x + self.drop(self.ff_out(self.act(self.ff_in(x)))))
 
 
-class BERT(nn.Module):
+class BERT(nn.Module, TorchCheckpoint):
     family = "bert"
+    config_class = BERTConfig
 
     def __init__(self, config: BERTConfig):
         super().__init__()
@@ -209,14 +210,6 @@ class BERT(nn.Module):
         forward = 2 * (n + c.vocab_size * c.d_model) + 4 * c.n_layers * c.d_model * T
         return 3 * forward if training else forward
 
-    def save(self, path: str | os.PathLike, tokenizer=None):
-        return save_torch_model(self, path, tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "BERT":
-        model = cls(read_family_config(path, cls.family, BERTConfig))
-        load_torch_weights(model, path)
-        return model.eval()
 
 
 def from_hf_bert(hf_dir: str | os.PathLike):

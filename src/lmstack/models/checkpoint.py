@@ -76,6 +76,23 @@ def read_family_config(path: str | os.PathLike, family: str, config_cls):
     return config_from_dict(config_cls, {k: v for k, v in cfg.items() if k != "family"}, str(Path(path) / CONFIG_FILE))
 
 
+class TorchCheckpoint:
+    """`save` / `load` for a neural family: a class with `family`, a dataclass `config` and
+    `config_class`, built as `cls(config)`."""
+
+    family: str
+    config_class: type
+
+    def save(self, path: str | os.PathLike, tokenizer=None) -> Path:
+        return save_torch_model(self, path, tokenizer)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        model = cls(read_family_config(path, cls.family, cls.config_class))
+        load_torch_weights(model, path)
+        return model.eval()
+
+
 def save_torch_model(model, path: str | os.PathLike, tokenizer=None, extra: dict[str, Any] | None = None) -> Path:
     """Write a neural model (which has `.family` and a dataclass `.config`) as a checkpoint dir."""
     from safetensors.torch import save_model

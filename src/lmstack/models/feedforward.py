@@ -10,7 +10,6 @@ special begin token. The window is fixed, so sequences of any length can be scor
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from lmstack.errors import InputError
 from lmstack.models.base import LanguageModel
-from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
 
@@ -56,8 +55,9 @@ class FeedForwardConfig(Presets):
         return cls(**{"d_embed": 16 * dial, "d_hidden": 64 * dial, **overrides})
 
 
-class FeedForwardLM(nn.Module, LanguageModel):
+class FeedForwardLM(nn.Module, LanguageModel, TorchCheckpoint):
     family = "ffn"
+    config_class = FeedForwardConfig
 
     def __init__(self, config: FeedForwardConfig):
         super().__init__()
@@ -121,11 +121,3 @@ class FeedForwardLM(nn.Module, LanguageModel):
         forward = 2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 3 * forward if training else forward
 
-    def save(self, path: str | os.PathLike, tokenizer=None):
-        return save_torch_model(self, path, tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeedForwardLM":
-        model = cls(read_family_config(path, cls.family, FeedForwardConfig))
-        load_torch_weights(model, path)
-        return model.eval()

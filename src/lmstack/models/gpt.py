@@ -19,7 +19,6 @@ RoPE / learned positions use the token's absolute position.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +28,7 @@ from torch import nn
 
 from lmstack.errors import InputError
 from lmstack.models.base import LanguageModel
-from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
 NORMS = ("layernorm", "rmsnorm")
@@ -248,8 +247,9 @@ class Block(nn.Module):
 # --- the model ----------------------------------------------------------------------------
 
 
-class GPT(nn.Module, LanguageModel):
+class GPT(nn.Module, LanguageModel, TorchCheckpoint):
     family = "gpt"
+    config_class = GPTConfig
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -369,14 +369,6 @@ class GPT(nn.Module, LanguageModel):
 
     # --- files --------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, tokenizer=None):
-        return save_torch_model(self, path, tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "GPT":
-        model = cls(read_family_config(path, cls.family, GPTConfig))
-        load_torch_weights(model, path)
-        return model.eval()
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, device_peak_flops: float) -> float:

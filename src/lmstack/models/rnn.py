@@ -12,7 +12,6 @@ share the embedding and the softmax; its per-layer features feed a downstream ta
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from lmstack.errors import InputError
 from lmstack.models.base import LanguageModel
-from lmstack.models.checkpoint import load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -84,8 +83,9 @@ def _forward_flops(config: RNNConfig) -> int:
     return 2 * (sum(per_layer) + c.d_hidden * c.vocab_size)
 
 
-class RNNLM(nn.Module, LanguageModel):
+class RNNLM(nn.Module, LanguageModel, TorchCheckpoint):
     family = "rnn"
+    config_class = RNNConfig
     max_context = None
 
     def __init__(self, config: RNNConfig):
@@ -134,14 +134,6 @@ class RNNLM(nn.Module, LanguageModel):
         `seq_len` does not matter for an RNN."""
         return (3 if training else 1) * _forward_flops(self.config)
 
-    def save(self, path: str | os.PathLike, tokenizer=None):
-        return save_torch_model(self, path, tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "RNNLM":
-        model = cls(read_family_config(path, cls.family, RNNConfig))
-        load_torch_weights(model, path)
-        return model.eval()
 
 
 def _reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -152,7 +144,7 @@ def _reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
-class BiRNNEncoder(nn.Module):
+class BiRNNEncoder(nn.Module, TorchCheckpoint):
     """ELMo's biLM: forward and backward stacks over shared embeddings and softmax.
 
     `forward(idx, mask)` returns the n_layers + 1 feature tensors ELMo mixes: the token
@@ -161,6 +153,7 @@ class BiRNNEncoder(nn.Module):
     """
 
     family = "birnn"
+    config_class = RNNConfig
 
     def __init__(self, config: RNNConfig):
         super().__init__()
@@ -216,11 +209,3 @@ class BiRNNEncoder(nn.Module):
         """Two directions of `RNNLM`'s count (each runs the shared softmax projection)."""
         return 2 * (3 if training else 1) * _forward_flops(self.config)
 
-    def save(self, path: str | os.PathLike, tokenizer=None):
-        return save_torch_model(self, path, tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "BiRNNEncoder":
-        model = cls(read_family_config(path, cls.family, RNNConfig))
-        load_torch_weights(model, path)
-        return model.eval()

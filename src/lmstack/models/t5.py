@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import CheckpointError, InputError
-from lmstack.models.checkpoint import assign_weights, load_torch_weights, read_family_config, save_torch_model
+from lmstack.models.checkpoint import TorchCheckpoint, assign_weights
 from lmstack.models.hf_dir import read_hf_dir, take_tensors
 from lmstack.models.sizes import Presets
 
@@ -197,8 +197,9 @@ class DecoderState:
     length: int = 0
 
 
-class T5(nn.Module):
+class T5(nn.Module, TorchCheckpoint):
     family = "t5"
+    config_class = T5Config
     max_context = None  # relative positions: no fixed context window
 
     def __init__(self, config: T5Config):
@@ -354,14 +355,6 @@ class T5(nn.Module):
 
     # --- files --------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, tokenizer=None):
-        return save_torch_model(self, path, tokenizer)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "T5":
-        model = cls(read_family_config(path, cls.family, T5Config))
-        load_torch_weights(model, path)
-        return model.eval()
 
 
 def from_hf_t5(hf_dir: str | os.PathLike):
