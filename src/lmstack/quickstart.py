@@ -128,7 +128,8 @@ def train_ngram(files: dict[str, Path], out: Path, tokenizer=None):
     from lmstack.models.ngram import NGramLM
 
     t0 = time.perf_counter()
-    model = NGramLM.train([files["train"]], order=NGRAM_ORDER, tokenizer=tokenizer)
+    # a small --corpus may have too few repeated 5-grams to estimate discounts: then lmplz's fallback
+    model = NGramLM.train([files["train"]], order=NGRAM_ORDER, tokenizer=tokenizer, discount_fallback=True)
     seconds = time.perf_counter() - t0
     model.save(out)
     return model, seconds
@@ -242,11 +243,11 @@ def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 60) 
 
 
 def default_prompt(heldout: list[str]) -> str:
-    """The start of the first held-out line with a few words (a few characters for text
-    written without spaces, such as Chinese)."""
+    """The first word of the first held-out line with a few words (its first two characters for
+    text written without spaces, such as Chinese)."""
     line = next((s for s in heldout if len(s.split()) >= 3), None) or next(s for s in heldout if s.strip())
     words = line.split()
-    return " ".join(words[:2]) if len(words) >= 3 else line.strip()[:4]
+    return words[0] if len(words) >= 3 else line.strip()[:2]
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -332,8 +333,10 @@ def _staging(out: Path):
 
 
 def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", minutes: float = 10.0,
-        device: str = "auto", seed: int = 1337) -> dict:
+        device: str = "auto", seed: int = 1337, prompt: str | None = None) -> dict:
     """Run the quickstart; returns what results.json holds."""
+    import torch
+
     import lmstack
 
     if not minutes > 0:
@@ -341,15 +344,13 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
     corpus = Path(corpus) if corpus else shipped_corpus()
     out = Path(out)
     budget = 60.0 * minutes
-    import torch
-
-    threads = cpu_threads()
-    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as scratch, _staging(out) as stage:
         work = Path(scratch)
         _stage(1, f"splitting {corpus}")
         files = split_corpus(corpus, work)
         heldout = files["heldout"].read_text(encoding="utf-8").splitlines()
+        threads = cpu_threads()
+        torch.set_num_threads(threads)
 
         _stage(2, f"training a byte-level BPE tokenizer ({TOKENIZER_VOCAB} tokens)")
         tok, tok_s = train_tokenizer(files, stage / "tokenizer")
@@ -383,7 +384,7 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
 
         _stage(7, "sampling from the best model and scoring a sentence against its scramble")
         best = min(rows, key=lambda r: r.bits_per_byte).model
-        prompt = default_prompt(heldout)
+        prompt = default_prompt(heldout) if prompt is None else prompt
         texts = samples(models[best], tokenizers[best], prompt, seed)
         for k, v in texts.items():
             print(f"  {k:>22}: {v!r}")

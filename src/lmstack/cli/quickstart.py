@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--minutes", type=float, default=10.0,
                    help="wall-clock budget; the LSTM and the GPT get most of it (default: 10)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda (default: auto)")
+    p.add_argument("--prompt", default=None,
+                   help="text the samples continue (default: the first word of a held-out line)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     p.set_defaults(func=cmd_quickstart)
 
@@ -24,5 +26,5 @@ def register(sub) -> None:
 def cmd_quickstart(args) -> int:
     from lmstack.quickstart import run
 
-    run(corpus=args.corpus, out=args.out, minutes=args.minutes, device=args.device, seed=args.seed)
+    run(corpus=args.corpus, out=args.out, minutes=args.minutes, device=args.device, seed=args.seed, prompt=args.prompt)
     return 0
