@@ -158,7 +158,7 @@ def fit_chinchilla(n, d, loss, delta: float = HUBER_DELTA, starts: int = 16, ini
     best, best_value = None, math.inf
     for start in candidates:
         x, value = _lbfgs(start, log_n, log_d, log_l, delta)
-        if np.all(np.isfinite(x)) and value < best_value:
+        if np.all(np.isfinite(x)) and x[:3].max() < 700 and value < best_value:  # exp(700) still fits a float
             best, best_value = x, value
     if best is None:
         raise InputError("the scaling-law fit did not converge from any start; check that the losses fall with N and D")
@@ -235,7 +235,8 @@ def fit(n, d, loss, names=None, bootstrap: int = 0, confidence: float = 0.95, se
     """Both laws, and with `bootstrap` > 0 percentile intervals from that many resamples.
 
     A resample without two distinct N and D is drawn again; each refit starts from the full fit
-    (a nearby optimum), so the intervals cost one L-BFGS run per resample.
+    (a nearby optimum) and from the resample's best grid point (in case the full fit sits on a
+    flat ridge, e.g. E -> 0, that the resample would leave), two L-BFGS runs per resample.
     """
     n, d, loss = check_points(n, d, loss, names)
     law, kaplan = fit_chinchilla(n, d, loss), fit_kaplan(n, d, loss)
@@ -249,7 +250,7 @@ def fit(n, d, loss, names=None, bootstrap: int = 0, confidence: float = 0.95, se
                 if len(np.unique(n[idx])) >= 2 and len(np.unique(d[idx])) >= 2:
                     break
             bn, bd, bl = n[idx], d[idx], loss[idx]
-            samples.append(_summary(fit_chinchilla(bn, bd, bl, starts=0, init=law), fit_kaplan(bn, bd, bl)))
+            samples.append(_summary(fit_chinchilla(bn, bd, bl, starts=1, init=law), fit_kaplan(bn, bd, bl)))
         tail = (1 - confidence) / 2 * 100
         for key in samples[0]:
             values = np.array([s[key] for s in samples])
