@@ -124,3 +124,122 @@ def test_cli_bad_inputs_are_one_line(cli, tmp_path):
         proc = cli("eval", "perplexity", *args)
         assert proc.returncode != 0 and proc.stdout == ""
         assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1 and needle in proc.stderr
+
+
+# --- per word, stream mode, bits per byte across tokenizers --------------------------------
+
+
+def test_word_level_ngram_perplexity_per_word_is_its_perplexity():
+    """Words are counted as KenLM counts tokens, so for a word model the two figures agree."""
+    model = NGramLM.train_texts(["a b c", "a c b", "b b a"], order=2, discount_fallback=True)
+    res = perplexity(model, ["a  b\tc", "", "c a zz b"], model.encode, model.bos_id, model.eos_id, model.unk_id)
+    assert res.words == res.tokens == 4 + 1 + 5
+    assert res.perplexity_per_word == pytest.approx(res.perplexity)
+
+
+class CountsUnigram(LanguageModel):
+    """p(v) proportional to fixed counts, whatever the context."""
+
+    def __init__(self, counts: dict[int, int]):
+        self.vocab_size = max(counts) + 1
+        total = sum(counts.values())
+        self.logp = torch.full((self.vocab_size,), -math.inf, dtype=torch.float64)
+        for i, c in counts.items():
+            self.logp[i] = math.log(c / total)
+
+    def next_token_logprobs(self, tokens):
+        return self.logp.expand(*tokens.shape, self.vocab_size)
+
+    def start(self, prompt):  # pragma: no cover - not used here
+        raise NotImplementedError
+
+    def step(self, state, tokens):  # pragma: no cover
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_bits_per_byte_and_per_word_of_unigram_by_counts_match_hand_computation(kind):
+    from collections import Counter
+
+    from lmstack.evaluation.perplexity import stream_perplexity
+    from lmstack.tokenizers.char import CharTokenizer
+    from lmstack.tokenizers.word import WordTokenizer
+
+    docs = ["the cat sat on the mat\nthe dog sat\n", "a cat, a hat\n"]
+    cls = CharTokenizer if kind == "char" else WordTokenizer
+    tok = cls.train(docs, special_tokens=("<|endoftext|>",))
+    eot = tok.eot_id
+    stream = [eot] + [i for d in docs for i in tok.encode(d) + [eot]]
+    counts = Counter(stream[1:])
+    res = stream_perplexity(CountsUnigram(counts), docs, tok.encode, eot, context=5, stride=3)
+    n = len(stream) - 1
+    nats = -sum(c * math.log(c / n) for c in counts.values())
+    assert res.tokens == n
+    assert res.bytes == sum(len(d.encode()) for d in docs) == 48
+    assert res.words == 13 + 3  # 13 words and 3 end-of-lines, whatever the tokenizer
+    assert res.bits_per_byte == pytest.approx(nats / math.log(2) / 48, rel=1e-12)
+    assert res.perplexity_per_word == pytest.approx(math.exp(nats / 16), rel=1e-12)
+    assert res.perplexity == pytest.approx(math.exp(nats / n), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """A random HF GPT-2 (context 16) imported into lmstack, and a char tokenizer for it."""
+    transformers = pytest.importorskip("transformers")
+    from lmstack.models.hf import from_hf
+    from lmstack.tokenizers.char import CharTokenizer
+
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    tok = CharTokenizer.train([text], special_tokens=("<|endoftext|>",))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("gpt2-hf")
+    hf.save_pretrained(d)
+    model, _ = from_hf(d)
+    return hf, model, tok, text
+
+
+def test_gpt_stream_with_stride_equal_to_context_is_the_sum_over_disjoint_windows(tiny_gpt2):
+    from lmstack.evaluation.perplexity import stream_perplexity
+
+    hf, model, tok, text = tiny_gpt2
+    docs = [text, text[:23]]
+    res = stream_perplexity(model, docs, tok.encode, tok.eot_id, context=16, stride=16)
+    ids = torch.tensor([tok.eot_id] + [i for d in docs for i in tok.encode(d) + [tok.eot_id]])
+    total = 0.0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 16):  # inputs ids[s:s+16] predict ids[s+1:s+17]
+            inputs, targets = ids[s : s + 16], ids[s + 1 : s + 17]
+            lp = hf(inputs[None]).logits[0, : len(targets)].double().log_softmax(-1)
+            total += float(lp.gather(-1, targets[:, None]).sum())
+    assert res.tokens == len(ids) - 1
+    assert res.nats == pytest.approx(-total, rel=1e-4)
+    assert res.perplexity == pytest.approx(math.exp(-total / res.tokens), rel=1e-4)
+
+
+def test_stream_scores_every_token_once_whatever_the_stride(tiny_gpt2):
+    """Stride 1 (every token with the fullest window) against one dense pass over a text that
+    fits the window: identical log-probabilities."""
+    from lmstack.evaluation.perplexity import stream_perplexity
+
+    _, model, tok, _ = tiny_gpt2
+    doc = "hear me speak"  # 13 chars + 2 end-of-text: 14 targets, fits a context of 16
+    whole = stream_perplexity(model, [doc], tok.encode, tok.eot_id, context=16, stride=16)
+    for stride in (1, 5, 15):
+        part = stream_perplexity(model, [doc], tok.encode, tok.eot_id, context=16, stride=stride)
+        assert part.tokens == whole.tokens and part.nats == pytest.approx(whole.nats, rel=1e-6)
+
+
+def test_context_longer_than_the_model_names_the_flag(tiny_gpt2):
+    from lmstack.errors import ContextLengthError, InputError
+    from lmstack.evaluation.perplexity import stream_perplexity
+
+    _, model, tok, text = tiny_gpt2
+    with pytest.raises(ContextLengthError, match="--context 17 .* context of 16"):
+        stream_perplexity(model, [text], tok.encode, tok.eot_id, context=17)
+    with pytest.raises(InputError, match="--stride"):
+        stream_perplexity(model, [text], tok.encode, tok.eot_id, context=8, stride=9)

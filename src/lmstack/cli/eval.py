@@ -1,4 +1,4 @@
-"""`lmstack eval perplexity`: perplexity and bits per byte of any model on text files."""
+"""`lmstack eval`: perplexity and bits per byte of any model, side-by-side comparison, benchmark tasks."""
 
 from __future__ import annotations
 
@@ -9,65 +9,156 @@ from lmstack.cli import add_group
 from lmstack.errors import InputError
 from lmstack.io import check_readable, iter_text_chunks
 
+_MODES_HELP = (
+    "lines: each line scored as <s> line </s>, as KenLM's `query` (the n-gram's default); "
+    "stream: the files as one token stream, each followed by end-of-text, through a sliding window of "
+    "--context tokens moved --stride at a time, every token scored once (default for neural models); "
+    "pseudo: pseudo-perplexity of a masked LM, each token masked in turn (BERT's default and only mode)"
+)
+
 
 def register(sub) -> None:
     g = add_group(sub, "eval", "measure language models on text")
     p = g.add_parser(
-        "perplexity", help="perplexity (KenLM's counting) and bits per byte on text files",
-        description="Score each line of the files as <s> line </s>. Tokens are the words (or subword "
-        "tokens) plus one </s> per line; <s> is not counted, as in KenLM's `query`. Unknown words are "
-        "scored as <unk> and reported as OOVs.",
+        "perplexity", help="perplexity (per token and per word) and bits per byte on text files",
+        description="Score text files under any model. Reports tokens, nats, perplexity per token, perplexity "
+        "per word (words = whitespace-separated words plus one end-of-line per line, KenLM's count) and bits "
+        "per byte, which compare models with different tokenizers. Modes: " + _MODES_HELP + ". In lines mode "
+        "unknown words are scored as <unk> and reported as OOVs.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files, one sentence per line")
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (each one a document)")
     p.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory or an .arpa file")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_scoring_options(p)
+    p.add_argument("--mode", choices=("lines", "stream", "pseudo"), help="how to score (default: by family, see above)")
+    p.add_argument("--context", type=int, metavar="N",
+                   help="stream mode: window length in tokens (default: the model's context, or 1024 for RNNs)")
+    p.add_argument("--stride", type=int, metavar="S", help="stream mode: window step in tokens (default: context/2)")
+    p.set_defaults(func=cmd_perplexity)
+
+    c = g.add_parser(
+        "compare", help="one table of several models on the same text (bits per byte, perplexity per word)",
+        description="Score the same files under several models, each in its default mode (" + _MODES_HELP +
+        "), and print one aligned table: bits per byte, perplexity per word, perplexity per token, tokens, "
+        "tokens/s and parameters. Bits per byte and perplexity per word do not depend on the tokenizer, so an "
+        "n-gram, an LSTM and a GPT line up.",
+    )
+    c.add_argument("--models", nargs="+", required=True, metavar="PATH", help="checkpoint directories or .arpa files")
+    c.add_argument("--data", nargs="+", required=True, metavar="FILE", help="UTF-8 text files to score")
+    _add_scoring_options(c)
+    c.set_defaults(func=cmd_compare)
+
+    t = g.add_parser(
+        "tasks", help="benchmark tasks from local JSONL: multiple choice or numeric exact match",
+        description="mc: multiple choice by log-likelihood, lines {\"question\", \"choices\": [...], \"answer\": "
+        "index}; reports acc (highest total log-probability) and acc_norm (highest per character). numeric: "
+        "greedy few-shot generation scored by exact match of the extracted number (GSM8K's '#### N', else "
+        "'the answer is N', else the last number), lines {\"question\", \"answer\"} as in gsm8k_test.jsonl "
+        "or svamp.jsonl.",
+    )
+    t.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
+    t.add_argument("--kind", required=True, choices=("mc", "numeric"), help="task kind")
+    t.add_argument("--file", required=True, metavar="F", help="JSONL file of items")
+    t.add_argument("--shots-file", metavar="F", help="numeric: JSONL file to take few-shot examples from")
+    t.add_argument("--shots", type=int, default=0, metavar="N", help="numeric: examples shown before each question (default: 0)")
+    t.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items")
+    t.add_argument("--max-tokens", type=int, default=256, metavar="N", help="numeric: most generated tokens (default: 256)")
+    t.add_argument("--batch-size", type=int, default=8, metavar="N", help="numeric: prompts per batch (default: 8)")
+    t.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    t.add_argument("--json", action="store_true", help="print one JSON object with every item's result")
+    t.set_defaults(func=cmd_tasks)
+
+
+def _add_scoring_options(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch-tokens", type=int, default=1 << 16, metavar="N",
                    help="padded tokens per model call (default: 65536)")
-    p.set_defaults(func=cmd_perplexity)
 
 
 def text_codec(model, tokenizer) -> dict:
-    """How text becomes the model's ids: the n-gram's own vocabulary, or the checkpoint's
-    tokenizer with its end-of-text token as both sentence start and end."""
-    # (BERT and T5 have an `encode` of their own, over ids; the vocabulary ids tell them apart)
-    if all(hasattr(model, a) for a in ("encode", "bos_id", "eos_id", "unk_id")):
-        return {"encode": model.encode, "bos": model.bos_id, "eos": model.eos_id, "unk": model.unk_id}
-    if tokenizer is None or tokenizer.eot_id is None:
-        raise InputError("this checkpoint has no tokenizer with an end-of-text token; save one with the model")
-    return {"encode": tokenizer.encode, "bos": tokenizer.eot_id, "eos": tokenizer.eot_id, "unk": None}
+    """See lmstack.evaluation.perplexity.text_codec (kept here for callers of its old place)."""
+    from lmstack.evaluation.perplexity import text_codec as codec
+
+    return codec(model, tokenizer)
 
 
-def _lines(paths):
-    """Lines split on \\n only, as KenLM splits them (str.splitlines would also break at form
-    feeds, U+2028 and other separators inside a line)."""
+def _check_files(files) -> list[Path]:
+    """Fail on a missing, empty or non-UTF-8 file before any model is loaded."""
+    paths = [check_readable(f) for f in files]
     for p in paths:
-        for chunk in iter_text_chunks(p):
-            lines = chunk.split("\n")
-            yield from lines[:-1] if chunk.endswith("\n") else lines
+        next(iter_text_chunks(p))
+    return paths
+
+
+def _documents(paths):
+    from lmstack.io import read_text
+
+    return (read_text(p) for p in paths)
 
 
 def cmd_perplexity(args) -> int:
     import lmstack
-    from lmstack.evaluation.perplexity import perplexity
+    from lmstack.evaluation.perplexity import measure
     from lmstack.progress import progress
 
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
-    paths = [check_readable(f) for f in args.files]
-    for p in paths:  # fail on a bad file before loading the model
-        next(iter_text_chunks(p))
+    paths = _check_files(args.files)
     model, tokenizer = lmstack.load(args.model)
-    lines = _lines(paths)
-    with progress(desc="scoring", unit="line") as bar:
-        res = perplexity(model, lines, max_batch_tokens=args.batch_tokens, progress_bar=bar,
-                         **text_codec(model, tokenizer))
-    out = {"model": str(Path(args.model)), "files": [str(p) for p in paths], **res.to_dict()}
+    with progress(desc="scoring", unit="tok") as bar:
+        res = measure(model, tokenizer, _documents(paths), mode=args.mode, context=args.context, stride=args.stride,
+                      max_batch_tokens=args.batch_tokens, progress_bar=bar)
+    out = {"model": str(Path(args.model)), "family": model.family, "files": [str(p) for p in paths], **res.to_dict()}
     if args.json:
         print(json.dumps(out))
-    else:
+        return 0
+    if res.mode == "pseudo":
+        print(f"Pseudo-perplexity:\t{out['pseudo_perplexity']}")
+        print(f"Tokens:\t{res.tokens}")
+        print(f"Note:\t{out['note']}")
+        return 0
+    if res.mode == "lines":
         print(f"Perplexity including OOVs:\t{res.perplexity}")
         print(f"Perplexity excluding OOVs:\t{res.perplexity_excluding_oovs}")
         print(f"OOVs:\t{res.oovs}")
-        print(f"Tokens:\t{res.tokens}")
-        print(f"Bits per byte:\t{res.bits_per_byte}")
+    else:
+        print(f"Perplexity:\t{res.perplexity}")
+        print(f"Window:\tcontext {res.context}, stride {res.stride}")
+    print(f"Tokens:\t{res.tokens}")
+    print(f"Perplexity per word:\t{res.perplexity_per_word}")
+    print(f"Bits per byte:\t{res.bits_per_byte}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from lmstack.evaluation.compare import compare, format_table
+
+    if args.batch_tokens < 1:
+        raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
+    paths = _check_files(args.data)
+    rows = compare(args.models, paths, max_batch_tokens=args.batch_tokens)
+    print(json.dumps(rows) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from lmstack.cli.generate import load_model
+    from lmstack.evaluation.tasks import run
+
+    check_readable(args.file)
+    if args.shots < 0:
+        raise InputError(f"--shots must be >= 0, got {args.shots}")
+    if args.shots and not args.shots_file:
+        raise InputError("--shots needs --shots-file to take the examples from (e.g. gsm8k_train.jsonl)")
+    for name in ("max_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, tokenizer = load_model(args.model, args.device)
+    res = run(args.kind, model, tokenizer, args.file, limit=args.limit, shots_path=args.shots_file, shots=args.shots,
+              max_new_tokens=args.max_tokens, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": args.model, "kind": args.kind, "file": args.file, **res}, ensure_ascii=False))
+    elif args.kind == "mc":
+        print(f"acc {res['acc']:.4f}  acc_norm {res['acc_norm']:.4f}  ({res['n']} items)")
+    else:
+        print(f"exact_match {res['exact_match']:.4f}  ({res['n']} problems)")
     return 0
