@@ -114,6 +114,27 @@ def test_per_word_scores_match_kenlm_query(shared, ts_split):
     assert got == pytest.approx(want, abs=1e-6)
 
 
+def test_sentence_scores_match_kenlm_query(shared, ts_split):
+    """`query -v sentence` totals (log10, </s> included) on the first 20 test lines."""
+    model = NGramLM.load(shared / "fixtures" / "kenlm" / "ts.train.3.arpa")
+    text = (shared / "fixtures" / "kenlm" / "ts.test.3.first20.sentences.txt").read_text()
+    want = [float(line.split()[1]) for line in text.strip().split("\n")]
+    lines = (ts_split / "test.txt").read_text(encoding="utf-8").split("\n")[:20]
+    assert [model.score(line) for line in lines] == pytest.approx(want, abs=1e-5)
+
+
+def test_score_options_follow_kenlm_python():
+    """score(s, bos, eos) as kenlm.Model.score: without bos the first word has no context."""
+    model = NGramLM.train_texts(["a b c", "b c a", "c a b c"], order=3, discount_fallback=True)
+    a, b = model.word_ids["a"], model.word_ids["b"]
+    dense = model.next_token_logprobs(torch.tensor([[BOS_ID, a, b]]))[0] / math.log(10)
+    assert model.score("a b") == pytest.approx(float(dense[0, a] + dense[1, b] + dense[2, EOS_ID]))
+    assert model.score("a b", eos=False) == pytest.approx(float(dense[0, a] + dense[1, b]))
+    unigram10 = model.tables[0].logp
+    after_a = model.next_token_logprobs(torch.tensor([[a]]))[0, 0] / math.log(10)
+    assert model.score("a b", bos=False, eos=False) == pytest.approx(float(unigram10[a] + after_a[b]))
+
+
 # --- the LM contract --------------------------------------------------------------------------
 
 words = st.sampled_from(["a", "b", "c", "d", "e"])

@@ -495,6 +495,12 @@ class NGramLM(LanguageModel):
         get = self._text_ids.get
         return [get(w, UNK_ID) for w in pieces]
 
+    def score(self, text: str, bos: bool = True, eos: bool = True) -> float:
+        """log10 p of one sentence, as `kenlm.Model.score`: from <s> (or from no context with
+        bos=False), with </s> scored at the end unless eos=False."""
+        row = [BOS_ID if bos else -1, *self.encode(text), *([EOS_ID] if eos else [])]
+        return float(self._score10(np.asarray([row], np.int64)).sum())
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids if int(i) not in (BOS_ID, EOS_ID)]
         if self.tokenizer is not None:
