@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 
@@ -85,7 +84,7 @@ def test_span_corruption_inputs_and_targets_rebuild_the_window(corpus):
     text = corpus[2]
     for inp, tgt in zip(b["idx"].tolist(), b["targets"].tolist()):
         assert tgt[-1] == tok.eot_id
-        filled, pieces, current = {}, [], None
+        filled, current = {}, None
         for t in tgt[:-1]:
             if t in sentinels:
                 current = sentinels[t]
