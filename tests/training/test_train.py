@@ -127,3 +127,14 @@ def test_prepare_only_then_train_from_the_shard_directory(small_text, tmp_path, 
     _, tok = load(checkpoint.latest(tmp_path / "run"))
     assert tok.kind == "word" and tok.fingerprint() == manifest["tokenizer"]
     assert not (tmp_path / "run" / "data").exists()  # the given shards were used, not re-made
+
+
+def test_float16_loss_scale_is_checkpointed_and_resumed(tiny, tmp_path):
+    def scaler():
+        return json.loads((checkpoint.latest(tmp_path) / checkpoint.STATE_FILE).read_text())["scaler"]
+
+    train(tiny(tmp_path, max_steps=3, dtype="float16"))
+    assert scaler()["scale"] == 2.0**16 and scaler()["_growth_tracker"] == 3  # three finite steps
+    train(tiny(tmp_path, max_steps=5, dtype="float16"), resume=True)
+    assert scaler()["_growth_tracker"] == 5  # counted on from the checkpoint, not from zero
+    assert train(tiny(tmp_path / "bf16", max_steps=1, dtype="bfloat16"))["loss"] > 0
