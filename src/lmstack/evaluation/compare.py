@@ -63,9 +63,11 @@ def compare(models: Sequence[ModelSpec], data, max_batch_tokens: int = 1 << 16) 
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows as an aligned text table (a missing figure, e.g. a masked LM's perplexity, is "-")."""
+    """The rows as an aligned text table. A masked LM shows its pseudo-perplexity per token (its
+    mode column says "pseudo") and "-" for the figures it does not have."""
     cells = [[h for _, h, _ in COLUMNS]]
     for r in rows:
+        r = {**r, "perplexity": r.get("perplexity") or r.get("pseudo_perplexity")}
         cells.append([fmt.format(r[k]) if r.get(k) is not None else "-" for k, _, fmt in COLUMNS])
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = []
