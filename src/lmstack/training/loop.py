@@ -9,8 +9,9 @@ gradients; log step, tokens, loss, lr, grad norm, tokens/s and MFU. Every `eval_
 steps it validates, every `ckpt_interval` steps it checkpoints, and on SIGINT / SIGTERM it
 checkpoints and returns at the end of the current step.
 
-MFU = flops_per_token × tokens/s ÷ peak FLOP/s. The peak is `--peak-flops` or, on known GPUs,
-their bf16 data-sheet figure; on a CPU it is unknown, so MFU is logged as null.
+tokens/s counts every process's tokens. MFU = flops_per_token × tokens/s ÷ (peak FLOP/s of one
+device × processes). The peak is `--peak-flops` or, on known GPUs, their bf16 data-sheet figure;
+on a CPU it is unknown, so MFU is logged as null.
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ def _train(cfg: TrainConfig, resume: bool, d: distributed.Dist, device: torch.de
             elapsed += dt
             tps = rows * cfg.block_size / dt
             last = {"step": step, "tokens": tokens, "loss": loss_val, "lr": lr, "grad_norm": norm,
-                    "tokens_per_s": tps, "mfu": flops * tps / peak if peak else None, "skipped": not finite}
+                    "tokens_per_s": tps, "mfu": flops * tps / (peak * d.world) if peak else None, "skipped": not finite}
             log.log(last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
