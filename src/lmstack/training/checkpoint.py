@@ -116,6 +116,10 @@ def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Modul
 
 
 def prune(run_dir, keep_last: int) -> None:
+    """Delete all but the last `keep_last` checkpoints and the best one, and any temp directory
+    an interrupted save left behind."""
+    for stale in (Path(run_dir) / CHECKPOINTS).glob(".step_*.tmp"):
+        shutil.rmtree(stale)
     found = list_checkpoints(run_dir)
     scored = [(read_json(p / STATE_FILE).get("val_loss"), p) for p in found]
     scored = [(v, p) for v, p in scored if v is not None]
