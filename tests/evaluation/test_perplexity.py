@@ -243,3 +243,39 @@ def test_context_longer_than_the_model_names_the_flag(tiny_gpt2):
         stream_perplexity(model, [text], tok.encode, tok.eot_id, context=17)
     with pytest.raises(InputError, match="--stride"):
         stream_perplexity(model, [text], tok.encode, tok.eot_id, context=8, stride=9)
+
+
+class CacheLM(LanguageModel):
+    """A unigram mixed with the frequencies of the tokens seen so far (Kuhn & De Mori's cache):
+    a model that gains from every extra token of context, as a trained LM does."""
+
+    def __init__(self, unigram: torch.Tensor, weight: float = 0.3):
+        self.vocab_size, self.unigram, self.weight = len(unigram), unigram, weight
+
+    def next_token_logprobs(self, tokens):
+        seen = torch.nn.functional.one_hot(tokens, self.vocab_size).double().cumsum(1)
+        seen /= torch.arange(1, tokens.shape[1] + 1, dtype=torch.float64)[:, None]
+        return ((1 - self.weight) * self.unigram + self.weight * seen).log()
+
+    def start(self, prompt):  # pragma: no cover - not used here
+        raise NotImplementedError
+
+    def step(self, state, tokens):  # pragma: no cover
+        raise NotImplementedError
+
+
+def test_a_smaller_stride_gives_more_context_and_a_lower_perplexity_on_real_text(shared):
+    from collections import Counter
+
+    from lmstack.evaluation.perplexity import stream_perplexity
+    from lmstack.tokenizers.char import CharTokenizer
+
+    text = (shared / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    train, test = text[:50000], text[50000:55000]
+    tok = CharTokenizer.train([train], special_tokens=("<|endoftext|>",))
+    counts = Counter(tok.encode(train))
+    unigram = torch.tensor([counts.get(i, 0) + 1.0 for i in range(tok.vocab_size)], dtype=torch.float64)
+    model = CacheLM(unigram / unigram.sum())
+    ppl = [stream_perplexity(model, [test], tok.encode, tok.eot_id, context=64, stride=s).perplexity
+           for s in (64, 16, 4)]
+    assert ppl[0] > ppl[1] > ppl[2]
