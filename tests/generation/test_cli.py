@@ -67,9 +67,16 @@ def test_a_checkpoint_without_tokenizer_is_a_clear_error(cli, tmp_path):
     assert proc.returncode != 0 and "no tokenizer.json" in proc.stderr
 
 
-def test_a_model_with_its_own_vocabulary_is_sent_to_its_sampler(cli, tmp_path):
+def test_an_ngram_generates_and_scores_in_its_own_vocabulary(cli, tmp_path):
     from lmstack.models.ngram import NGramLM
 
-    NGramLM.train_texts(["a b c", "a b d"], order=2, discount_fallback=True).save(tmp_path)
-    proc = cli("generate", "--model", tmp_path, "--prompt", "a")
-    assert proc.returncode != 0 and "lmstack ngram sample" in proc.stderr
+    model = NGramLM.train_texts(["a b c", "a b d", "a b c"] * 20, order=2, discount_fallback=True)
+    model.save(tmp_path)
+    out = json.loads(cli("generate", "--model", tmp_path, "--prompt", "a", "--temperature", "0", "--json",
+                         check=True).stdout)
+    assert out["text"] == " b c" and out["finish_reason"] == "stop"  # then </s>, the likeliest after c
+    got = json.loads(cli("score", "--model", tmp_path, "--prompt", "a", "--continuation", "b c", "--json",
+                         check=True).stdout)
+    want = model.token_logprobs(torch.tensor([model.encode("a b c")]))[0]
+    assert [t["piece"] for t in got["tokens"]] == ["b", "c"]
+    assert got["logprob"] == pytest.approx(float(want.sum()))

@@ -45,9 +45,8 @@ def load_model(path: str, device: str):
     import lmstack
 
     model, tokenizer = lmstack.load(path)
-    if hasattr(model, "encode"):  # its ids are its own vocabulary's, not tokenizer.json's
-        raise InputError(f"{path}: this {model.family} model maps text to its own ids; sample it with "
-                         "`lmstack ngram sample` (or lmstack.generation.generate_tokens on model.encode ids)")
+    if hasattr(model, "text_tokenizer"):  # its ids are its own vocabulary's (n-gram), not tokenizer.json's
+        tokenizer = model.text_tokenizer()
     if tokenizer is None:
         raise InputError(f"{path}: the checkpoint has no tokenizer.json, so text cannot be encoded; "
                          "save the model with its tokenizer")

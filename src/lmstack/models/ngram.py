@@ -507,6 +507,12 @@ class NGramLM(LanguageModel):
             return self.tokenizer.decode([int(self.vocab[i]) for i in ids if i != UNK_ID])
         return " ".join(self.vocab[i] for i in ids)
 
+    def text_tokenizer(self) -> "NGramVocab":
+        """This model's own vocabulary as a tokenizer, for the layers that take (model, tokenizer):
+        generation, `lmstack score`, benchmark tasks. (A subword n-gram's tokenizer.json maps
+        text to the tokenizer's ids, not to this model's.)"""
+        return NGramVocab(self)
+
     # --- scoring ------------------------------------------------------------------------------
     def _ids(self, tokens: torch.Tensor) -> np.ndarray:
         ids = tokens.cpu().numpy().astype(np.int64)
@@ -600,6 +606,33 @@ class NGramLM(LanguageModel):
 
     def reorder(self, state, index: torch.Tensor):
         return state[index.cpu().numpy()]
+
+
+class NGramVocab:
+    """Tokenizer-like view of an n-gram's vocabulary: `encode` a line to model ids, `decode` ids
+    to text, `</s>` as end-of-text (generation stops there; an empty prompt starts from it,
+    which the model treats as a context it backs off from).
+
+    A word model decodes every word with a space before it, so a decoded continuation appends
+    to its prompt as text ("the cat" + " sat down"); pieces of a growing decode concatenate."""
+
+    def __init__(self, model: NGramLM):
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.eot_id = EOS_ID
+        self.special_tokens = {BOS: BOS_ID, EOS: EOS_ID}
+
+    def encode(self, text: str) -> list[int]:
+        return self.model.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        if self.model.tokenizer is not None:
+            return self.model.decode(ids)
+        vocab = self.model.vocab
+        return "".join(" " + vocab[int(i)] for i in ids if int(i) not in (BOS_ID, EOS_ID))
+
+    def id_to_piece(self, i: int) -> str:
+        return self.model.vocab[int(i)]
 
 
 def _lookup(table: _Table, prefix: np.ndarray, word: np.ndarray, V: int) -> np.ndarray:
