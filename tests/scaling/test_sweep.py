@@ -103,6 +103,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(swept, monkeypatch):
     assert calls == [(str(out / "L1-E8-H2-T320"), True)]
 
 
+def test_a_changed_config_does_not_reuse_runs_trained_with_the_old_one(swept, tmp_path):
+    config, out, _ = swept
+    changed = tmp_path / "changed.toml"
+    changed.write_text(config.read_text().replace("lr = 1e-2", "lr = 5e-3"))
+    table = (out / "runs.jsonl").read_text()
+    with pytest.raises(InputError, match=r"trained with other settings \(lr\).*another --out-dir"):
+        sweep_mod.run_sweep(changed)
+    assert (out / "runs.jsonl").read_text() == table
+
+
 def _synthetic_table(path, k=4, noise=0.005, tokenizer="t"):
     rng = np.random.default_rng(0)
     with open(path, "w") as f:
@@ -176,3 +186,14 @@ def test_sweep_config_errors_name_the_fix(tmp_path):
     base, grid = sweep_mod.read_sweep_config(bad)
     with pytest.raises(InputError, match="warmup_steps 50"):
         sweep_mod.run_config(base, grid[0], tmp_path)
+
+
+def test_shipped_sweep_configs_resolve_to_valid_training_configs(tmp_path):
+    from lmstack.cli.scaling import shipped_sweeps
+
+    assert "scaling_shakespeare_char" in shipped_sweeps()
+    for path in shipped_sweeps().values():
+        base, grid = sweep_mod.read_sweep_config(path)
+        configs = [sweep_mod.run_config(base, point, tmp_path) for point in grid]
+        assert len({c.out_dir for c in configs}) == len(grid) > 6
+        assert len({c.data_dir for c in configs}) == 1  # one tokenization shared by every run

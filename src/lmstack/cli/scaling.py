@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
+
 
 from lmstack.cli import add_group
 from lmstack.errors import InputError
@@ -23,7 +26,7 @@ def register(sub) -> None:
         "run. Rerunning the command skips recorded runs and resumes an interrupted one.",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="sweep TOML file, or the name of a shipped one "
-                   "(scaling_shakespeare_char)")
+                   f"({', '.join(sorted(shipped_sweeps()))})")
     p.add_argument("--out-dir", metavar="DIR", help="root of the sweep (default: the config's out_dir)")
     p.set_defaults(func=cmd_sweep)
 
@@ -54,11 +57,25 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_fit)
 
 
+def shipped_sweeps() -> dict[str, Path]:
+    """Name -> path of the sweep configs shipped in lmstack/configs (files named scaling_*.toml)."""
+    root = resources.files("lmstack") / "configs"
+    return {Path(e.name).stem: Path(str(e)) for e in root.iterdir() if e.name.startswith("scaling_") and e.name.endswith(".toml")}
+
+
+def _sweep_config(name: str) -> Path:
+    if Path(name).exists():
+        return Path(name)
+    shipped = shipped_sweeps()
+    if name in shipped:
+        return shipped[name]
+    raise InputError(f"--config {name}: no such file, and not a shipped sweep config ({', '.join(sorted(shipped))})")
+
+
 def cmd_sweep(args) -> int:
-    from lmstack.cli.train import _config_path
     from lmstack.scaling.sweep import CSV_FILE, RUNS_FILE, run_sweep
 
-    root, rows = run_sweep(_config_path(args.config), args.out_dir)
+    root, rows = run_sweep(_sweep_config(args.config), args.out_dir)
     print(f"{len(rows)} runs in {root / RUNS_FILE} and {root / CSV_FILE}")
     for r in rows:
         loss = "—" if r["val_loss"] is None else f"{r['val_loss']:.4f}"

@@ -206,12 +206,20 @@ def run_sweep(config_path: str | os.PathLike, out_dir: str | None = None) -> tup
     """Train every grid point whose row is not yet in the table; returns the root and the rows."""
     from lmstack.progress import progress
     from lmstack.training.checkpoint import list_checkpoints
-    from lmstack.training.config import CONFIG_FILE
+    from lmstack.training.config import CONFIG_FILE, read_file
     from lmstack.training.loop import train
 
     base, grid = read_sweep_config(config_path)
     root = Path(out_dir or base.get("out_dir") or "runs/scaling")
     configs = [(point, run_config(base, point, root)) for point in grid]  # every config checked before training
+    for _, cfg in configs:  # a changed config must not silently reuse runs trained with the old one
+        saved_path = Path(cfg.out_dir) / CONFIG_FILE
+        if saved_path.exists():
+            saved, wanted = read_file(saved_path), cfg.to_dict()
+            changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+            if changed:
+                raise InputError(f"{cfg.out_dir} was trained with other settings ({', '.join(changed)}); "
+                                 "sweep into another --out-dir, or delete that run to retrain it")
     done = {r["name"]: r for r in _read_table(root / RUNS_FILE)} if (root / RUNS_FILE).exists() else {}
     for point, cfg in progress(configs, desc="sweep", unit="run"):
         if point.name in done:
