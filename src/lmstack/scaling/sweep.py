@@ -7,15 +7,16 @@ A sweep config is a training config (any `lmstack train` field, shared by every 
     models = ["d1", {n_layer = 2, n_embd = 96, n_head = 4}]   # presets or [model] overrides
     tokens = [2e5, 5e5, 1e6]                                  # training tokens per run
 
-Run `name` lives in OUT_DIR/NAME and trains for ceil(tokens / tokens-per-step) steps, the
-learning-rate schedule stretched to its length (Hoffmann et al.: a cosine longer than the run
-overestimates its loss). Every run shares one seed, one tokenization (OUT_DIR/data) and therefore
+Each run lives in OUT_DIR/NAME (e.g. L2-E96-H4-T1M) and trains for ceil(tokens / tokens-per-step)
+steps, the learning-rate schedule stretched to its length (Hoffmann et al.: a cosine longer than
+the run overestimates its loss). Every run shares one seed, one tokenization (OUT_DIR/data) and therefore
 the same validation windows, so their losses are comparable.
 
 The table OUT_DIR/runs.jsonl (and runs.csv beside it) gets one row per finished run: total and
 non-embedding parameters N, tokens D, compute 6·N·D (total N) and the final validation loss. The
 sweep is resumable: rows already in the table are skipped, and an interrupted run continues from
-its last checkpoint.
+its last checkpoint. A run directory trained with other settings than the config now asks for is
+refused rather than reused, so an edited config never mixes two recipes in one table.
 """
 
 from __future__ import annotations
