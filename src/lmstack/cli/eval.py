@@ -97,14 +97,14 @@ def _documents(paths):
 
 def cmd_perplexity(args) -> int:
     import lmstack
-    from lmstack.evaluation.perplexity import measure
+    from lmstack.evaluation.perplexity import PROGRESS_UNITS, default_mode, measure
     from lmstack.progress import progress
 
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
     paths = _check_files(args.files)
     model, tokenizer = lmstack.load(args.model)
-    with progress(desc="scoring", unit="tok") as bar:
+    with progress(desc="scoring", unit=PROGRESS_UNITS.get(args.mode or default_mode(model), "it")) as bar:
         res = measure(model, tokenizer, _documents(paths), mode=args.mode, context=args.context, stride=args.stride,
                       max_batch_tokens=args.batch_tokens, progress_bar=bar)
     out = {"model": str(Path(args.model)), "family": model.family, "files": [str(p) for p in paths], **res.to_dict()}

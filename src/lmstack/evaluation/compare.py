@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from lmstack.errors import InputError
-from lmstack.evaluation.perplexity import measure
+from lmstack.evaluation.perplexity import PROGRESS_UNITS, default_mode, measure
 from lmstack.progress import progress
 
 ModelSpec = Union[str, os.PathLike, tuple]  # a checkpoint path (or .arpa file), or (model, tokenizer)
@@ -54,7 +54,7 @@ def compare(models: Sequence[ModelSpec], data, max_batch_tokens: int = 1 << 16) 
     for m in models:
         name = m[0].__class__.__name__ if isinstance(m, tuple) else str(m)
         model, tokenizer = m if isinstance(m, tuple) else lmstack.load(m)
-        with progress(desc=f"scoring {name}", unit="tok") as bar:
+        with progress(desc=f"scoring {name}", unit=PROGRESS_UNITS[default_mode(model)]) as bar:
             res = measure(model, tokenizer, docs, max_batch_tokens=max_batch_tokens, progress_bar=bar)
         rows.append({"model": name, "family": getattr(model, "family", ""), "parameters": _parameters(model),
                      **res.to_dict()})

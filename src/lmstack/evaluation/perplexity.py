@@ -289,6 +289,8 @@ def pseudo_perplexity(model, lines: Iterable[str], encode: Callable[[str], list[
 # --- one call for any checkpoint (what `eval perplexity` and `eval compare` run) -------------
 
 MODES = ("lines", "stream", "pseudo")
+#: what a progress bar passed to `measure` counts in each mode
+PROGRESS_UNITS = {"lines": "line", "stream": "tok", "pseudo": "line"}
 
 
 def text_codec(model, tokenizer) -> dict:
