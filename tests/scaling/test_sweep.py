@@ -197,3 +197,18 @@ def test_shipped_sweep_configs_resolve_to_valid_training_configs(tmp_path):
         configs = [sweep_mod.run_config(base, point, tmp_path) for point in grid]
         assert len({c.out_dir for c in configs}) == len(grid) > 6
         assert len({c.data_dir for c in configs}) == 1  # one tokenization shared by every run
+
+
+def test_fit_command_can_use_non_embedding_parameters(tmp_path, cli):
+    table = _synthetic_table(tmp_path / "runs.jsonl", noise=0.0)
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    for r in rows:
+        r["n_params_non_embedding"] = r["n_params"] / 2
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fits = {}
+    for params in ("total", "non_embedding"):
+        cli("scaling", "fit", table, "--params", params, "--bootstrap", "0", "--out", tmp_path / f"{params}.json", check=True)
+        fits[params] = json.loads((tmp_path / f"{params}.json").read_text())["chinchilla"]
+    # Halving every N leaves the exponent and rescales A by 2^-alpha: A/N^alpha is unchanged.
+    assert fits["non_embedding"]["alpha"] == pytest.approx(fits["total"]["alpha"], rel=1e-3)
+    assert fits["non_embedding"]["A"] == pytest.approx(fits["total"]["A"] * 2 ** -fits["total"]["alpha"], rel=1e-2)
