@@ -69,6 +69,7 @@ def register(sub) -> None:
 
 
 def _add_scoring_options(p) -> None:
+    p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--batch-tokens", type=int, default=1 << 16, metavar="N",
                    help="padded tokens per model call (default: 65536)")
@@ -96,14 +97,14 @@ def _documents(paths):
 
 
 def cmd_perplexity(args) -> int:
-    import lmstack
+    from lmstack.cli.generate import load_model
     from lmstack.evaluation.perplexity import PROGRESS_UNITS, default_mode, measure
     from lmstack.progress import progress
 
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
     paths = _check_files(args.files)
-    model, tokenizer = lmstack.load(args.model)
+    model, tokenizer = load_model(args.model, args.device)
     with progress(desc="scoring", unit=PROGRESS_UNITS.get(args.mode or default_mode(model), "it")) as bar:
         res = measure(model, tokenizer, _documents(paths), mode=args.mode, context=args.context, stride=args.stride,
                       max_batch_tokens=args.batch_tokens, progress_bar=bar)
@@ -135,7 +136,7 @@ def cmd_compare(args) -> int:
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
     paths = _check_files(args.data)
-    rows = compare(args.models, paths, max_batch_tokens=args.batch_tokens)
+    rows = compare(args.models, paths, max_batch_tokens=args.batch_tokens, device=args.device)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 
