@@ -31,12 +31,13 @@ def lmstack_cli(capsys, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    """A char-level GPT (context 64), RNN and BERT, and a word 2-gram, trained on nothing: the
+    """A char-level GPT (context 64), RNN, BERT and T5, and a word 2-gram, trained on nothing: the
     numbers are checked against the library, not against quality."""
     from lmstack.models.bert import BERT, BERTConfig
     from lmstack.models.gpt import GPT, GPTConfig
     from lmstack.models.ngram import NGramLM
     from lmstack.models.rnn import RNNLM, RNNConfig
+    from lmstack.models.t5 import T5, T5Config
     from lmstack.tokenizers.char import CharTokenizer
 
     d = tmp_path_factory.mktemp("ckpts")
@@ -49,6 +50,7 @@ def ckpts(tmp_path_factory):
     BERT(BERTConfig.preset("tiny", vocab_size=tok.vocab_size, max_position=16, mask_token_id=mask,
                            cls_token_id=tok.eot_id, sep_token_id=tok.eot_id)).save(d / "bert", tok)
     NGramLM.train_texts(TEXT.splitlines() * 2, order=2, discount_fallback=True).save(d / "ngram")
+    T5(T5Config.preset("tiny", vocab_size=tok.vocab_size)).save(d / "t5", tok)
     return d
 
 
@@ -78,6 +80,16 @@ def test_ngram_keeps_kenlm_lines_mode_with_per_word_figures(lmstack_cli, ckpts):
     assert got["perplexity_per_word"] == pytest.approx(got["perplexity"])
 
 
+def test_t5_scores_each_line_as_a_target(lmstack_cli, ckpts):
+    import lmstack
+    from lmstack.evaluation.perplexity import measure
+
+    got = json.loads(lmstack_cli("eval", "perplexity", "--model", ckpts / "t5", ckpts / "test.txt", "--json"))
+    model, tok = lmstack.load(ckpts / "t5")
+    assert got["mode"] == "lines" and got["tokens"] == len(TEXT)  # characters, and </s> for each newline
+    assert got["bits_per_byte"] == pytest.approx(measure(model, tok, [TEXT]).bits_per_byte, rel=1e-6)
+
+
 def test_bert_reports_pseudo_perplexity_from_its_pseudo_log_likelihood(lmstack_cli, ckpts):
     import lmstack
 
@@ -95,14 +107,14 @@ def test_bert_reports_pseudo_perplexity_from_its_pseudo_log_likelihood(lmstack_c
 
 
 def test_compare_prints_one_aligned_row_per_model(lmstack_cli, ckpts):
-    models = [ckpts / "ngram", ckpts / "rnn", ckpts / "gpt"]
+    models = [ckpts / "ngram", ckpts / "rnn", ckpts / "gpt", ckpts / "t5"]
     rows = json.loads(lmstack_cli("eval", "compare", "--models", *models, "--data", ckpts / "test.txt", "--json"))
-    assert [r["mode"] for r in rows] == ["lines", "stream", "stream"]
+    assert [r["mode"] for r in rows] == ["lines", "stream", "stream", "lines"]
     assert all(r["bytes"] == len(TEXT) and r["parameters"] > 0 for r in rows)
     single = json.loads(lmstack_cli("eval", "perplexity", "--model", ckpts / "rnn", ckpts / "test.txt", "--json"))
     assert rows[1]["bits_per_byte"] == pytest.approx(single["bits_per_byte"])
     table = lmstack_cli("eval", "compare", "--models", *models, "--data", ckpts / "test.txt").splitlines()
-    assert len(table) == 4 and table[0].split()[:3] == ["model", "mode", "bits/byte"]
+    assert len(table) == 5 and table[0].split()[:3] == ["model", "mode", "bits/byte"]
     assert len({len(line) for line in table}) == 1  # aligned columns
     assert f"{rows[2]['bits_per_byte']:.4f}" in table[3]
 

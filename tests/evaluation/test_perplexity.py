@@ -279,3 +279,33 @@ def test_a_smaller_stride_gives_more_context_and_a_lower_perplexity_on_real_text
     ppl = [stream_perplexity(model, [test], tok.encode, tok.eot_id, context=64, stride=s).perplexity
            for s in (64, 16, 4)]
     assert ppl[0] > ppl[1] > ppl[2]
+
+
+def test_t5_decoder_scores_each_line_as_hf_t5_does_from_an_empty_source(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmstack.evaluation.perplexity import measure
+    from lmstack.models.t5 import from_hf_t5
+    from lmstack.tokenizers.char import CharTokenizer
+
+    text = "the cat sat\n\nsat the cat on\n"
+    tok = CharTokenizer.train([text])
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=tok.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    hf = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    hf.save_pretrained(tmp_path)
+    model, _ = from_hf_t5(tmp_path)
+    res = measure(model, tok, [text])
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for line in text.splitlines():
+            labels = torch.tensor([tok.encode(line) + [1]])
+            lp = hf(input_ids=torch.tensor([[1]]), labels=labels).logits.double().log_softmax(-1)
+            total += float(lp.gather(-1, labels[..., None]).sum())
+            tokens += labels.shape[1]
+    assert res.mode == "lines" and res.tokens == tokens
+    assert res.nats == pytest.approx(-total, rel=1e-4)
+    assert res.bits_per_byte == pytest.approx(-total / math.log(2) / len(text), rel=1e-4)

@@ -10,7 +10,8 @@ from lmstack.errors import InputError
 from lmstack.io import check_readable, iter_text_chunks
 
 _MODES_HELP = (
-    "lines: each line scored as <s> line </s>, as KenLM's `query` (the n-gram's default); "
+    "lines: each line scored as <s> line </s>, as KenLM's `query` (the n-gram's default; T5's, each line a "
+    "target from an empty source); "
     "stream: the files as one token stream, each followed by end-of-text, through a sliding window of "
     "--context tokens moved --stride at a time, every token scored once (default for neural models); "
     "pseudo: pseudo-perplexity of a masked LM, each token masked in turn (BERT's default and only mode)"

@@ -6,7 +6,8 @@ Two ways to score text, both reporting the same fields:
   `<s> w1 .. wk </s>`; the k tokens and `</s>` count, `<s>` is only context. Out-of-vocabulary
   words are scored (as `<unk>`) and counted separately, so both KenLM figures come out. The
   n-gram's default, and the only mode for it (its vocabulary has sentence marks, not a
-  document separator).
+  document separator). T5 is scored this way too: each line as the decoder's target after its
+  start token, from an empty source (`SourceFree`), with `</s>` at the end.
 - `stream_perplexity` (mode "stream"): the documents as one token stream, each one followed by
   end-of-text (which is scored, like `</s>`), read through a sliding window of `context` tokens
   moved `stride` tokens at a time. Every token is scored exactly once, with as much left context
@@ -14,6 +15,7 @@ Two ways to score text, both reporting the same fields:
   "perplexity of fixed-length models" recipe. Neural families' default. Unbounded families (RNN,
   feed-forward) get the same windows, each from a fresh state, so every family is measured the
   same way.
+- `pseudo_perplexity` (mode "pseudo"): a masked LM's (BERT's) pseudo-perplexity per line.
 
 Normalisations, so that models with different tokenizers (and the n-gram) are comparable:
 - per token: exp(nats / tokens), the model's own perplexity;
@@ -304,12 +306,31 @@ def text_codec(model, tokenizer) -> dict:
     return {"encode": tokenizer.encode, "bos": tokenizer.eot_id, "eos": tokenizer.eot_id, "unk": None}
 
 
+class SourceFree(LanguageModel):
+    """An encoder-decoder (T5) as a causal LM of text: p(y) = p(y | an empty source, just </s>),
+    so its decoder is measured as the other families are. Rows start with the decoder's start
+    token, which is only context; only `token_logprobs` (what perplexity needs) is provided."""
+
+    max_context = None
+
+    def __init__(self, seq2seq):
+        self.seq2seq, self.family, self.vocab_size = seq2seq, seq2seq.family, seq2seq.config.vocab_size
+
+    def parameters(self):
+        return self.seq2seq.parameters()
+
+    def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        source = tokens.new_full((tokens.shape[0], 1), self.seq2seq.config.eos_token_id)
+        logits, _ = self.seq2seq(source, tokens[:, 1:])  # teacher forcing from the start token
+        return logits.float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
 def default_mode(model) -> str:
-    """pseudo for a masked LM, lines for a model with sentence marks of its own (the n-gram),
-    stream for the rest."""
+    """pseudo for a masked LM, lines for a model with sentence marks of its own (the n-gram) and
+    for an encoder-decoder (each line a target), stream for the rest."""
     if hasattr(model, "pseudo_log_likelihood"):
         return "pseudo"
-    return "lines" if hasattr(model, "bos_id") else "stream"
+    return "lines" if hasattr(model, "bos_id") or hasattr(model, "log_prob") else "stream"
 
 
 def measure(model, tokenizer, documents: Iterable[str], mode: str | None = None, context: int | None = None,
@@ -322,17 +343,24 @@ def measure(model, tokenizer, documents: Iterable[str], mode: str | None = None,
     if (mode == "pseudo") != hasattr(model, "pseudo_log_likelihood"):
         want = "pseudo" if mode != "pseudo" else default_mode(model)
         raise InputError(f"--mode {mode} does not apply to a {family} model; use --mode {want}")
-    if mode != "pseudo" and not isinstance(model, LanguageModel):
-        raise InputError(f"a {family} model is not a causal language model of text; eval perplexity scores "
-                         "n-gram, feed-forward, RNN and GPT checkpoints (and BERT by pseudo-perplexity)")
     if (context is not None or stride is not None) and mode != "stream":
         raise InputError("--context and --stride apply to --mode stream only")
     lines = (line for doc in documents for line in split_lines(doc))
+    if (mode == "pseudo" or hasattr(model, "log_prob")) and tokenizer is None:
+        raise InputError(f"this {family} checkpoint has no tokenizer.json; save one with the model")
     if mode == "pseudo":
-        if tokenizer is None:
-            raise InputError("this BERT checkpoint has no tokenizer.json; save one with the model")
         return pseudo_perplexity(model, lines, tokenizer.encode, progress_bar=progress_bar)
-    codec = text_codec(model, tokenizer)
+    if hasattr(model, "log_prob"):  # encoder-decoder: each line a target, after the decoder's start token
+        if mode != "lines":
+            raise InputError(f"a {family} model scores each line as a target; use --mode lines")
+        cfg = model.config
+        model = SourceFree(model)
+        codec = {"encode": tokenizer.encode, "bos": cfg.decoder_start_token_id, "eos": cfg.eos_token_id, "unk": None}
+    elif isinstance(model, LanguageModel):
+        codec = text_codec(model, tokenizer)
+    else:
+        raise InputError(f"a {family} model is not a language model of text; eval perplexity scores n-gram, "
+                         "feed-forward, RNN, GPT and T5 checkpoints (and BERT by pseudo-perplexity)")
     if mode == "lines":
         return perplexity(model, lines, max_batch_tokens=max_batch_tokens, progress_bar=progress_bar, **codec)
     if codec["bos"] != codec["eos"]:
