@@ -1,6 +1,6 @@
 """Perplexity, perplexity per word and bits per byte of any language model on the contract.
 
-Two ways to score text, both reporting the same fields:
+Three ways to score text, all reporting the same fields:
 
 - `perplexity` (mode "lines"), as KenLM's `query` counts: each line is the sentence
   `<s> w1 .. wk </s>`; the k tokens and `</s>` count, `<s>` is only context. Out-of-vocabulary
