@@ -60,9 +60,11 @@ def register(sub) -> None:
     t.add_argument("--kind", required=True, choices=("mc", "numeric"), help="task kind")
     t.add_argument("--file", required=True, metavar="F", help="JSONL file of items")
     t.add_argument("--shots-file", metavar="F", help="numeric: JSONL file to take few-shot examples from")
-    t.add_argument("--shots", type=int, default=0, metavar="N", help="numeric: examples shown before each question (default: 0)")
+    t.add_argument("--shots", type=int, default=0, metavar="N",
+                   help="numeric: examples shown before each question (default: 0)")
     t.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items")
-    t.add_argument("--max-tokens", type=int, default=256, metavar="N", help="numeric: most generated tokens (default: 256)")
+    t.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="numeric: most generated tokens (default: 256)")
     t.add_argument("--batch-size", type=int, default=8, metavar="N", help="numeric: prompts per batch (default: 8)")
     t.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     t.add_argument("--json", action="store_true", help="print one JSON object with every item's result")
