@@ -36,7 +36,8 @@ def test_every_tutorial_has_runnable_blocks():
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_runnable_blocks_run(path: Path, tmp_path: Path):
-    env = {**os.environ, "LMSTACK_NO_PROGRESS": "1"}
+    # one torch thread: the examples' models are tiny, and a thread pool on shared cores only spins
+    env = {**os.environ, "LMSTACK_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     for i, block in enumerate(runnable_blocks(path), 1):
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)

@@ -58,7 +58,7 @@ def test_curves_png_when_matplotlib_is_installed(run):
     out, _, results = run
     pytest.importorskip("matplotlib")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not results["notes"]
+    assert results["curves"]
 
 
 def test_reported_bits_per_byte_reproduce_from_the_saved_checkpoints(run, small_corpus, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "quickstart", help="train and compare five language models on a small corpus in ~10 minutes",
+        "quickstart", help="train and compare four language models on a small corpus in ~10 minutes",
         description="Train a BPE tokenizer, a word 5-gram and a subword 5-gram (modified Kneser-Ney), an LSTM "
         "and a small GPT on a small corpus (Tiny Shakespeare, shipped with lmstack, unless --corpus is "
         "given); score them on the held-out last tenth of the lines in bits per byte; sample from the "
