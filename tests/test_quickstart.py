@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import lmstack
 from lmstack.cli import main
-from lmstack.cli.eval import text_codec
-from lmstack.evaluation.perplexity import perplexity
+from lmstack.evaluation.compare import compare
 from lmstack.quickstart import SAMPLING, SENTENCES, shipped_corpus, split_corpus
 
 MODELS = ["word 5-gram", "subword 5-gram", "LSTM", "GPT"]
@@ -61,15 +59,17 @@ def test_curves_png_when_matplotlib_is_installed(run):
     assert results["curves"]
 
 
-def test_reported_bits_per_byte_reproduce_from_the_saved_checkpoints(run, small_corpus, tmp_path):
-    """The table's numbers are what `lmstack eval perplexity` gives the checkpoints on the held-out lines."""
+def test_reported_numbers_are_eval_compare_on_the_saved_checkpoints(run, small_corpus, tmp_path):
+    """The table is what `lmstack eval compare` gives the saved checkpoints on the held-out lines."""
     out, _, results = run
-    heldout = split_corpus(small_corpus, tmp_path)["heldout"].read_text(encoding="utf-8").splitlines()
-    rows = {r["model"]: r for r in results["table"]}
-    for name in ("word 5-gram", "GPT"):
-        model, tok = lmstack.load(out / rows[name]["path"])
-        res = perplexity(model, heldout, **text_codec(model, tok))
-        assert res.bits_per_byte == pytest.approx(rows[name]["bits_per_byte"], rel=1e-6)
+    heldout = split_corpus(small_corpus, tmp_path)["heldout"]
+    rows = [r for r in results["table"] if r["model"] in ("word 5-gram", "GPT")]
+    again = compare([out / r["path"] for r in rows], [heldout])
+    for r, a in zip(rows, again):
+        assert (r["mode"], r["tokens"], r["oovs"]) == (a["mode"], a["tokens"], a["oovs"])
+        assert r["bits_per_byte"] == pytest.approx(a["bits_per_byte"], rel=1e-6)
+        assert r["ppl_word"] == pytest.approx(a["perplexity_per_word"], rel=1e-6)
+    assert [r["mode"] for r in rows] == ["lines", "stream"]
 
 
 def test_samples_and_sentence_scores(run):

@@ -8,15 +8,14 @@ temperatures and truncations, and ask every model how likely a grammatical sente
 the same words scrambled. Everything is built in a hidden directory beside `--out` and renamed
 into place at the end, so a run that fails or is interrupted leaves no half-written results.
 
-The neural models are trained on one JSONL document per line, so they learn the line ends the
-n-grams know as `</s>`, and every model is scored on the same footing: each held-out line alone,
-as `<eot> line <eot>` (see `lmstack.evaluation.perplexity`).
+The table is `lmstack eval compare`'s (`lmstack.evaluation.compare`): each model scored in its
+default mode, the n-grams line by line between their sentence marks, the neural models reading
+the held-out text as one stream through a sliding window of their context.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import tempfile
@@ -39,8 +38,7 @@ BUDGET_SHARE = {"lstm": 0.15, "gpt": 0.65}
 WARMUP_STEPS = 8  # timed steps before each neural run, to turn its seconds into optimizer steps
 # Recipes for a 2-core CPU. Small batches: in a few CPU-minutes many small steps beat few large
 # ones (on loaded cores, GPT steps of 16 x 64 tokens reached 2.43 held-out bits per byte where
-# 32 x 128 tokens reached 3.20 in the same time). The GPT's 128-token context holds any line of
-# Tiny Shakespeare whole when scored.
+# 32 x 128 tokens reached 3.20 in the same time).
 RECIPES = {
     "lstm": dict(family="rnn", block_size=64, batch_size=16, lr=4e-3, min_lr=4e-4, weight_decay=0.0, grad_clip=1.0,
                  model=dict(cell="lstm", d_embed=256, d_hidden=256, n_layers=2, dropout=0.1)),
@@ -62,7 +60,8 @@ class Row:
     """One line of the comparison table."""
 
     model: str
-    params: int  # weights, or stored n-grams for a count model
+    mode: str  # how it read the held-out text: "lines" (each between sentence marks) or "stream"
+    params: int  # weights, or stored probabilities and back-offs for an n-gram
     train_s: float
     bits_per_byte: float
     ppl_token: float
@@ -77,8 +76,7 @@ def shipped_corpus() -> Path:
 
 
 def split_corpus(path: Path, work: Path) -> dict[str, Path]:
-    """Train / held-out files (last ~10% of lines), as text for the n-grams and as JSONL (one
-    document per line) for the training engine."""
+    """Train and held-out files: the last ~10% of the lines held out."""
     text = read_text(path)  # names the file if missing, empty, binary or not UTF-8
     lines = text.splitlines()
     if len(lines) < MIN_LINES or len(text.encode("utf-8")) < MIN_BYTES:
@@ -92,9 +90,6 @@ def split_corpus(path: Path, work: Path) -> dict[str, Path]:
     for name, part in parts.items():
         out[name] = work / f"{name}.txt"
         out[name].write_text("".join(s + "\n" for s in part), encoding="utf-8")
-        out[f"{name}_jsonl"] = work / f"{name}.jsonl"
-        out[f"{name}_jsonl"].write_text("".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in part),
-                                        encoding="utf-8")
     return out
 
 
@@ -143,7 +138,7 @@ def prepare_data(files: dict[str, Path], tok, tok_dir: Path, out: Path) -> Path:
     last `val_fraction` of the bytes; half a byte of slack keeps the rounding on the boundary)."""
     from lmstack.data.shards import prepare_shards
 
-    paths = [files["train_jsonl"], files["heldout_jsonl"]]
+    paths = [files["train"], files["heldout"]]
     total = sum(p.stat().st_size for p in paths)
     prepare_shards(paths, tok, out, val_fraction=(paths[1].stat().st_size + 0.5) / total)
     tok.save(out / "tokenizer.json")
@@ -192,55 +187,26 @@ def train_neural(name: str, shards: Path, out: Path, work: Path, seconds: float,
 # --- measuring ---------------------------------------------------------------------------------
 
 
-def _codec(model, tokenizer) -> dict:
-    from lmstack.cli.eval import text_codec
+def evaluate(models: dict[str, tuple], heldout: Path) -> list[dict]:
+    """`lmstack eval compare`'s rows for (model, tokenizer) pairs on the held-out file."""
+    from lmstack.evaluation.compare import compare
 
-    return text_codec(model, tokenizer)
-
-
-def _eval_lines(lines: list[str], max_bytes: int | None) -> list[str]:
-    """Held-out lines, each cut into pieces of at most `max_bytes` UTF-8 bytes when a model has a
-    context limit, so every model scores the same pieces (every BPE token is at least a byte)."""
-    if max_bytes is None:
-        return lines
-    out = []
-    for line in lines:
-        piece, size = [], 0
-        for ch in line:
-            n = len(ch.encode("utf-8"))
-            if size + n > max_bytes:
-                out.append("".join(piece))
-                piece, size = [], 0
-            piece.append(ch)
-            size += n
-        out.append("".join(piece))
-    return out
-
-
-def evaluate(name: str, model, tokenizer, lines: list[str], words: int) -> dict:
-    """Bits per byte and perplexity per token and per word (`words` counts a `</s>` per line, as
-    the word n-gram's tokens do) on the held-out lines."""
-    from lmstack.evaluation.perplexity import perplexity
-    from lmstack.progress import progress
-
-    with progress(total=len(lines), desc=f"scoring {name}", unit="line") as bar:
-        res = perplexity(model, lines, progress_bar=bar, **_codec(model, tokenizer))
-    return {"bits_per_byte": res.bits_per_byte, "ppl_token": res.perplexity,
-            "ppl_word": 10.0 ** (-res.log10_prob / words), "tokens": res.tokens, "oovs": res.oovs}
+    return compare(list(models.values()), [heldout])
 
 
 def sentence_log2(model, tokenizer, sentence: str) -> float:
     """log2 p(<s> sentence </s>) under the model."""
-    from lmstack.evaluation.perplexity import perplexity
+    from lmstack.evaluation.perplexity import perplexity, text_codec
 
-    return perplexity(model, [sentence], **_codec(model, tokenizer)).log10_prob * math.log2(10.0)
+    return perplexity(model, [sentence], **text_codec(model, tokenizer)).log10_prob * math.log2(10.0)
 
 
 def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 60) -> dict[str, str]:
     """The same prompt under each decoding setting in SAMPLING; each sample ends at a line end."""
+    from lmstack.evaluation.perplexity import text_codec
     from lmstack.generation import GenerationConfig, generate_tokens
 
-    codec = _codec(model, tokenizer)
+    codec = text_codec(model, tokenizer)
     decode = model.decode if hasattr(model, "encode") else tokenizer.decode
     prompt_ids = [codec["bos"], *codec["encode"](prompt)]
     configs = [GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_at_eot=False, **opts)
@@ -264,8 +230,9 @@ def default_prompt(heldout: list[str]) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = "| model | parameters | train time (s) | bits/byte | ppl/token | ppl/word |\n|---|---:|---:|---:|---:|---:|\n"
-    return head + "".join(f"| {r.model} | {r.params:,} | {r.train_s:.1f} | {r.bits_per_byte:.3f} | "
+    head = ("| model | scored | parameters | train time (s) | bits/byte | ppl/token | ppl/word |\n"
+            "|---|---|---:|---:|---:|---:|---:|\n")
+    return head + "".join(f"| {r.model} | {r.mode} | {r.params:,} | {r.train_s:.1f} | {r.bits_per_byte:.3f} | "
                           f"{r.ppl_token:.2f} | {r.ppl_word:.1f} |\n" for r in rows)
 
 
@@ -302,9 +269,11 @@ def plot_curves(runs: dict[str, Path], path: Path) -> str | None:
 
 def write_report(out: Path, corpus: Path, rows: list[Row], best: str, prompt: str, texts: dict[str, str],
                  sentences: dict[str, dict[str, float]], notes: list[str]) -> None:
-    md = [f"# lmstack quickstart\n\nCorpus: `{corpus}` (last tenth of the lines held out). Every model scores "
-          "each held-out line alone, as `<s> line </s>`; bits per byte make models with different "
-          "vocabularies comparable (lower is better).\n\n", table(rows),
+    md = [f"# lmstack quickstart\n\nCorpus: `{corpus}` (last tenth of the lines held out), scored as "
+          "`lmstack eval compare` scores: the n-grams line by line (`lines`, each as `<s> line </s>`), the "
+          "neural models reading the held-out text as one stream through a sliding window of their context "
+          "(`stream`). Bits per byte and perplexity per word divide by the text's bytes and words, so models "
+          "with different vocabularies compare (lower is better).\n\n", table(rows),
           f"\n## Samples from the best model ({best})\n\nPrompt: `{prompt}`\n\n"]
     md += [f"- **{k}**: {v!r}\n" for k, v in texts.items()]
     md.append("\n## A grammatical sentence versus the same words scrambled (log2 probability)\n\n"
@@ -379,17 +348,13 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
             models[name], tokenizers[name] = lmstack.load(ckpt)  # scored and sampled on the CPU
             models[name].eval()
 
-        _stage(6, "scoring every model on the held-out lines")
-        lines = _eval_lines(heldout, models["GPT"].max_context - 2)
-        words = sum(len(s.split()) + 1 for s in lines)
+        _stage(6, "scoring every model on the held-out text")
         paths = {"word 5-gram": "ngram-word", "subword 5-gram": "ngram-subword",
                  "LSTM": lstm_ckpt.relative_to(stage), "GPT": gpt_ckpt.relative_to(stage)}
         seconds = {"word 5-gram": word_s, "subword 5-gram": sub_s, "LSTM": lstm_s, "GPT": gpt_s}
-        rows = []
-        for name, model in models.items():
-            params = sum(len(t.keys) for t in model.tables) if hasattr(model, "tables") else model.num_params()
-            rows.append(Row(name, params, seconds[name], path=str(paths[name]),
-                            **evaluate(name, model, tokenizers[name], lines, words)))
+        scored = evaluate({name: (m, tokenizers[name]) for name, m in models.items()}, files["heldout"])
+        rows = [Row(name, r["mode"], r["parameters"], seconds[name], r["bits_per_byte"], r["perplexity"],
+                    r["perplexity_per_word"], r["tokens"], r["oovs"], str(paths[name])) for name, r in zip(models, scored)]
         print("\n" + table(rows), flush=True)
 
         _stage(7, "sampling from the best model and scoring a sentence against its scramble")
