@@ -78,13 +78,6 @@ def _add_scoring_options(p) -> None:
                    help="padded tokens per model call (default: 65536)")
 
 
-def text_codec(model, tokenizer) -> dict:
-    """See lmstack.evaluation.perplexity.text_codec (kept here for callers of its old place)."""
-    from lmstack.evaluation.perplexity import text_codec as codec
-
-    return codec(model, tokenizer)
-
-
 def _check_files(files) -> list[Path]:
     """Fail on a missing, empty or non-UTF-8 file before any model is loaded."""
     paths = [check_readable(f) for f in files]
