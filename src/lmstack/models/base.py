@@ -61,5 +61,5 @@ class LanguageModel:
         if self.max_context is not None and length > self.max_context:
             raise ContextLengthError(
                 f"sequence of {length} tokens is longer than the model's context of {self.max_context}; "
-                "shorten the input or use a sliding window (eval perplexity --stride)"
+                "shorten the input (prompt plus new tokens); long texts are scored with `eval perplexity --mode stream`"
             )
