@@ -46,3 +46,17 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_shipped_configs_name_data_that_ships_with_lmstack():
+    import tomllib
+    from importlib import resources
+
+    from lmstack.io import check_readable
+
+    configs = sorted((resources.files("lmstack") / "configs").iterdir(), key=str)
+    paths = [p for c in configs if str(c).endswith(".toml")
+             for p in tomllib.loads(c.read_text(encoding="utf-8")).get("data", [])]
+    assert paths and all(p.startswith("lmstack:") for p in paths)
+    for p in paths:
+        assert check_readable(p).stat().st_size > 1_000_000

@@ -20,8 +20,22 @@ from lmstack.errors import InputError
 _CHUNK = 1 << 20
 
 
+ASSET_PREFIX = "lmstack:"
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A user path, or `lmstack:NAME` for a file shipped in the package (e.g. the Tiny
+    Shakespeare corpus, `lmstack:tinyshakespeare.txt`), so shipped configs run from any folder."""
+    s = str(path)
+    if s.startswith(ASSET_PREFIX):
+        from importlib import resources
+
+        return Path(str(resources.files("lmstack") / "assets" / s[len(ASSET_PREFIX):]))
+    return Path(path)
+
+
 def check_readable(path: str | os.PathLike) -> Path:
-    p = Path(path)
+    p = resolve_path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file; check the path")
     if p.is_dir():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmstack.errors import InputError
-from lmstack.io import check_readable, iter_text_chunks
+from lmstack.io import check_readable, iter_text_chunks, resolve_path
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
@@ -35,7 +35,7 @@ def corpus_files(paths: list[str | os.PathLike]) -> list[Path]:
         raise InputError("no training data given; pass --data FILE_OR_DIR (text, directory or JSONL)")
     files: list[Path] = []
     for path in paths:
-        p = Path(path)
+        p = resolve_path(path)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
             if not found:
