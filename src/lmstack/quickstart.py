@@ -3,10 +3,11 @@
 It calls the layers below in the order a textbook tells the story: split the corpus (the last
 ~10% of lines held out), train a byte-level BPE tokenizer, a word 5-gram and a subword 5-gram
 (modified Kneser-Ney), an LSTM and a small GPT (the training engine, by wall-clock budget),
-score the four models on the held-out lines in bits per byte, sample from the best open-vocabulary one at several
-temperatures and truncations, and ask every model how likely a grammatical sentence is beside
-the same words scrambled. Everything is built in a hidden directory beside `--out` and renamed
-into place at the end, so a run that fails or is interrupted leaves no half-written results.
+score the four models on the held-out text in bits per byte, sample from the best
+open-vocabulary one at several temperatures and truncations, and ask every model how likely a
+grammatical sentence is beside the same words scrambled. Everything is built in a hidden
+directory beside `--out` and renamed into place at the end, so a run that fails or is
+interrupted leaves no half-written results.
 
 The table is `lmstack eval compare`'s (`lmstack.evaluation.compare`): each model scored in its
 default mode, the n-grams line by line between their sentence marks, the neural models reading
@@ -202,7 +203,8 @@ def sentence_log2(model, tokenizer, sentence: str) -> float:
 
 
 def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 60) -> dict[str, str]:
-    """The same prompt under each decoding setting in SAMPLING; each sample ends at a line end."""
+    """The same prompt under each decoding setting in SAMPLING, up to the end of a sentence (an
+    n-gram's </s>) or of the text."""
     from lmstack.evaluation.perplexity import text_codec
     from lmstack.generation import GenerationConfig, generate_tokens
 
