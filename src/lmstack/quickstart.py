@@ -196,10 +196,10 @@ def evaluate(models: dict[str, tuple], heldout: Path) -> list[dict]:
 
 
 def sentence_log2(model, tokenizer, sentence: str) -> float:
-    """log2 p(<s> sentence </s>) under the model."""
+    """log2 p(<s> sentence </s>) under the model (unknown words spelled out, see eval perplexity)."""
     from lmstack.evaluation.perplexity import perplexity, text_codec
 
-    return perplexity(model, [sentence], **text_codec(model, tokenizer)).log10_prob * math.log2(10.0)
+    return -perplexity(model, [sentence], **text_codec(model, tokenizer)).nats / math.log(2.0)
 
 
 def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 60) -> dict[str, str]:

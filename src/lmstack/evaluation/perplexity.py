@@ -23,6 +23,11 @@ Normalisations, so that models with different tokenizers (and the n-gram) are co
   and space, as KenLM) plus one end-of-line per line, i.e. exactly KenLM's token count for a
   word-level model, whose perplexity per word therefore equals its perplexity;
 - bits per byte: nats / ln 2 / UTF-8 bytes of the text, newlines included.
+
+A closed-vocabulary model (the word n-gram) gives its probability to "some unknown word", not
+to the word in the text; to make it pay for the whole text, `nats` (and so bits per byte and
+perplexity per word) adds the cost of spelling each unknown word out with a character model
+fitted on its vocabulary (`log10_prob_spelling`). KenLM's `perplexity` fields leave it out.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class PerplexityResult:
     bytes: int
     log10_prob: float
     log10_prob_oovs: float
+    #: log10 p of spelling out the OOV words (closed-vocabulary models; see NGramLM.oov_spelling_log10)
+    log10_prob_spelling: float = 0.0
     words: int = 0
     seconds: float = 0.0
     mode: str = "lines"
@@ -63,8 +70,8 @@ class PerplexityResult:
 
     @property
     def nats(self) -> float:
-        """-ln p(text): the total negative log-likelihood."""
-        return -self.log10_prob * math.log(10.0)
+        """-ln p(text): the total negative log-likelihood, unknown words spelled out."""
+        return -(self.log10_prob + self.log10_prob_spelling) * math.log(10.0)
 
     @property
     def perplexity(self) -> float:
@@ -119,10 +126,14 @@ def perplexity(
     unk: int | None = None,
     max_batch_tokens: int = 1 << 16,
     progress_bar=None,
+    spell: Callable[[str], float] | None = None,
 ) -> PerplexityResult:
     """Score every line (without its newline) of `lines` as `bos + encode(line) + eos`.
 
-    Lines are batched up to `max_batch_tokens` padded tokens per `model.token_logprobs` call."""
+    Lines are batched up to `max_batch_tokens` padded tokens per `model.token_logprobs` call.
+    `spell(line)`, for a closed vocabulary, is the log10 probability of spelling out the line's
+    unknown words; it counts in `nats`, bits per byte and perplexity per word (so every model
+    pays for the whole text), not in KenLM's `perplexity`."""
     res = PerplexityResult(lines=0, tokens=0, oovs=0, bytes=0, log10_prob=0.0, log10_prob_oovs=0.0)
     batch: list[list[int]] = []
     width = 0
@@ -156,7 +167,10 @@ def perplexity(
         res.bytes += len(line.encode("utf-8")) + 1
         res.words += count_words(line)
         if unk is not None:
-            res.oovs += sum(1 for i in ids if i == unk)
+            n_oov = sum(1 for i in ids if i == unk)
+            res.oovs += n_oov
+            if n_oov and spell is not None:
+                res.log10_prob_spelling += spell(line)
         seq = [bos, *ids, eos]
         if batch and max(width, len(seq)) * (len(batch) + 1) > max_batch_tokens:
             flush()
@@ -300,7 +314,8 @@ def text_codec(model, tokenizer) -> dict:
     tokenizer with its end-of-text token as both sentence start and end."""
     # (BERT and T5 have an `encode` of their own, over ids; the vocabulary ids tell them apart)
     if all(hasattr(model, a) for a in ("encode", "bos_id", "eos_id", "unk_id")):
-        return {"encode": model.encode, "bos": model.bos_id, "eos": model.eos_id, "unk": model.unk_id}
+        return {"encode": model.encode, "bos": model.bos_id, "eos": model.eos_id, "unk": model.unk_id,
+                "spell": model.oov_spelling_log10}
     if tokenizer is None or tokenizer.eot_id is None:
         raise InputError("this checkpoint has no tokenizer with an end-of-text token; save one with the model")
     return {"encode": tokenizer.encode, "bos": tokenizer.eot_id, "eos": tokenizer.eot_id, "unk": None}

@@ -302,6 +302,26 @@ def _add_k(counts: list[_Counts], V: int, k: float) -> list[_Table]:
     return tables
 
 
+class _CharSpeller:
+    """p(word) = prod p(char) * p(end): a character unigram over word types with Witten-Bell
+    escape (probability of a new character) to uniform UTF-8 bytes."""
+
+    def __init__(self, words: list[str]):
+        counts: dict[str, int] = {}
+        for w in words:
+            for ch in w:
+                counts[ch] = counts.get(ch, 0) + 1
+        distinct = len(counts) + 1  # the characters and the end mark
+        total = sum(counts.values()) + len(words) + distinct
+        self._log10 = {ch: float(np.log10(c / total)) for ch, c in counts.items()}
+        self._end = float(np.log10(max(len(words), 1) / total))
+        self._escape = float(np.log10(distinct / total))
+
+    def log10(self, word: str) -> float:
+        byte = -float(np.log10(256))  # an unseen character: the escape, then its bytes uniformly
+        return self._end + sum(self._log10.get(ch, self._escape + byte * len(ch.encode("utf-8"))) for ch in word)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -323,6 +343,7 @@ class NGramLM(LanguageModel):
         self.order = len(tables)
         self.vocab_size = len(self.vocab)
         self.tokenizer = tokenizer
+        self._speller = None  # fitted on first use by oov_spelling_log10
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
@@ -488,12 +509,32 @@ class NGramLM(LanguageModel):
     # --- text -> ids --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Model ids of one line of text (no <s>/</s>); unknown words or tokens become <unk>."""
-        if self.tokenizer is not None:
-            pieces = [str(t) for t in self.tokenizer.encode(text)]
-        else:
-            pieces = [w for w in text.translate(_QUERY_SPACES).split(" ") if w]
         get = self._text_ids.get
-        return [get(w, UNK_ID) for w in pieces]
+        return [get(w, UNK_ID) for w in self._pieces(text)]
+
+    def oov_spelling_log10(self, text: str) -> float:
+        """log10 probability of spelling out, character by character, the out-of-vocabulary
+        words (or tokens) of one line: what the model must add to p(<unk>) to give a probability
+        to the actual text rather than to "some unknown word". Bits per byte counts it, so a
+        closed vocabulary is not cheaper than spelling; KenLM's perplexity does not.
+
+        The speller is fitted on the vocabulary's own spellings (each type once, with an
+        end-of-word mark; Witten-Bell escape to uniform bytes for unseen characters), so it
+        is a proper distribution over all strings."""
+        oovs = [piece for piece in self._pieces(text) if piece not in self._text_ids]
+        if not oovs:
+            return 0.0
+        if self._speller is None:
+            self._speller = _CharSpeller([self._piece_text(w) for w in self._text_ids if w != UNK])
+        return sum(self._speller.log10(self._piece_text(w)) for w in oovs)
+
+    def _pieces(self, text: str) -> list[str]:
+        if self.tokenizer is not None:
+            return [str(t) for t in self.tokenizer.encode(text)]
+        return [w for w in text.translate(_QUERY_SPACES).split(" ") if w]
+
+    def _piece_text(self, piece: str) -> str:
+        return piece if self.tokenizer is None else self.tokenizer.decode([int(piece)])
 
     def score(self, text: str, bos: bool = True, eos: bool = True) -> float:
         """log10 p of one sentence, as `kenlm.Model.score`: from <s> (or from no context with
