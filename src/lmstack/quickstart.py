@@ -371,8 +371,8 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
             print(f"  {name:>14}: log2 p = {s[SENTENCES[0]]:.1f} ({SENTENCES[0]!r}) vs {s[SENTENCES[1]]:.1f} ({SENTENCES[1]!r})")
 
         notes = [f"{r.model}: {r.oovs:,} of the {r.tokens:,} held-out tokens are words it never saw, each scored as "
-                 "<unk> (the whole class of unknown words), so its bits per byte are a closed-vocabulary figure, "
-                 "optimistic beside the open-vocabulary models that spell such words out" for r in rows if r.oovs]
+                 "<unk>; its perplexities (KenLM's) count only p(<unk>), while its bits per byte and perplexity per "
+                 "word add the cost of spelling each one out, as the open-vocabulary models must" for r in rows if r.oovs]
         notes += [n for n in [plot_curves({"LSTM": stage / "lstm", "GPT": stage / "gpt"}, stage / "curves.png")] if n]
         results = {"corpus": str(corpus), "minutes": minutes, "device": device, "cpu_threads": threads, "seed": seed,
                    "tokenizer": {"kind": "bpe", "vocab_size": tok.vocab_size, "train_s": tok_s},
