@@ -32,3 +32,20 @@ def cli():
         return proc
 
     return run
+
+
+@pytest.fixture
+def lmstack_cli(capsys, monkeypatch):
+    """Run `lmstack ARGS...` in this process (no interpreter start per call); returns stdout and
+    requires exit code 0."""
+    from lmstack.cli import main
+
+    monkeypatch.setenv("LMSTACK_NO_PROGRESS", "1")
+
+    def run(*args):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    return run

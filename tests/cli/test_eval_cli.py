@@ -13,21 +13,6 @@ from lmstack.evaluation.perplexity import stream_perplexity
 TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n"
 
 
-@pytest.fixture
-def lmstack_cli(capsys, monkeypatch):
-    """Run `lmstack ARGS...` in this process; returns stdout (exit code must be 0)."""
-    from lmstack.cli import main
-
-    monkeypatch.setenv("LMSTACK_NO_PROGRESS", "1")
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        assert code == 0, out.err
-        return out.out
-
-    return run
-
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):

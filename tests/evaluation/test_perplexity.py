@@ -29,21 +29,6 @@ class Uniform(LanguageModel):
         raise NotImplementedError
 
 
-@pytest.fixture
-def lmstack_cli(capsys, monkeypatch):
-    """Run `lmstack ARGS...` in this process (no torch import per call); returns (code, stdout)."""
-    from lmstack.cli import main
-
-    monkeypatch.setenv("LMSTACK_NO_PROGRESS", "1")
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        assert code == 0, out.err
-        return out.out
-
-    return run
-
 
 def _encode(line: str) -> list[int]:
     return [3 + (ord(c) % 7) if c != "?" else 0 for c in line.replace(" ", "")]

@@ -18,21 +18,6 @@ from lmstack.models.ngram import BOS_ID, EOS_ID, UNK_ID, NGramLM
 SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k")
 
 
-@pytest.fixture
-def lmstack_cli(capsys, monkeypatch):
-    """Run `lmstack ARGS...` in this process (no torch import per call); returns (code, stdout)."""
-    from lmstack.cli import main
-
-    monkeypatch.setenv("LMSTACK_NO_PROGRESS", "1")
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        assert code == 0, out.err
-        return out.out
-
-    return run
-
 
 # --- KenLM fixtures ---------------------------------------------------------------------------
 

@@ -7,14 +7,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from lmstack.training import checkpoint
 from lmstack.training.loop import train
 from lmstack.training.metrics import read_metrics
 
-
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
-
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny, tmp_path):
     # dropout and gradient accumulation on, so RNG state and micro-batch positions must resume exactly
@@ -28,8 +28,6 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny, tmp_path):
     assert a == b  # bit for bit
     assert a[-1] < a[0]
 
-
-
 def test_sigterm_saves_a_checkpoint_and_resume_continues(cli, small_text, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "lmstack.cli", "train", "--data", str(small_text), "--out-dir", str(run),
@@ -37,10 +35,14 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(cli, small_text, tmp_pa
            "--ckpt-interval", "0", "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, LMSTACK_NO_PROGRESS="1"))
-    deadline = time.time() + 60
-    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
-        assert time.time() < deadline and proc.poll() is None
+    for _ in range(300):  # wait (up to about a minute) for the first logged step
+        if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text():
+            break
+        assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("training logged no step within about a minute")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
