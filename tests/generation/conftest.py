@@ -23,9 +23,9 @@ class BigramLM(LanguageModel):
     def next_token_logprobs(self, tokens):
         return self.table[tokens]
 
-    def start(self, prompt):
+    def start(self, prompt, lengths=None):
         self.check_context(prompt.shape[1])
-        self.fed += prompt.numel()
+        self.fed += prompt.numel() if lengths is None else int(lengths.sum())
         return (prompt[:, -1], prompt.shape[1]), self.table[prompt[:, -1]]
 
     def step(self, state, tokens):

@@ -1,14 +1,12 @@
 """Batched generation on the model contract: one `start`, then one `step` per token, for every family.
 
-All rows advance in lockstep through one decoding state, so the prefix is never recomputed. Rows
-may have prompts of different lengths without padding (the contract has no attention mask): the
-batch starts on the shortest prompt, and a longer row is fed its own remaining prompt tokens
-("forced" steps) while shorter rows already generate. A row that has finished keeps being fed its
-last token until the whole batch is done; its output is frozen.
+All rows advance in lockstep through one decoding state, so the prefix is never recomputed.
+Prompts of different lengths are left-padded into one `start` (the contract's `lengths`), so every
+prompt is read in one pass and all rows generate from the first step. A row that has finished
+keeps being fed its last token until the whole batch is done; its output is frozen.
 
-An encoder-decoder (T5) reads the prompt as its source in `start`, so feeding prompt tokens by
-`step` would be wrong there: for a model that is not a causal `LanguageModel`, each prompt length
-runs as its own batch.
+An encoder-decoder (T5) reads the prompt as its source in `start` and takes no `lengths`: for a
+model that is not a causal `LanguageModel`, each prompt length runs as its own batch.
 """
 
 from __future__ import annotations
@@ -101,9 +99,7 @@ class _Row:
         piece, self.streamed = self.text[self.streamed : end], end
         return piece
 
-    def next_input(self, fed: int) -> int:
-        if fed < len(self.prompt):
-            return self.prompt[fed]
+    def last_token(self) -> int:
         return self.tokens[-1] if self.tokens else self.prompt[-1]
 
     def result(self) -> Generation:
@@ -140,12 +136,16 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         return
     device = model_device(model)
     sampler = Sampler(configs, prompts, model.vocab_size, device)
-    fed = min(len(p) for p in prompts)
+    width = max(map(len, prompts))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     # inference_mode around each model call, not the loop: a generator must not leak it into the caller.
     with torch.inference_mode():
-        state, logprobs = model.start(torch.tensor([p[:fed] for p in prompts], device=device))
+        if all(len(p) == width for p in prompts):
+            state, logprobs = model.start(padded)
+        else:
+            state, logprobs = model.start(padded, torch.tensor([len(p) for p in prompts], device=device))
     while True:
-        active = [i for i, r in enumerate(rows) if not r.done and fed >= len(r.prompt)]
+        active = [i for i, r in enumerate(rows) if not r.done]
         chosen = sampler.choose(logprobs, active)
         scores = logprobs[active, list(chosen.values())].tolist() if active else []
         for (i, token), score in zip(chosen.items(), scores):
@@ -154,10 +154,9 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         yield rows
         if all(r.done for r in rows):
             return
-        feed = torch.tensor([r.next_input(fed) for r in rows], device=device)
+        feed = torch.tensor([r.last_token() for r in rows], device=device)
         with torch.inference_mode():
             state, logprobs = model.step(state, feed)
-        fed += 1
 
 
 def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None, show_progress: bool = False) -> list[Generation]:
@@ -172,7 +171,7 @@ def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None
             results.update(zip(group, outs))
         return [results[i] for i in range(len(prompts))]
     rows: list[_Row] = []
-    steps = max((len(p) + c.max_new_tokens for p, c in zip(prompts, configs)), default=0) - min(map(len, prompts), default=0)
+    steps = max((c.max_new_tokens for c in configs), default=0)
     bar = progress(total=steps, desc="decoding", unit="step") if show_progress else None
     for rows in decode_steps(model, prompts, configs, tokenizer):
         if bar is not None:

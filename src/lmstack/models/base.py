@@ -7,8 +7,9 @@ n-gram, an LSTM and a GPT are interchangeable above this layer.
 Two views of the same distribution:
 - batch view, `next_token_logprobs(tokens)`: log p(x_{t+1} = v | x_<=t) for every position t
   of a [B, T] batch, shape [B, T, V] (training, scoring, perplexity);
-- incremental view, `start(prompt)` then `step(state, token)`: a decoding state (KV cache, RNN
-  hidden state, n-gram context) that is fed one token at a time, never recomputing the prefix.
+- incremental view, `start(prompt, lengths)` then `step(state, token)`: a decoding state (KV cache,
+  RNN hidden state, n-gram context) that takes a whole batch of prompts in one pass, then is fed
+  one token per row at a time, never recomputing the prefix.
 Both return natural-log probabilities that sum to 1 over the vocabulary.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from lmstack.errors import ContextLengthError
+from lmstack.errors import ContextLengthError, InputError
 
 DecodingState = Any
 
@@ -44,8 +45,13 @@ class LanguageModel:
         return lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
     @abstractmethod
-    def start(self, prompt: torch.Tensor) -> tuple[DecodingState, torch.Tensor]:
-        """Feed [B, T] prompt ids; return (state, [B, V] log-probs of the next token)."""
+    def start(self, prompt: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[DecodingState, torch.Tensor]:
+        """Feed [B, T] prompt ids; return (state, [B, V] log-probs of the next token).
+
+        `lengths` [B] lets prompts of different lengths share a batch: row b is left-padded, its
+        prompt is its last lengths[b] ids, and what the padding holds changes nothing (None: every
+        row is T tokens). Left padding lines the rows' ends up, so every later `step` appends one
+        token to each row at the same place."""
 
     @abstractmethod
     def step(self, state: DecodingState, tokens: torch.Tensor) -> tuple[DecodingState, torch.Tensor]:
@@ -63,3 +69,16 @@ class LanguageModel:
                 f"sequence of {length} tokens is longer than the model's context of {self.max_context}; "
                 "shorten the input (prompt plus new tokens); long texts are scored with `eval perplexity --mode stream`"
             )
+
+
+def padding_mask(prompt: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, T] True where `start`'s left-padded prompt holds padding, or None if no row is padded."""
+    if lengths is None:
+        return None
+    T = prompt.shape[1]
+    lengths = torch.as_tensor(lengths, device=prompt.device)
+    if lengths.shape != prompt.shape[:1] or (lengths < 1).any() or (lengths > T).any():
+        raise InputError(f"lengths must give one length in [1, {T}] per prompt row; got {lengths.tolist()}")
+    if (lengths == T).all():
+        return None
+    return torch.arange(T, device=prompt.device)[None, :] < (T - lengths)[:, None]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import InputError
-from lmstack.models.base import LanguageModel
+from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
@@ -100,8 +100,11 @@ class FeedForwardLM(nn.Module, LanguageModel, TorchCheckpoint):
         return F.log_softmax(self(tokens).float(), dim=-1)
 
     # The state is the last n-1 tokens, start rows included: [B, n-1].
-    def start(self, prompt: torch.Tensor):
-        self._check_ids(prompt)
+    def start(self, prompt: torch.Tensor, lengths: torch.Tensor | None = None):
+        pad = padding_mask(prompt, lengths)
+        self._check_ids(prompt if pad is None else prompt.masked_fill(pad, 0))
+        if pad is not None:  # padding reads as "before the start", exactly what a shorter prompt sees
+            prompt = prompt.masked_fill(pad, self.vocab_size)
         state = self._windows(prompt)[:, -1] if prompt.shape[1] else prompt.new_full((prompt.shape[0], self.window), self.vocab_size)
         return state, F.log_softmax(self._logits(state).float(), dim=-1)
 

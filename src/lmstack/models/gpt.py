@@ -13,7 +13,9 @@ the same class rather than two codebases:
 Attention always goes through `F.scaled_dot_product_attention` (fused kernels where the device
 has them). Incremental decoding keeps a `KVCache`: per-layer key/value tensors preallocated for
 the whole context plus a position counter, so each new token attends to the cached prefix and
-RoPE / learned positions use the token's absolute position.
+RoPE / learned positions use the token's absolute position. Prompts of different lengths share a
+batch left-padded: the cache remembers each row's padding, which no query attends to and which
+does not count in the row's positions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import InputError
-from lmstack.models.base import LanguageModel
+from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
@@ -160,6 +162,7 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
+    offset: torch.Tensor | None = None  # [B] padding slots before each row's prompt; None: no padding
 
     @classmethod
     def empty(cls, cfg: GPTConfig, batch: int, device, dtype) -> "KVCache":
@@ -188,25 +191,19 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
         if cache is not None:
-            past = cache.pos
             k, v = cache.update(layer, k, v)
-        # Query i sits at absolute position past + i and sees keys 0..past + i: without a prefix
-        # the plain causal mask, one new token sees everything; only a chunk after a prefix
-        # needs an explicit mask. (The flags let SDPA pick its fused kernels.)
-        mask = None
-        if past and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        # Without a mask, several queries are a whole prompt (causal) and one is a new token that
+        # sees every key; the flag lets SDPA pick its fused kernels.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -236,12 +233,26 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, layer):
+    def forward(self, x, rope, cache, layer, mask):
         if self.prenorm:
-            x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer))
+            x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, mask))
             return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, rope, cache, layer)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, cache, layer, mask)))
         return self.norm2(x + self.drop(self.mlp(x)))
+
+
+def attention_mask(past: int, T: int, offset: torch.Tensor | None, device) -> torch.Tensor | None:
+    """Which keys each of T new queries (after `past` cached slots) may see: [T, past+T] or, with
+    padding, [B, 1, T, past+T]; None where SDPA needs no mask (an unpadded prompt or one new token)."""
+    if offset is None and (past == 0 or T == 1):
+        return None
+    query = torch.arange(past, past + T, device=device)[:, None]
+    key = torch.arange(past + T, device=device)
+    mask = key <= query
+    if offset is not None:
+        # Nothing attends to padding but padding itself: a query with no key at all would give NaNs.
+        mask = (mask & ((key >= offset[:, None, None]) | (key == query)))[:, None]
+    return mask
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -287,17 +298,25 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
 
     def _logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         T = idx.shape[1]
-        past = cache.pos if cache is not None else 0
+        past, offset = (cache.pos, cache.offset) if cache is not None else (0, None)
         self.check_context(past + T)
+        pos = torch.arange(past, past + T, device=idx.device)
+        if offset is not None:  # [B, T]: each row counts from its own first token
+            pos = (pos - offset[:, None]).clamp(min=0)
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+            x = x + self.wpe(pos)
         elif self.config.pos == "sinusoidal":
-            x = x + self.pos_table[past : past + T]
-        rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T]) if self.config.pos == "rope" else None
+            x = x + self.pos_table[pos]
+        rope = None
+        if self.config.pos == "rope":
+            rope = (self.rope_cos[pos], self.rope_sin[pos])
+            if offset is not None:  # [B, T, hd] -> [B, 1, T, hd], to broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
+        mask = attention_mask(past, T, offset, idx.device)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, cache, layer, mask)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(x))
@@ -324,11 +343,14 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         self._check_ids(tokens)
         return F.log_softmax(self._logits(tokens).float(), dim=-1)
 
-    def start(self, prompt: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+    def start(self, prompt: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
         if prompt.shape[1] == 0:
             raise InputError("a GPT prompt needs at least one token (e.g. the tokenizer's <|endoftext|>)")
         self.check_context(prompt.shape[1])
         cache = KVCache.empty(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype)
+        pad = padding_mask(prompt, lengths)
+        if pad is not None:
+            cache.offset, prompt = pad.sum(1), prompt.masked_fill(pad, 0)
         cache, lp = self.extend(cache, prompt)
         return cache, lp[:, -1]
 
@@ -338,7 +360,8 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
 
     def reorder(self, state: KVCache, index: torch.Tensor) -> KVCache:
         """The cache rows `index` (repeats allowed), for beam search; a new cache, `state` is kept."""
-        return KVCache([k[index] for k in state.k], [v[index] for v in state.v], state.pos)
+        offset = state.offset[index] if state.offset is not None else None
+        return KVCache([k[index] for k in state.k], [v[index] for v in state.v], state.pos, offset)
 
     def extend(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Append [B, k] tokens to the cache in one pass (a chat's next turn, speculative-decoding

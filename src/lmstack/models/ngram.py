@@ -31,7 +31,7 @@ import torch
 from lmstack.errors import CheckpointError, FormatError, InputError
 from lmstack.io import check_readable, iter_text_chunks, write_json
 from lmstack.models.arpa import BOS, EOS, UNK, read_arpa, write_arpa
-from lmstack.models.base import LanguageModel
+from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import CONFIG_FILE, TOKENIZER_FILE, read_family_config
 from lmstack.progress import progress
 
@@ -630,9 +630,12 @@ class NGramLM(LanguageModel):
         windows = np.stack([padded[:, t + 1 : t + 1 + h] for t in range(T)], axis=1).reshape(B * T, h)
         return torch.from_numpy(self._dense10(windows) * LN10).reshape(B, T, self.vocab_size)
 
-    def start(self, prompt: torch.Tensor):
+    def start(self, prompt: torch.Tensor, lengths: torch.Tensor | None = None):
         """State: the last order-1 tokens of each row ([B, order-1], -1 where there are none)."""
-        tok = self._ids(prompt)
+        pad = padding_mask(prompt, lengths)
+        tok = self._ids(prompt if pad is None else prompt.masked_fill(pad, 0))
+        if pad is not None:
+            tok[pad.cpu().numpy()] = -1
         h = self.order - 1
         state = np.full((tok.shape[0], h), -1, np.int64)
         keep = min(h, tok.shape[1])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import InputError
-from lmstack.models.base import LanguageModel
+from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
@@ -114,11 +114,23 @@ class RNNLM(nn.Module, LanguageModel, TorchCheckpoint):
     def next_token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self(tokens).float(), dim=-1)
 
-    def start(self, prompt: torch.Tensor):
+    def start(self, prompt: torch.Tensor, lengths: torch.Tensor | None = None):
         if prompt.shape[1] == 0:
             raise InputError("an RNN LM needs at least one prompt token (e.g. the end-of-text id) to start from")
-        logits, state = self.run(prompt)
-        return state, F.log_softmax(logits[:, -1].float(), dim=-1)
+        pad = padding_mask(prompt, lengths)
+        if pad is None:
+            logits, state = self.run(prompt)
+            return state, F.log_softmax(logits[:, -1].float(), dim=-1)
+        # Padding would flow through the recurrence, so the rows are left-aligned and packed: each
+        # row's state is taken after its own last token.
+        T, skip = prompt.shape[1], pad.sum(1)
+        aligned = prompt.masked_fill(pad, 0).gather(1, (torch.arange(T, device=prompt.device) + skip[:, None]) % T)
+        _check_ids(aligned, self.vocab_size)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.embed(aligned)), (T - skip).cpu(), batch_first=True, enforce_sorted=False)
+        _, state = self.rnn(packed)
+        last = (state[0] if isinstance(state, tuple) else state)[-1]  # the top layer's output at each row's end
+        return state, F.log_softmax(self.out(self.drop(last)).float(), dim=-1)
 
     def step(self, state, tokens: torch.Tensor):
         logits, state = self.run(tokens[:, None], state)

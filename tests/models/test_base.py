@@ -1,0 +1,82 @@
+"""The contract's batched start: left-padded prompts of different lengths decode exactly as each
+prompt alone, for every causal family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmstack.errors import InputError
+from lmstack.models.feedforward import FeedForwardConfig, FeedForwardLM
+from lmstack.models.gpt import GPT, GPTConfig
+from lmstack.models.ngram import NGramLM
+from lmstack.models.rnn import RNNConfig, RNNLM
+
+V = 23
+
+
+def _ngram():
+    words = [f"w{i}" for i in range(V - 4)]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(9)) for i in range(40)]
+    return NGramLM.train_texts(lines, order=3, discount_fallback=True)
+
+
+FAMILIES = {
+    "gpt-learned": lambda: GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16)),
+    "gpt-sinusoidal-postnorm": lambda: GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16,
+                                                     pos="sinusoidal", prenorm=False)),
+    "gpt-llama-gqa": lambda: GPT(GPTConfig.preset("tiny-llama", vocab_size=V)),
+    "lstm": lambda: RNNLM(RNNConfig(vocab_size=V, cell="lstm", d_embed=8, d_hidden=8, n_layers=2)),
+    "gru": lambda: RNNLM(RNNConfig(vocab_size=V, cell="gru", d_embed=8, d_hidden=8, n_layers=1)),
+    "feedforward": lambda: FeedForwardLM(FeedForwardConfig(vocab_size=V, order=4, d_embed=5, d_hidden=7)),
+    "ngram": _ngram,
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_decodes_each_row_as_alone(family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    vocab = model.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, vocab, (n,), generator=g) for n in (5, 1, 3, 5)]
+    T = max(len(p) for p in prompts)
+    # Padding filled with real-looking ids: they must change nothing.
+    padded = torch.stack([torch.cat([torch.randint(2, vocab, (T - len(p),), generator=g), p]) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts])
+    nxt = torch.randint(2, vocab, (3, len(prompts)), generator=g)
+    with torch.no_grad():
+        state, lp = model.start(padded, lengths)
+        batched = [lp]
+        for t in range(3):
+            state, lp = model.step(state, nxt[t])
+            batched.append(lp)
+        for b, p in enumerate(prompts):
+            alone_state, lp = model.start(p[None])
+            alone = [lp]
+            for t in range(3):
+                alone_state, lp = model.step(alone_state, nxt[t, b : b + 1])
+                alone.append(lp)
+            for got, want in zip(batched, alone):
+                torch.testing.assert_close(got[b : b + 1].double(), want.double(), atol=1e-5, rtol=0)
+
+
+def test_padded_gpt_cache_reorders_with_its_rows():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    prompt = torch.tensor([[0, 0, 4, 5], [6, 7, 8, 9]])
+    with torch.no_grad():
+        state, _ = model.start(prompt, torch.tensor([2, 4]))
+        state = model.reorder(state, torch.tensor([0, 0]))
+        _, got = model.step(state, torch.tensor([3, 3]))
+        _, want = model.start(torch.tensor([[4, 5, 3]]))
+    torch.testing.assert_close(got, want.expand(2, -1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[0, 2], [3, 5], [2]])
+def test_bad_lengths_are_refused(lengths):
+    model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    with pytest.raises(InputError, match="lengths"):
+        model.start(torch.zeros(2, 4, dtype=torch.long), torch.tensor(lengths))
