@@ -176,3 +176,17 @@ def test_a_model_still_trains_after_generating():
     _, loss = model(x, x)
     loss.backward()
     assert model.wte.weight.grad is not None
+
+
+def test_ngram_prompts_begin_a_line():
+    """An n-gram counts lines from <s>: an empty prompt (and any prompt) is conditioned on it."""
+    from lmstack.models.ngram import NGramLM, NGramVocab
+
+    lines = ["x y"] * 3 + ["z x w"] * 5  # mid-line, "x" is followed by "w"; at a line's start, by "y"
+    model = NGramLM.train_texts(lines, order=3, discount_fallback=True)
+    vocab = NGramVocab(model)
+    greedy = GenerationConfig(max_new_tokens=5, temperature=0)
+    [empty] = generate(model, vocab, [""], greedy)
+    assert empty.text == " z x w" and empty.finish_reason == "stop"
+    [after] = generate(model, vocab, ["x"], greedy)
+    assert after.text == " y"

@@ -41,8 +41,11 @@ def model_device(model) -> torch.device:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids; an empty prompt starts from <|endoftext|>, the usual document boundary."""
-    ids = tokenizer.encode(text)
+    """Prompt ids. A tokenizer with a start id (`bos_id`: the n-gram's <s>, whose prompts begin a
+    line) puts it first; otherwise an empty prompt starts from <|endoftext|>, the usual document
+    boundary."""
+    start = getattr(tokenizer, "bos_id", None)
+    ids = ([start] if start is not None else []) + tokenizer.encode(text)
     if ids:
         return ids
     if tokenizer.eot_id is None:

@@ -654,8 +654,8 @@ class NGramLM(LanguageModel):
 
 class NGramVocab:
     """Tokenizer-like view of an n-gram's vocabulary: `encode` a line to model ids, `decode` ids
-    to text, `</s>` as end-of-text (generation stops there; an empty prompt starts from it,
-    which the model treats as a context it backs off from).
+    to text, `</s>` as end-of-text (generation stops there) and `<s>` as the start of every
+    prompt: the model was counted on lines that begin with it, so a prompt begins a line.
 
     A word model decodes every word with a space before it, so a decoded continuation appends
     to its prompt as text ("the cat" + " sat down"); pieces of a growing decode concatenate."""
@@ -664,6 +664,7 @@ class NGramVocab:
         self.model = model
         self.vocab_size = model.vocab_size
         self.eot_id = EOS_ID
+        self.bos_id = BOS_ID
         self.special_tokens = {BOS: BOS_ID, EOS: EOS_ID}
 
     def encode(self, text: str) -> list[int]:
