@@ -1,4 +1,4 @@
-"""Scores of a GPT-2 imported from a tiny random `transformers` model equal `transformers`' own."""
+"""Scores of a GPT-2 and a T5 imported from tiny random `transformers` models equal `transformers`' own."""
 
 import json
 import math
@@ -31,6 +31,29 @@ def pair(tokenizer, tmp_path_factory):
     hf.save_pretrained(path)
     model, _ = from_hf(path)
     return model, hf
+
+
+@pytest.fixture(scope="module")
+def t5_pair(tokenizer, tmp_path_factory):
+    """(lmstack T5, transformers T5ForConditionalGeneration), v1.1 layout, the same random weights."""
+    from lmstack.models.t5 import from_hf_t5
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+    hf = transformers.T5ForConditionalGeneration(cfg).eval()
+    path = tmp_path_factory.mktemp("hf-t5")
+    hf.save_pretrained(path)
+    model, _ = from_hf_t5(path)
+    return model, hf
+
+
+def hf_t5(hf, source, target):
+    """(log p(target | source) from transformers' own loss, [T, V] log-probs of each target position)."""
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor([source]), labels=torch.tensor([target]))
+    return -out.loss.item() * len(target), out.logits[0].log_softmax(-1)
 
 
 def hf_logprobs(hf, ids):
@@ -122,3 +145,43 @@ def test_score_command(cli, pair, tokenizer, tmp_path):
     assert f"logprob {expected['logprob']:.4f} over 4 tokens" in text
     bad = cli("score", "--model", tmp_path, "--prompt", "x", "--continuation", "")
     assert bad.returncode != 0 and "nothing to score" in bad.stderr
+
+
+def test_t5_scores_the_continuation_as_target_given_the_prompt_as_source(t5_pair, tokenizer):
+    model, hf = t5_pair
+    prompt, answer = "the quick brown fox", " jumps over"
+    out = score_text(model, tokenizer, prompt, answer, top=3)
+    total, lp = hf_t5(hf, tokenizer.encode(prompt), tokenizer.encode(answer))
+    target = torch.tensor(tokenizer.encode(answer))
+    assert out["logprob"] == pytest.approx(total, abs=1e-4)
+    assert out["perplexity"] == pytest.approx(math.exp(-total / len(target)), rel=1e-4)
+    assert out["num_tokens"] == len(target) and "".join(t["piece"] for t in out["tokens"]) == answer
+    torch.testing.assert_close(torch.tensor([t["logprob"] for t in out["tokens"]]), lp.gather(-1, target[:, None])[:, 0],
+                               atol=1e-4, rtol=0)
+    for t, row in zip(out["tokens"], lp):
+        alts = [a["logprob"] for a in t["top"]]
+        assert alts == sorted(alts, reverse=True) and t["top"][0]["token"] == int(row.argmax())
+        torch.testing.assert_close(torch.tensor(alts), row.topk(3).values, atol=1e-4, rtol=0)
+    assert out["is_greedy"] == bool((lp.argmax(-1) == target).all())
+
+
+def test_t5_loglikelihoods_batched_equal_transformers(t5_pair):
+    model, hf = t5_pair
+    g = torch.Generator().manual_seed(3)
+    # contexts of every length, one longer than any GPT window here: T5 reads it all as its source
+    requests = [(torch.randint(0, model.vocab_size, (c,), generator=g).tolist(),
+                 torch.randint(0, model.vocab_size, (k,), generator=g).tolist()) for c, k in ((3, 2), (80, 5), (1, 1), (9, 9))]
+    source = [5, 6, 7]
+    greedy = [int(model.start(torch.tensor([source]), src_mask=torch.ones(1, 3))[1][0].argmax())]
+    results = loglikelihoods(model, requests + [(source, greedy)])
+    for (context, continuation), (logprob, is_greedy) in zip(requests, results):
+        total, lp = hf_t5(hf, context, continuation)
+        assert logprob == pytest.approx(total, abs=1e-4)
+        assert is_greedy == (lp.argmax(-1).tolist() == continuation)
+    assert results[-1][1] is True
+
+
+def test_t5_needs_a_continuation(t5_pair, tokenizer):
+    model, _ = t5_pair
+    with pytest.raises(InputError, match="--continuation"):
+        score_text(model, tokenizer, "the quick brown fox")

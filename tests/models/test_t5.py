@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmstack.errors import CheckpointError, InputError
+from lmstack.generation import GenerationConfig, beam_search, generate_tokens
 from lmstack.models import load
 from lmstack.models.t5 import T5, T5Config, from_hf_t5, relative_position_bucket
 
@@ -54,6 +55,8 @@ def test_teacher_forced_logits_match_transformers(tmp_path, proj, tie, untie_hea
         logits, loss = ours(src, tgt, src_mask)
     assert (logits - ref.logits).abs().max() <= 1e-4
     assert abs(loss.item() - ref.loss.item()) <= 1e-4
+    # what scoring reads: log p(tgt_t = v | tgt_<t, src) at every target position
+    assert (ours.target_logprobs(src, tgt, src_mask) - ref.logits.log_softmax(-1)).abs().max() <= 1e-4
     assert ours.num_params() == sum(p.numel() for p in hf.parameters())
 
 
@@ -88,6 +91,28 @@ def test_cached_incremental_decoding_matches_full_forward(tmp_path):
     assert (lp - ref[:, 6]).abs().max() <= 1e-4
     state, lp = ours.step(state, tgt[:, 6])
     assert (lp - ref[:, 7]).abs().max() <= 1e-4
+
+
+def test_greedy_and_beam_search_equal_transformers_generate(tmp_path):
+    hf = _hf(tmp_path, "gated-gelu", False)
+    ours, _ = from_hf_t5(tmp_path)
+    src = [7, 3, 9, 22, 41]
+
+    def hf_generate(**kw):
+        # no eos: neither side ends early; no cache: transformers' decoder cache assumes as many
+        # decoder layers as encoder layers, and this model has 3 and 2
+        with torch.no_grad():
+            return hf.generate(torch.tensor([src]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                               use_cache=False, output_scores=True, return_dict_in_generate=True, **kw)
+
+    greedy = hf_generate().sequences[0, 1:].tolist()  # after the decoder start token
+    assert generate_tokens(ours, [src], GenerationConfig(max_new_tokens=10, temperature=0))[0].tokens == greedy
+    assert beam_search(ours, src, num_beams=1, max_new_tokens=10)[0].tokens == greedy
+    # wider beams diverge from greedy and from each other: `reorder` must carry each beam's cache
+    ref = hf_generate(num_beams=4, num_return_sequences=3)
+    beams = beam_search(ours, src, num_beams=4, max_new_tokens=10, n=3)
+    assert [b.tokens for b in beams] == ref.sequences[:, 1:].tolist()
+    torch.testing.assert_close(torch.tensor([b.score for b in beams]), ref.sequences_scores.float(), atol=1e-4, rtol=0)
 
 
 def test_relative_position_buckets_match_transformers():

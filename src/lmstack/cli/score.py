@@ -11,7 +11,8 @@ def register(sub) -> None:
         description="Score CONTINUATION after PROMPT: the total log p(continuation | prompt) (natural log), its "
         "perplexity and each token's log-probability with the likeliest alternatives. Compare prompts, e.g. "
         "the same answer with and without a chain of thought. Without --continuation the prompt itself is "
-        "scored from <|endoftext|>.",
+        "scored from <|endoftext|>. An encoder-decoder (T5) reads the prompt as its source and scores the "
+        "continuation as its target, so it needs --continuation.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the conditioning text")

@@ -291,23 +291,30 @@ class T5(nn.Module, TorchCheckpoint):
 
     # --- training and scoring -----------------------------------------------------------
 
+    def _teacher_forced(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, T, V] at every target position, the decoder fed `shift_right(tgt)`."""
+        return self._decode(self._new_state(self.encode(src, src_mask), src, src_mask), self.shift_right(tgt))
+
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None):
         """Teacher forcing: logits [B, T, V] for every target position and the mean cross-entropy
         over targets that are not -100 (span corruption: src = corrupted text, tgt = sentinels
         and the spans they replaced)."""
-        enc = self.encode(src, src_mask)
-        logits = self._decode(self._new_state(enc, src, src_mask), self.shift_right(tgt))
+        logits = self._teacher_forced(src, tgt, src_mask)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=-100)
         return logits, loss
+
+    def target_logprobs(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, V] float32: log p(tgt_t = v | tgt_<t, src) at every target position, the
+        encoder-decoder's counterpart of a causal model's `next_token_logprobs` (scoring reads it).
+        Targets are right-padded freely: position t never sees the targets after it."""
+        return self._teacher_forced(src, tgt, src_mask).float().log_softmax(-1)
 
     def log_prob(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
                  tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B] log p(y | x) = sum over target tokens of log p(y_t | y_<t, x). Padding in `tgt` is
         where `tgt_mask` is 0, by default where tgt is the pad id (end targets with the eos id)."""
         keep = (tgt != self.config.pad_token_id) if tgt_mask is None else tgt_mask.bool()
-        enc = self.encode(src, src_mask)
-        logits = self._decode(self._new_state(enc, src, src_mask), self.shift_right(tgt))
-        lp = logits.float().log_softmax(-1).gather(-1, tgt[..., None]).squeeze(-1)
+        lp = self.target_logprobs(src, tgt, src_mask).gather(-1, tgt[..., None]).squeeze(-1)
         return (lp * keep).sum(-1)
 
     # --- incremental decoding (for generation) ------------------------------------------
@@ -325,6 +332,14 @@ class T5(nn.Module, TorchCheckpoint):
     def step(self, state: DecoderState, tokens: torch.Tensor):
         """Append one [B] target token per row; returns (state, [B, V] next-token log-probs)."""
         return state, self._decode(state, tokens[:, None])[:, -1].float().log_softmax(-1)
+
+    def reorder(self, state: DecoderState, index: torch.Tensor) -> DecoderState:
+        """Rows `index` ([B'] ids, repeats allowed) of a decoding state, in that order: beam search
+        keeps its best beams' caches (the contract's optional `reorder`)."""
+        def rows(kv):
+            return [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
+
+        return DecoderState(rows(state.cross_kv), rows(state.self_kv), state.cross_bias.index_select(0, index), state.length)
 
     # --- size ---------------------------------------------------------------------------
 
