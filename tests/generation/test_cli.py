@@ -80,3 +80,22 @@ def test_an_ngram_generates_and_scores_in_its_own_vocabulary(cli, tmp_path):
     want = model.token_logprobs(torch.tensor([model.encode("a b c")]))[0]
     assert [t["piece"] for t in got["tokens"]] == ["b", "c"]
     assert got["logprob"] == pytest.approx(float(want.sum()))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_prints_what_eager_decoding_does(cli, checkpoint):
+    args = ("generate", "--model", checkpoint, "--prompt", "the cat", "--prompt", "hello", "--temperature", "0",
+            "--max-tokens", "8", "--json")
+    compiled = [json.loads(line) for line in cli(*args, "--compile", check=True).stdout.splitlines()]
+    eager = [json.loads(line) for line in cli(*args, check=True).stdout.splitlines()]
+    assert [(c["tokens"], c["text"]) for c in compiled] == [(e["tokens"], e["text"]) for e in eager]
+    assert [c["logprob"] for c in compiled] == pytest.approx([e["logprob"] for e in eager], abs=1e-4)
+
+
+def test_compile_is_refused_for_a_model_without_a_static_cache(cli, tmp_path):
+    from lmstack.models.rnn import RNNConfig, RNNLM
+
+    tok = CharTokenizer.train(["abc"], special_tokens=("<|endoftext|>",))
+    RNNLM(RNNConfig(vocab_size=tok.vocab_size, d_embed=4, d_hidden=4, n_layers=1)).save(tmp_path, tok)
+    proc = cli("generate", "--model", tmp_path, "--prompt", "ab", "--compile")
+    assert proc.returncode != 0 and "--compile needs a GPT checkpoint" in proc.stderr

@@ -201,3 +201,51 @@ def test_kv_cache_memory_follows_the_tokens_not_the_context():
     for _ in range(20):
         state, _ = model.step(state, torch.zeros(2, dtype=torch.long))
     assert 25 <= state.k[0].shape[2] <= 50  # at most double what 25 tokens need, far below 4096
+
+
+def _decode_trace(model, prompt, lengths, steps):
+    """Log-probs of a padded batch through start, `steps` one-token steps, a beam-style reorder and
+    a multi-token extend."""
+    out = []
+    with torch.no_grad():
+        state, lp = model.start(prompt, lengths)
+        out.append(lp)
+        for t in steps:
+            state, lp = model.step(state, t)
+            out.append(lp)
+        state = model.reorder(state, torch.tensor([1, 0, 0]))
+        state, lp = model.extend(state, torch.tensor([[3, 4], [5, 6], [7, 8]]))
+        out.append(lp.flatten(0, 1))
+    return torch.cat(out), state
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_static_cache_decodes_as_the_growing_one(name):
+    """The static cache (what a compiled step reads) attends over every slot through a mask; its
+    log-probs must equal the growing cache's, padding and beam reordering included."""
+    model = _model(VARIANTS[name])
+    prompt = torch.randint(0, V, (3, 6))
+    lengths = torch.tensor([6, 2, 4])
+    steps = list(torch.randint(0, V, (5, 3)))
+    want, _ = _decode_trace(model, prompt, lengths, steps)
+    model.static_capacity = 20
+    got, state = _decode_trace(model, prompt, lengths, steps)
+    assert state.slot is not None and state.k[0].shape[2] == 20 and int(state.slot) == state.pos == 13
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ContextLengthError, match="static KV cache holds 20"):
+        for _ in range(8):
+            state, _ = model.step(state, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_generates_what_eager_decoding_does():
+    from lmstack.generation import GenerationConfig, generate_tokens
+
+    model = _model(VARIANTS["llama-gqa"])
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    config = GenerationConfig(max_new_tokens=12, temperature=0)
+    want = generate_tokens(model, prompts, config)
+    model.compile_decoding(capacity=32)
+    got = generate_tokens(model, prompts, config)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], abs=1e-4)

@@ -35,6 +35,9 @@ def register(sub) -> None:
                    help="beam score = log p / length^this (default: 1; 0 ranks by raw log-probability)")
     p.add_argument("--num-return", type=int, default=1, help="beam search: how many of the best beams to print")
     p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="GPT only: decode through a static KV cache and a torch.compile'd step (CUDA graphs on a "
+                   "GPU); costs a one-off compile of tens of seconds, so it pays on long generations on a GPU")
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.set_defaults(func=cmd_generate)
@@ -73,6 +76,12 @@ def cmd_generate(args) -> int:
         presence_penalty=args.presence_penalty, stop=tuple(args.stop), stop_at_eot=not args.ignore_eot, seed=args.seed,
     )
     model, tokenizer = load_model(args.model, args.device)
+    if args.compile:
+        if not hasattr(model, "compile_decoding"):
+            raise InputError(f"--compile needs a GPT checkpoint; {model.family} models decode uncompiled, drop --compile")
+        # Capacity in steps of 256 slots, so runs of similar lengths reuse torch.compile's on-disk cache.
+        longest = max(len(encode_prompt(tokenizer, p)) for p in prompts) + args.max_tokens
+        model.compile_decoding(capacity=min(-(-longest // 256) * 256, model.max_context))
 
     if args.stream:
         sys.stdout.write(prompts[0])

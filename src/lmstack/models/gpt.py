@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.errors import InputError
+from lmstack.errors import ContextLengthError, InputError
 from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
@@ -155,22 +155,64 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
 @dataclass
 class KVCache:
     """Keys and values of every layer, [B, n_kv_head, capacity, head_dim] each, plus `pos`, the
-    number of positions filled. Capacity doubles when full, so memory follows the tokens actually
-    decoded rather than the context limit (128k for Llama 3.1). `GPT.start` makes one; `step`
-    and `extend` fill it in place."""
+    number of slots filled, and `offset`, each row's left padding (see `GPT.start`).
+
+    A growing cache doubles its capacity when full, so memory follows the tokens actually decoded
+    rather than the context limit (128k for Llama 3.1). A static cache (`slot` set) is allocated
+    once, keeps its fill on the device as well and attends over all its slots through a mask, so
+    every one-token step has the same shapes and reads no Python value: a compiled step is
+    replayed as it is (torch.compile; CUDA graphs on a GPU). `GPT.start` makes one; `extend`
+    fills it in place."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
     offset: torch.Tensor | None = None  # [B] padding slots before each row's prompt; None: no padding
+    slot: torch.Tensor | None = None  # static caches only: `pos` as a device tensor, for compiled steps
 
     @classmethod
-    def empty(cls, cfg: GPTConfig, batch: int, device, dtype) -> "KVCache":
-        shape = (batch, cfg.n_kv_head, 0, cfg.head_dim)
-        return cls(*([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv"))
+    def empty(cls, cfg: GPTConfig, batch: int, device, dtype, static_capacity: int | None = None,
+              offset: torch.Tensor | None = None) -> "KVCache":
+        shape = (batch, cfg.n_kv_head, static_capacity or 0, cfg.head_dim)
+        k, v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv")
+        slot = torch.zeros((), dtype=torch.long, device=device) if static_capacity else None
+        return cls(k, v, 0, offset, slot)._pinned()
+
+    def _pinned(self) -> "KVCache":
+        """A static cache's tensors keep their addresses for its whole life; telling the compiler
+        lets a CUDA graph write into them instead of copying them in and out at every step."""
+        if self.slot is not None:
+            for t in (*self.k, *self.v, self.slot, *([self.offset] if self.offset is not None else [])):
+                torch._dynamo.mark_static_address(t)
+        return self
+
+    def positions(self, T: int) -> torch.Tensor:
+        """[T] slots of the next T tokens."""
+        if self.slot is not None:
+            return self.slot + torch.arange(T, device=self.slot.device)
+        return torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+
+    def mask(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """Which keys the queries at `slots` may see: [T, S] or, with padding, [B, 1, T, S]. None
+        where SDPA needs no mask: an unpadded prompt (its causal flag) or one new token of a
+        growing cache (it sees every key)."""
+        T = slots.shape[0]
+        if self.slot is None and self.offset is None and (self.pos == 0 or T == 1):
+            return None
+        keys = torch.arange(self.k[0].shape[2] if self.slot is not None else self.pos + T, device=slots.device)
+        mask = keys <= slots[:, None]
+        if self.offset is not None:
+            # Nothing attends to padding but padding itself: a query with no key at all would give NaNs.
+            mask = (mask & ((keys >= self.offset[:, None, None]) | (keys == slots[:, None])))[:, None]
+        return mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new positions' k, v at `pos`; return the keys and values of the whole prefix."""
+        """Store the new positions' k, v; return the keys and values to attend over."""
+        if self.slot is not None:
+            slots = self.positions(k.shape[2])
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
         for store, new in ((self.k, k), (self.v, v)):
             if end > store[layer].shape[2]:
@@ -179,6 +221,17 @@ class KVCache:
                 store[layer][:, :, : self.pos] = old[:, :, : self.pos]
             store[layer][:, :, self.pos : end] = new
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+        if self.slot is not None:
+            self.slot += T
+
+    def select(self, index: torch.Tensor) -> "KVCache":
+        """The rows `index` (repeats allowed) as a new cache."""
+        offset = self.offset[index] if self.offset is not None else None
+        slot = self.slot.clone() if self.slot is not None else None
+        return KVCache([k[index] for k in self.k], [v[index] for v in self.v], self.pos, offset, slot)._pinned()
 
 
 class Attention(nn.Module):
@@ -241,20 +294,6 @@ class Block(nn.Module):
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
-def attention_mask(past: int, T: int, offset: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Which keys each of T new queries (after `past` cached slots) may see: [T, past+T] or, with
-    padding, [B, 1, T, past+T]; None where SDPA needs no mask (an unpadded prompt or one new token)."""
-    if offset is None and (past == 0 or T == 1):
-        return None
-    query = torch.arange(past, past + T, device=device)[:, None]
-    key = torch.arange(past + T, device=device)
-    mask = key <= query
-    if offset is not None:
-        # Nothing attends to padding but padding itself: a query with no key at all would give NaNs.
-        mask = (mask & ((key >= offset[:, None, None]) | (key == query)))[:, None]
-    return mask
-
-
 # --- the model ----------------------------------------------------------------------------
 
 
@@ -267,6 +306,8 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         self.config = cfg = config
         self.vocab_size = cfg.vocab_size
         self.max_context = cfg.block_size
+        self.static_capacity: int | None = None  # set by `compile_decoding`
+        self._compiled_step = None
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
         # Fixed tables are buffers outside the state dict: they are recomputed, never saved.
@@ -297,12 +338,13 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
             nn.init.zeros_(m.bias)
 
     def _logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits after each of [B, T] ids, following the cache's prefix. Tensor work only: the
+        callers check the context and advance the cache, so a compiled step reads no Python state."""
         T = idx.shape[1]
-        past, offset = (cache.pos, cache.offset) if cache is not None else (0, None)
-        self.check_context(past + T)
-        pos = torch.arange(past, past + T, device=idx.device)
-        if offset is not None:  # [B, T]: each row counts from its own first token
-            pos = (pos - offset[:, None]).clamp(min=0)
+        offset = cache.offset if cache is not None else None
+        slots = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
+        mask = cache.mask(slots) if cache is not None else None
+        pos = slots if offset is None else (slots - offset[:, None]).clamp(min=0)  # [B, T]: rows count from their first token
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -313,17 +355,18 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
             rope = (self.rope_cos[pos], self.rope_sin[pos])
             if offset is not None:  # [B, T, hd] -> [B, 1, T, hd], to broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
-        mask = attention_mask(past, T, offset, idx.device)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, mask)
-        if cache is not None:
-            cache.pos += T
         return self.lm_head(self.norm(x))
+
+    def _next_logprobs(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return F.log_softmax(self._logits(idx, cache).float(), dim=-1)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """[B, T] ids -> logits [B, T, V] for the token after each position; with targets [B, T]
         also the mean cross-entropy (targets of -100 are ignored)."""
+        self.check_context(idx.shape[1])
         logits = self._logits(idx)
         if targets is None:
             return logits
@@ -341,17 +384,17 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
 
     def next_token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         self._check_ids(tokens)
+        self.check_context(tokens.shape[1])
         return F.log_softmax(self._logits(tokens).float(), dim=-1)
 
     def start(self, prompt: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[KVCache, torch.Tensor]:
         if prompt.shape[1] == 0:
             raise InputError("a GPT prompt needs at least one token (e.g. the tokenizer's <|endoftext|>)")
         self.check_context(prompt.shape[1])
-        cache = KVCache.empty(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype)
         pad = padding_mask(prompt, lengths)
-        if pad is not None:
-            cache.offset, prompt = pad.sum(1), prompt.masked_fill(pad, 0)
-        cache, lp = self.extend(cache, prompt)
+        offset = pad.sum(1) if pad is not None else None
+        cache = KVCache.empty(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype, self.static_capacity, offset)
+        cache, lp = self.extend(cache, prompt if pad is None else prompt.masked_fill(pad, 0))
         return cache, lp[:, -1]
 
     def step(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
@@ -360,14 +403,36 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
 
     def reorder(self, state: KVCache, index: torch.Tensor) -> KVCache:
         """The cache rows `index` (repeats allowed), for beam search; a new cache, `state` is kept."""
-        offset = state.offset[index] if state.offset is not None else None
-        return KVCache([k[index] for k in state.k], [v[index] for v in state.v], state.pos, offset)
+        return state.select(index)
 
     def extend(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Append [B, k] tokens to the cache in one pass (a chat's next turn, speculative-decoding
         drafts); returns [B, k, V] next-token log-probs for each of them."""
         self._check_ids(tokens)
-        return state, F.log_softmax(self._logits(tokens, state).float(), dim=-1)
+        T = tokens.shape[1]
+        self.check_context(state.pos + T)
+        if state.slot is not None and state.pos + T > state.k[0].shape[2]:
+            raise ContextLengthError(
+                f"the static KV cache holds {state.k[0].shape[2]} tokens and {state.pos + T} were asked for; "
+                "pass a larger capacity to compile_decoding (at most the model's context)")
+        compiled = self._compiled_step is not None and state.slot is not None and T == 1
+        lp = (self._compiled_step if compiled else self._next_logprobs)(tokens, state)
+        state.advance(T)
+        return state, lp
+
+    def compile_decoding(self, capacity: int | None = None, mode: str | None = None) -> "GPT":
+        """From now on, decode through a static KV cache of `capacity` slots (default: the whole
+        context) and a one-token step compiled with `torch.compile`. The first steps pay the
+        compile (tens of seconds; again for each new batch size); later ones run without Python
+        overhead, and on a GPU (mode "reduce-overhead", the default there) replay as CUDA graphs,
+        which is where the time of small-batch decoding goes. Prompts are read uncompiled."""
+        if capacity is not None and not 1 <= capacity <= self.config.block_size:
+            raise InputError(f"the static cache capacity must be in [1, {self.config.block_size}], got {capacity}")
+        self.static_capacity = capacity or self.config.block_size
+        if mode is None and self.wte.weight.is_cuda:
+            mode = "reduce-overhead"
+        self._compiled_step = torch.compile(self._next_logprobs, fullgraph=True, dynamic=False, mode=mode)
+        return self
 
     # --- size ---------------------------------------------------------------------------
 
