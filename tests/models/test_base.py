@@ -1,5 +1,5 @@
 """The contract's batched start: left-padded prompts of different lengths decode exactly as each
-prompt alone, for every causal family."""
+prompt alone, for every family that generates (T5 reads its prompt as the source)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from lmstack.models.feedforward import FeedForwardConfig, FeedForwardLM
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.ngram import NGramLM
 from lmstack.models.rnn import RNNConfig, RNNLM
+from lmstack.models.t5 import T5, T5Config
 
 V = 23
 
@@ -30,6 +31,7 @@ FAMILIES = {
     "gru": lambda: RNNLM(RNNConfig(vocab_size=V, cell="gru", d_embed=8, d_hidden=8, n_layers=1)),
     "feedforward": lambda: FeedForwardLM(FeedForwardConfig(vocab_size=V, order=4, d_embed=5, d_hidden=7)),
     "ngram": _ngram,
+    "t5": lambda: T5(T5Config.preset("tiny", vocab_size=V, dropout=0.0)),
 }
 
 

@@ -3,10 +3,8 @@
 All rows advance in lockstep through one decoding state, so the prefix is never recomputed.
 Prompts of different lengths are left-padded into one `start` (the contract's `lengths`), so every
 prompt is read in one pass and all rows generate from the first step. A row that has finished
-keeps being fed its last token until the whole batch is done; its output is frozen.
-
-An encoder-decoder (T5) reads the prompt as its source in `start` and takes no `lengths`: for a
-model that is not a causal `LanguageModel`, each prompt length runs as its own batch.
+keeps being fed its last token until the whole batch is done; its output is frozen. An
+encoder-decoder (T5) takes the same `start`, reading the prompts as its sources.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from lmstack.errors import InputError
 from lmstack.generation.config import GenerationConfig
 from lmstack.generation.detok import StreamDecoder
 from lmstack.generation.processors import Sampler
-from lmstack.models.base import LanguageModel
 from lmstack.progress import progress
 
 
@@ -166,13 +163,6 @@ def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None
     """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row.
     `show_progress`: a progress bar of decoding steps (on a terminal)."""
     configs = _per_row(config, len(prompts))
-    if not isinstance(model, LanguageModel) and len({len(p) for p in prompts}) > 1:
-        results: dict[int, Generation] = {}
-        for length in {len(p) for p in prompts}:
-            group = [i for i, p in enumerate(prompts) if len(p) == length]
-            outs = generate_tokens(model, [prompts[i] for i in group], [configs[i] for i in group], tokenizer, show_progress)
-            results.update(zip(group, outs))
-        return [results[i] for i in range(len(prompts))]
     rows: list[_Row] = []
     steps = max((c.max_new_tokens for c in configs), default=0)
     bar = progress(total=steps, desc="decoding", unit="step") if show_progress else None

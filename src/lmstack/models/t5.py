@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.errors import CheckpointError, InputError
+from lmstack.models.base import padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint, assign_weights
 from lmstack.models.hf_dir import read_hf_dir, take_tensors
 from lmstack.models.sizes import Presets
@@ -320,9 +321,16 @@ class T5(nn.Module, TorchCheckpoint):
     # --- incremental decoding (for generation) ------------------------------------------
 
     @torch.no_grad()
-    def start(self, src: torch.Tensor, prompt: torch.Tensor | None = None, src_mask: torch.Tensor | None = None):
+    def start(self, src: torch.Tensor, lengths: torch.Tensor | None = None, *, prompt: torch.Tensor | None = None,
+              src_mask: torch.Tensor | None = None):
         """Encode the source once and feed the start token (+ an optional [B, P] decoder prompt);
-        returns (state, [B, V] log-probs of the next target token)."""
+        returns (state, [B, V] log-probs of the next target token). Sources of different lengths
+        are left-padded with `lengths`, as for causal models, or marked by `src_mask` (1 = token);
+        with neither, every source token is real (relative positions make the padding's place
+        irrelevant)."""
+        if src_mask is None:
+            pad = padding_mask(src, lengths)
+            src_mask = torch.ones_like(src, dtype=torch.bool) if pad is None else ~pad
         state = self._new_state(self.encode(src, src_mask), src, src_mask)
         start = src.new_full((src.shape[0], 1), self.config.decoder_start_token_id)
         tgt_in = start if prompt is None else torch.cat([start, prompt], 1)
