@@ -336,8 +336,8 @@ class SourceFree(LanguageModel):
 
     def token_logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
         source = tokens.new_full((tokens.shape[0], 1), self.seq2seq.config.eos_token_id)
-        logits, _ = self.seq2seq(source, tokens[:, 1:])  # teacher forcing from the start token
-        return logits.float().log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        target = tokens[:, 1:]  # teacher forcing from the start token
+        return self.seq2seq.target_logprobs(source, target).gather(-1, target[..., None]).squeeze(-1)
 
 
 def default_mode(model) -> str:
