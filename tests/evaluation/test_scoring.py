@@ -185,3 +185,16 @@ def test_t5_needs_a_continuation(t5_pair, tokenizer):
     model, _ = t5_pair
     with pytest.raises(InputError, match="--continuation"):
         score_text(model, tokenizer, "the quick brown fox")
+
+
+def test_an_ngram_scores_from_the_start_of_a_line():
+    """Without a continuation, an n-gram's text is scored after <s>, as its perplexity counts a line
+    (less the final </s>); with one, the prompt too begins a line."""
+    from lmstack.models.ngram import BOS_ID, NGramLM
+
+    model = NGramLM.train_texts(["x y"] * 3 + ["z x w"] * 5, order=3, discount_fallback=True)
+    vocab = model.text_tokenizer()
+    line = torch.tensor([[BOS_ID, *model.encode("x y")]])
+    assert score_text(model, vocab, "x y")["logprob"] == pytest.approx(float(model.token_logprobs(line).sum()))
+    after_x = score_text(model, vocab, "x", " y")
+    assert after_x["logprob"] == pytest.approx(float(model.token_logprobs(line)[0, 1]))

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lmstack.errors import InputError
-from lmstack.generation.engine import model_device
+from lmstack.generation.engine import encode_prompt, model_device
 from lmstack.progress import progress
 
 # Rows of a scoring batch are grouped so that one [B, T, V] log-prob tensor stays under this many floats.
@@ -90,20 +90,17 @@ def token_scores(model, ids: list[int], start: int = 1, top: int = 0) -> list[To
 
 
 def score_text(model, tokenizer, prompt: str, continuation: str | None = None, top: int = 5) -> dict:
-    """log p(continuation | prompt), or with no continuation log p(prompt) from <|endoftext|> (not
+    """log p(continuation | prompt), or with no continuation log p(prompt) from the start of a text (not
     for an encoder-decoder, which needs a source); a JSON-able dict with the total, the perplexity
     and every scored token."""
     if continuation is None and _is_seq2seq(model):
         raise InputError(f"a {_family(model)} model scores a continuation given the prompt as its source; "
                          "pass one (--continuation TEXT)")
-    context = tokenizer.encode(prompt) if continuation is not None else []
     scored = tokenizer.encode(continuation if continuation is not None else prompt)
     if not scored:
         raise InputError("nothing to score: the continuation (or, without one, the prompt) is empty")
-    if not context:
-        if tokenizer.eot_id is None:
-            raise InputError("the text to score needs a prompt before it (the tokenizer has no <|endoftext|> to start from)")
-        context = [tokenizer.eot_id]
+    # The context generation would start from: the prompt (after <s> for an n-gram), or just the start.
+    context = encode_prompt(tokenizer, prompt if continuation is not None else "")
     tokens = token_scores(model, context + scored, start=len(context), top=top)
     total = sum(t.logprob for t in tokens)
 
