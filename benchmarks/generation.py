@@ -1,6 +1,6 @@
 """Decode speed of lmstack's generation engine beside `transformers` `generate`, same weights, same process.
 
-    python benchmarks/generation.py [--depth 4] [--vocab 8192] [--batch 1 8] [--new-tokens 64] [--threads 1]
+    python benchmarks/generation.py [--depth 2 4] [--vocab 8192] [--batch 1 8] [--new-tokens 64] [--threads 1] [--compile]
 
 A random GPT-2-architecture `transformers` model is saved and imported into lmstack (`from_hf`), so
 both compute the same function. For each batch size, prompts of 16 tokens are decoded greedily for
@@ -8,13 +8,16 @@ both compute the same function. For each batch size, prompts of 16 tokens are de
 `generate_tokens(temperature=0)` against `GPT2LMHeadModel.generate(do_sample=False)`, and the same
 pair for top-k/top-p sampling. Prints decode tokens/s (new tokens of the whole batch, prompt
 included in the time) as the median of --repeats runs, and the ratio lmstack / transformers
-(> 1: lmstack faster); it also checks that both greedy outputs agree. Timings on a shared CPU are
-noisy: the load average is printed with them.
+(> 1: lmstack faster); it also checks that both greedy outputs agree. --compile adds a column for
+lmstack's compiled decoding (`GPT.compile_decoding`: static KV cache, torch.compile'd step; CUDA
+graphs on a GPU), timed after its compile. Timings on a shared CPU are noisy: the load average is
+printed with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -39,7 +42,8 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depth", type=int, default=4, help="layers; width 64·depth, heads of 64 (default: 4)")
+    ap.add_argument("--depth", type=int, nargs="+", default=[2, 4],
+                    help="model sizes: layers, width 64·depth, heads of 64 (default: 2 4)")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -47,15 +51,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="also time lmstack's compiled decoding")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, device "
+          f"{args.device}, load {os.getloadavg()[0]:.1f}; GPT-2 arch, vocab {args.vocab}; prompt {args.prompt_tokens} "
+          f"+ {args.new_tokens} new tokens; ratio = lmstack / transformers")
+    print(f"{'params':>7} {'mode':>6} {'batch':>5} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}"
+          + (f" {'compiled tok/s':>15} {'ratio':>6}" if args.compile else ""))
+    for depth in args.depth:
+        run_size(args, depth)
+
+
+def run_size(args, d: int) -> None:
     import transformers
 
     from lmstack.generation import GenerationConfig, generate_tokens
     from lmstack.models.hf import from_hf
 
-    transformers.logging.set_verbosity_error()
-    d = args.depth
     cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=512, n_embd=64 * d, n_layer=d, n_head=d)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).eval().to(args.device)
@@ -63,11 +79,10 @@ def main() -> None:
         hf.save_pretrained(tmp)
         model, _ = from_hf(tmp)
     model.to(args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, device "
-          f"{args.device}, load {os.getloadavg()[0]:.1f}; GPT-2 arch, {d} layers x {64 * d} wide, vocab {args.vocab}, "
-          f"{n_params / 1e6:.1f}M params; prompt {args.prompt_tokens} + {args.new_tokens} new tokens")
-    print(f"{'mode':>8} {'batch':>5} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    compiled = None
+    if args.compile:  # a second copy, so the eager model keeps its growing cache
+        compiled = copy.deepcopy(model).compile_decoding(capacity=args.prompt_tokens + args.new_tokens)
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
     n = args.new_tokens
     modes = {
         "greedy": (GenerationConfig(max_new_tokens=n, temperature=0), dict(do_sample=False)),
@@ -79,8 +94,8 @@ def main() -> None:
         ids = prompts.to(args.device)
         mask = torch.ones_like(ids)
         for mode, (ours_cfg, hf_kw) in modes.items():
-            def ours():
-                return generate_tokens(model, prompts.tolist(), ours_cfg)
+            def ours(m=model):
+                return generate_tokens(m, prompts.tolist(), ours_cfg)
 
             def theirs():
                 with torch.no_grad():
@@ -92,8 +107,11 @@ def main() -> None:
                     print("  warning: greedy outputs differ (near-tie logits?)")
             t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
             tokens = batch * n
-            print(f"{mode:>8} {batch:>5} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} {t_theirs / t_ours:>6.2f}")
-
+            line = f"{size:>7} {mode:>6} {batch:>5} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} {t_theirs / t_ours:>6.2f}"
+            if compiled is not None:
+                t_comp = timed(lambda: ours(compiled), args.repeats)
+                line += f" {tokens / t_comp:>15.0f} {t_theirs / t_comp:>6.2f}"
+            print(line, flush=True)
 
 if __name__ == "__main__":
     main()
