@@ -54,7 +54,7 @@ def test_perplexity_of_a_gpt_is_stream_mode_with_every_field(lmstack_cli, ckpts)
 
 
 def test_rnn_is_scored_with_the_default_window(lmstack_cli, ckpts):
-    got = json.loads(lmstack_cli("eval", "perplexity", "--model", ckpts / "rnn", ckpts / "test.txt", "--json"))
+    got = json.loads(lmstack_cli("eval", "perplexity", "--model", ckpts / "rnn", "--data", ckpts / "test.txt", "--json"))
     assert got["mode"] == "stream" and got["context"] == 1024 and got["stride"] == 512
     assert got["bits_per_byte"] == pytest.approx(got["nats"] / math.log(2) / len(TEXT))
 
@@ -139,6 +139,7 @@ def test_tasks_numeric_matches_the_library(lmstack_cli, ckpts, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["perplexity", "--model", "{gpt}", "{text}", "--context", "65"], "--context 65"),
     (["perplexity", "--model", "{gpt}", "{empty}"], "empty"),
+    (["perplexity", "--model", "{gpt}"], "no text to score"),
     (["perplexity", "--model", "{ngram}", "{text}", "--mode", "stream"], "--mode lines"),
     (["perplexity", "--model", "{ngram}", "{text}", "--context", "8"], "--mode stream only"),
     (["perplexity", "--model", "{gpt}", "{text}", "--mode", "pseudo"], "--mode stream"),

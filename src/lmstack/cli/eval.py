@@ -27,7 +27,8 @@ def register(sub) -> None:
         "per byte, which compare models with different tokenizers. Modes: " + _MODES_HELP + ". In lines mode "
         "unknown words are scored as <unk> and reported as OOVs.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files (each one a document)")
+    p.add_argument("files", nargs="*", metavar="FILE", help="UTF-8 text files (each one a document)")
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE", help="more text files (as in `eval compare`)")
     p.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory or an .arpa file")
     _add_scoring_options(p)
     p.add_argument("--mode", choices=("lines", "stream", "pseudo"), help="how to score (default: by family, see above)")
@@ -99,7 +100,9 @@ def cmd_perplexity(args) -> int:
 
     if args.batch_tokens < 1:
         raise InputError(f"--batch-tokens must be positive, got {args.batch_tokens}")
-    paths = _check_files(args.files)
+    if not args.files and not args.data:
+        raise InputError("no text to score: give one or more FILEs (or --data FILE)")
+    paths = _check_files(args.files + args.data)
     model, tokenizer = load_model(args.model, args.device)
     with progress(desc="scoring", unit=PROGRESS_UNITS.get(args.mode or default_mode(model), "it")) as bar:
         res = measure(model, tokenizer, _documents(paths), mode=args.mode, context=args.context, stride=args.stride,
