@@ -190,3 +190,18 @@ def test_ngram_prompts_begin_a_line():
     assert empty.text == " z x w" and empty.finish_reason == "stop"
     [after] = generate(model, vocab, ["x"], greedy)
     assert after.text == " y"
+
+
+def test_a_short_prompt_beside_a_long_one_keeps_its_whole_context():
+    """Left-padded, a short row shares the long row's slots; near the context limit the batch must
+    still give the short row all the new tokens it would get alone."""
+    from lmstack.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts = [list(range(1, 29)), [3, 4, 5, 6]]
+    config = GenerationConfig(max_new_tokens=20, temperature=0)
+    together = generate_tokens(model, prompts, config)
+    alone = [generate_tokens(model, [p], config)[0] for p in prompts]
+    assert [len(g.tokens) for g in together] == [4, 20]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]

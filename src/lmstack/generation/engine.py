@@ -159,10 +159,28 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
             state, logprobs = model.step(state, feed)
 
 
+def _fits_context(model, prompts: list[list[int]], configs: list[GenerationConfig]) -> bool:
+    """Whether the rows can decode in lockstep: left-padded, every row takes up the longest
+    prompt's slots plus one per step, which must stay within the model's context for as long as
+    any row is still generating."""
+    limit = getattr(model, "max_context", None)
+    if limit is None or not prompts:
+        return True
+    width = max(map(len, prompts))
+    return all(width + min(c.max_new_tokens, limit - len(p)) <= limit + 1 for p, c in zip(prompts, configs))
+
+
 def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None, show_progress: bool = False) -> list[Generation]:
     """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row.
     `show_progress`: a progress bar of decoding steps (on a terminal)."""
     configs = _per_row(config, len(prompts))
+    if not _fits_context(model, prompts, configs):  # near the context limit: each prompt length on its own
+        results: dict[int, Generation] = {}
+        for length in sorted({len(p) for p in prompts}):
+            group = [i for i, p in enumerate(prompts) if len(p) == length]
+            outs = generate_tokens(model, [prompts[i] for i in group], [configs[i] for i in group], tokenizer, show_progress)
+            results.update(zip(group, outs))
+        return [results[i] for i in range(len(prompts))]
     rows: list[_Row] = []
     steps = max((c.max_new_tokens for c in configs), default=0)
     bar = progress(total=steps, desc="decoding", unit="step") if show_progress else None
