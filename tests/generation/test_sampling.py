@@ -135,3 +135,37 @@ def test_repetition_penalty_breaks_a_greedy_loop():
 def test_invalid_settings_are_one_clear_error(bad):
     with pytest.raises(InputError, match=next(iter(bad))):
         GenerationConfig(**bad)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=0.7, top_k=20),
+    dict(top_p=0.9),
+    dict(min_p=0.05),
+    dict(temperature=1.3, top_k=50, top_p=0.8, min_p=0.02),
+])
+def test_the_sampled_distribution_equals_transformers_warpers(settings):
+    """temperature, top-k, top-p and min-p, chained as `generate` chains them, keep the same tokens
+    with the same probabilities as Hugging Face's logits warpers."""
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    from lmstack.generation.processors import top_candidates
+
+    B, V = 16, 500
+    logits = 3 * torch.randn(B, V, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cfg = GenerationConfig(**settings)
+    warpers = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(cfg.temperature)])
+    if cfg.top_k:
+        warpers.append(lp.TopKLogitsWarper(cfg.top_k))
+    if cfg.top_p < 1:
+        warpers.append(lp.TopPLogitsWarper(cfg.top_p))
+    if cfg.min_p:
+        warpers.append(lp.MinPLogitsWarper(cfg.min_p))
+    theirs = warpers(torch.zeros(B, 1, dtype=torch.long), logits.clone()).softmax(-1)
+
+    def column(value):
+        return torch.full((B, 1), value, dtype=torch.long if isinstance(value, int) else torch.float64)
+
+    values, ids = top_candidates(logits.log_softmax(-1) / cfg.temperature, column(cfg.top_k or V),
+                                 column(cfg.top_p), column(cfg.min_p))
+    ours = torch.zeros(B, V, dtype=torch.float64).scatter(1, ids, values.softmax(-1))
+    assert ((ours > 0) == (theirs > 0)).all()
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-9)
