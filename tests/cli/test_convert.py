@@ -67,13 +67,12 @@ def test_hf_to_lmstack_to_hf(cli, tmp_path, shared, arch):
 
 
 def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
-    (tmp_path / "t5").mkdir()
-    (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    r = cli("convert", tmp_path / "t5", tmp_path / "out")
+    (tmp_path / "neox").mkdir()
+    (tmp_path / "neox" / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+    r = cli("convert", tmp_path / "neox", tmp_path / "out")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 't5'}: not a supported Hugging Face model (model_type 't5'); lmstack imports gpt2, llama and bert"
-    ]
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'neox'}: not a supported Hugging Face model "
+                                             "(model_type 'gpt_neox'); lmstack imports gpt2, llama, bert and t5"]
     assert not (tmp_path / "out").exists()
 
     from lmstack.models.rnn import RNNConfig, RNNLM

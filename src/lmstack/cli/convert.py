@@ -10,9 +10,12 @@ from lmstack.errors import InputError
 def register(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert checkpoints between Hugging Face and lmstack formats",
-        description="Import a local Hugging Face checkpoint (GPT-2, Llama, BERT) as an lmstack checkpoint, "
+        description="Import a local Hugging Face checkpoint (GPT-2, Llama, BERT, T5) as an lmstack checkpoint, "
         "or export an lmstack GPT (GPT-2 or Llama style) as a directory `transformers` loads. "
-        "Nothing is downloaded: SRC_DIR is a directory such as `save_pretrained` writes.",
+        "Nothing is downloaded: SRC_DIR is a directory such as `save_pretrained` writes. The tokenizer "
+        "comes along with the same ids: a byte-level BPE (GPT-2's) as lmstack's own BPE, any other "
+        "tokenizer.json (T5's and Llama 2's SentencePiece, BERT's WordPiece) run by Hugging Face's tokenizers "
+        "library (pip install 'lmstack[hf]'; without it the import is weights only).",
     )
     p.add_argument("src", metavar="SRC_DIR", help="checkpoint directory to read")
     p.add_argument("dst", metavar="DST_DIR", help="directory to write (created if missing)")

@@ -11,7 +11,7 @@ positions of log p(x_i | x with position i masked).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 from pathlib import Path
 
@@ -215,28 +215,36 @@ class BERT(nn.Module, TorchCheckpoint):
 def from_hf_bert(hf_dir: str | os.PathLike):
     """Import a local Hugging Face `BertForMaskedLM` (or `BertForPreTraining`) directory.
 
-    Returns (BERT, None): lmstack has no WordPiece tokenizer, so the caller keeps using the HF
-    one; the mask/cls/sep ids come from `vocab.txt` when it is there. The pooler and
-    next-sentence weights are imported when present (BertForPreTraining) and keep their fresh
-    initialisation otherwise (BertForMaskedLM has none).
+    Returns (BERT, tokenizer or None): the tokenizer is the directory's `tokenizer.json`
+    (WordPiece, run by Hugging Face's tokenizers library). The mask/cls/sep ids come from it, or
+    from `vocab.txt`. The pooler and next-sentence weights are imported when present
+    (BertForPreTraining) and keep their fresh initialisation otherwise (BertForMaskedLM has none).
     """
+    from lmstack.models.hf import hf_tokenizer
+    from lmstack.tokenizers.hf_wrapped import HFTokenizer
+
     hf_dir = Path(hf_dir)
     cfg, tensors = read_hf_dir(hf_dir, "bert")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"{hf_dir}: position_embedding_type {cfg['position_embedding_type']!r} is not supported (only 'absolute')")
     if cfg.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{hf_dir}: untied BERT decoder weights are not supported")
-    special = _vocab_ids(hf_dir / "vocab.txt", {"mask_token_id": "[MASK]", "cls_token_id": "[CLS]", "sep_token_id": "[SEP]"})
     try:
         config = BERTConfig(
             vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
             n_heads=cfg["num_attention_heads"], d_ff=cfg["intermediate_size"],
             max_position=cfg["max_position_embeddings"], type_vocab_size=cfg.get("type_vocab_size", 2),
             layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), dropout=cfg.get("hidden_dropout_prob", 0.1),
-            activation=cfg.get("hidden_act", "gelu"), **special,
+            activation=cfg.get("hidden_act", "gelu"),
         )
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{hf_dir}/config.json: cannot build a BERT config ({type(e).__name__}: {e})") from None
+    tokenizer = hf_tokenizer(hf_dir, config.vocab_size)
+    special = _vocab_ids(hf_dir / "vocab.txt", {"mask_token_id": "[MASK]", "cls_token_id": "[CLS]", "sep_token_id": "[SEP]"})
+    if isinstance(tokenizer, HFTokenizer):
+        roles = {f"{r}_id": tokenizer.role_id(r) for r in ("mask_token", "cls_token", "sep_token")}
+        special |= {field: i for field, i in roles.items() if i is not None}
+    config = replace(config, **special)
     tensors = {k.removeprefix("bert."): v for k, v in tensors.items()}
     if "cls.predictions.bias" not in tensors and "cls.predictions.decoder.bias" in tensors:
         tensors["cls.predictions.bias"] = tensors["cls.predictions.decoder.bias"]
@@ -269,7 +277,7 @@ def from_hf_bert(hf_dir: str | os.PathLike):
     fresh = model.state_dict()
     state |= {ours: tensors.get(k, fresh[ours]) for k, ours in optional.items()}
     assign_weights(model, state, str(hf_dir))
-    return model.eval(), None
+    return model.eval(), tokenizer
 
 
 def _vocab_ids(vocab: Path, wanted: dict[str, str]) -> dict[str, int]:

@@ -14,12 +14,13 @@ is a clear error rather than a silently different model.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import torch
 
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, FormatError
 from lmstack.io import atomic_path, read_json, write_json
 from lmstack.models.checkpoint import assign_weights
 from lmstack.models.gpt import GPT, LLAMA3_SCALING, GPTConfig
@@ -126,22 +127,24 @@ def _fuse_c_attn(tensors: dict[str, torch.Tensor]) -> None:
 # --- import ---------------------------------------------------------------------------------
 
 
+# Families with an importer of their own: model_type -> "module:function".
+_OTHER_IMPORTERS = {"bert": "lmstack.models.bert:from_hf_bert", "t5": "lmstack.models.t5:from_hf_t5"}
+
+
 def from_hf(hf_dir: str | os.PathLike):
     """Import a local Hugging Face checkpoint -> (lmstack model, tokenizer or None).
 
     GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`) become a `GPT`; BERT
-    (`BertForMaskedLM`) becomes the BERT encoder."""
+    (`BertForMaskedLM`) becomes the BERT encoder and T5 (`T5ForConditionalGeneration`) the
+    encoder-decoder."""
     p = Path(hf_dir)
     kind = hf_model_type(p)
-    if kind == "bert":
-        try:
-            from lmstack.models.bert import from_hf_bert
-        except ImportError:
-            raise CheckpointError(f"{p}: importing BERT needs lmstack.models.bert.from_hf_bert, which this install lacks") from None
-        return from_hf_bert(p)
+    if kind in _OTHER_IMPORTERS:
+        module, name = _OTHER_IMPORTERS[kind].split(":")
+        return getattr(importlib.import_module(module), name)(p)
     if kind not in ("gpt2", "llama"):
         raise CheckpointError(
-            f"{p}: not a supported Hugging Face model (model_type {kind!r}); lmstack imports gpt2, llama and bert"
+            f"{p}: not a supported Hugging Face model (model_type {kind!r}); lmstack imports gpt2, llama, bert and t5"
         )
     hf, tensors = read_hf_dir(p, kind)
     source = p / "config.json"
@@ -169,29 +172,38 @@ def from_hf(hf_dir: str | os.PathLike):
     model = GPT(cfg)
     ours = {a: tensors[b].t() if t else tensors[b] for a, b, t in names}
     assign_weights(model, {k: v.float() for k, v in ours.items()}, str(p))
-    tokenizer = _hf_tokenizer(p)
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise CheckpointError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                              f"{cfg.vocab_size}; the tokenizer files belong to another model")
-    return model.eval(), tokenizer
+    return model.eval(), hf_tokenizer(p, cfg.vocab_size)
 
 
-def _hf_tokenizer(p: Path):
-    """The directory's byte-level BPE tokenizer (`tokenizer.json`, else GPT-2's `vocab.json` +
-    `merges.txt`) as an lmstack BPETokenizer with the same ids; None when there is none lmstack
-    reads (e.g. a SentencePiece-based Llama 2 tokenizer): keep using the HF tokenizer then."""
-    from lmstack.errors import FormatError
+def hf_tokenizer(p: Path, vocab_size: int):
+    """The tokenizer of a Hugging Face model directory with the same ids, None when it has none
+    lmstack reads: byte-level BPE (`tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`) as
+    lmstack's own exact BPETokenizer, any other `tokenizer.json` (SentencePiece-style Unigram or
+    BPE with byte fallback, WordPiece) through Hugging Face's tokenizers library when it is
+    installed. A tokenizer with more ids than the model's `vocab_size` belongs to another model."""
     from lmstack.tokenizers.gpt2 import load_gpt2
     from lmstack.tokenizers.hf import load_hf
 
-    try:
-        if (p / "tokenizer.json").is_file():
-            return load_hf(p / "tokenizer.json")
-        if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-            return load_gpt2(p / "vocab.json", p / "merges.txt")
-    except FormatError:
-        return None
-    return None
+    tokenizer = None
+    if (p / "tokenizer.json").is_file():
+        try:
+            tokenizer = load_hf(p / "tokenizer.json")
+        except FormatError:
+            tokenizer = _wrapped_hf_tokenizer(p)
+    elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+        tokenizer = load_gpt2(p / "vocab.json", p / "merges.txt")
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{vocab_size}; the tokenizer files belong to another model")
+    return tokenizer
+
+
+def _wrapped_hf_tokenizer(p: Path):
+    """`tokenizer.json` run by Hugging Face's tokenizers library; None when that is not installed
+    (the import is then weights only, as `lmstack convert` says)."""
+    from lmstack.tokenizers import hf_wrapped
+
+    return hf_wrapped.HFTokenizer.from_dir(p) if hf_wrapped.installed() else None
 
 
 # --- export ---------------------------------------------------------------------------------

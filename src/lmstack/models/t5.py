@@ -381,11 +381,14 @@ class T5(nn.Module, TorchCheckpoint):
 
 
 def from_hf_t5(hf_dir: str | os.PathLike):
-    """Import a local Hugging Face `T5ForConditionalGeneration` directory -> (T5, None).
+    """Import a local Hugging Face `T5ForConditionalGeneration` directory -> (T5, tokenizer or None).
 
     T5 1.0 (ReLU, tied and scaled output) and 1.1 / Flan (gated-GELU) layouts are both read;
     the output head is untied when the file holds an `lm_head.weight` that differs from the
-    shared embedding. lmstack has no SentencePiece-model reader, so no tokenizer is returned."""
+    shared embedding. The tokenizer is the directory's `tokenizer.json` (T5's SentencePiece
+    Unigram, run by Hugging Face's tokenizers library), None without one."""
+    from lmstack.models.hf import hf_tokenizer
+
     hf_dir = Path(hf_dir)
     cfg, tensors = read_hf_dir(hf_dir, "t5")
     proj = cfg.get("feed_forward_proj", "relu")
@@ -429,4 +432,4 @@ def from_hf_t5(hf_dir: str | os.PathLike):
     got = take_tensors(tensors, list(names), hf_dir)
     model = T5(config)
     assign_weights(model, {ours: got[theirs] for theirs, ours in names.items()}, str(hf_dir))
-    return model.eval(), None
+    return model.eval(), hf_tokenizer(hf_dir, config.vocab_size)

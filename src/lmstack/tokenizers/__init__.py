@@ -1,4 +1,5 @@
-"""Tokenizers behind one contract (see base.Tokenizer): byte-level BPE, Unigram, char, word."""
+"""Tokenizers behind one contract (see base.Tokenizer): byte-level BPE, Unigram, char, word, and
+"hf" (an imported Hugging Face tokenizer.json, loaded but never trained: not in KINDS)."""
 
 from lmstack.tokenizers.base import (
     BOS,
@@ -18,9 +19,11 @@ def registry() -> dict[str, type[Tokenizer]]:
     """kind name -> class; imported lazily so `import lmstack` stays fast."""
     from lmstack.tokenizers.bpe import BPETokenizer
     from lmstack.tokenizers.char import CharTokenizer
+    from lmstack.tokenizers.hf_wrapped import HFTokenizer
     from lmstack.tokenizers.word import WordTokenizer
 
-    kinds: dict[str, type[Tokenizer]] = {"bpe": BPETokenizer, "char": CharTokenizer, "word": WordTokenizer}
+    kinds: dict[str, type[Tokenizer]] = {"bpe": BPETokenizer, "char": CharTokenizer, "word": WordTokenizer,
+                                          "hf": HFTokenizer}
     try:
         from lmstack.tokenizers.unigram import UnigramTokenizer
 

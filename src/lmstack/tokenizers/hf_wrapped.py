@@ -1,0 +1,154 @@
+"""Any Hugging Face `tokenizer.json` as an lmstack tokenizer, run by HF's `tokenizers` library.
+
+For the tokenizers lmstack's own kinds cannot reproduce exactly (SentencePiece-style Unigram as
+in T5, BPE with byte fallback as in Llama 2, BERT's WordPiece), so that imported checkpoints
+keep the ids they were trained on. Ids are HF's, special tokens included; the end of text
+(`eot_id`) is the model's end-of-sequence token (`</s>`, or `[SEP]` for BERT).
+
+Encoding never adds the post-processor's tokens ([CLS] ... [SEP], a final </s>): lmstack
+places its own. Like the word tokenizer this kind is lossy: normalisation (NFKC,
+lower-casing, accent stripping) and <unk> change the text, so decode(encode(s)) need not be s.
+Decoding is HF's, with special tokens shown (as `transformers` decodes by default).
+
+lmstack's tokenizer.json (kind "hf") embeds the HF file as a JSON object; loading it parses
+data and never runs code. Needs `pip install 'lmstack[hf]'`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from lmstack.errors import FormatError, InputError
+from lmstack.io import read_json
+from lmstack.tokenizers.base import Tokenizer
+
+# The token roles transformers names in tokenizer_config.json / special_tokens_map.json.
+ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def installed() -> bool:
+    """Whether Hugging Face's tokenizers library, the engine of this kind, can be imported."""
+    try:
+        importlib.import_module("tokenizers")
+    except ImportError:
+        return False
+    return True
+
+
+def _engine():
+    if not installed():
+        raise InputError("this tokenizer runs on Hugging Face's tokenizers library, which is not installed; "
+                         "pip install 'lmstack[hf]'")
+    return importlib.import_module("tokenizers")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer; `roles` maps HF's role names (eos_token, sep_token, ...) to tokens."""
+
+    kind = "hf"
+
+    def __init__(self, hf_json: dict, roles: dict[str, str], special_tokens: dict[str, int] | None = None):
+        engine = _engine()
+        try:
+            hf = engine.Tokenizer.from_str(json.dumps(hf_json))
+        except Exception as e:  # the Rust side raises plain Exception for any malformed file
+            raise FormatError(f"not a Hugging Face tokenizer.json that the tokenizers library reads ({e}); "
+                              "save it again with transformers' save_pretrained") from None
+        hf.no_truncation()
+        hf.no_padding()
+        hf.encode_special_tokens = True  # special-token strings in plain text are text (the contract)
+        self._hf = hf
+        vocab = hf.get_vocab(with_added_tokens=True)
+        self.roles = {r: t for r, t in roles.items() if t in vocab}
+        if special_tokens is None:
+            added = hf.get_added_tokens_decoder()
+            special_tokens = {t.content: i for i, t in added.items() if t.special}
+            special_tokens |= {t: vocab[t] for t in self.roles.values()}
+        super().__init__(special_tokens)
+
+    @classmethod
+    def from_dir(cls, hf_dir: str | os.PathLike) -> "HFTokenizer":
+        """The tokenizer of a Hugging Face model directory (`tokenizer.json`), with its roles read
+        from tokenizer_config.json, special_tokens_map.json and config.json's eos_token_id."""
+        p = Path(hf_dir)
+        hf_json = read_json(p / "tokenizer.json", "Hugging Face tokenizer.json")
+        roles: dict[str, str] = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
+            if (p / name).is_file():
+                found = read_json(p / name, f"Hugging Face {name}")
+                roles |= {r: _content(found[r]) for r in ROLES if _content(found.get(r))}
+        try:
+            tok = cls(hf_json, roles)
+        except FormatError as e:
+            raise FormatError(f"{p / 'tokenizer.json'}: {e}") from None
+        eos_id = read_json(p / "config.json", "Hugging Face config").get("eos_token_id") \
+            if (p / "config.json").is_file() else None
+        if "eos_token" not in tok.roles and isinstance(eos_id, int) and tok._hf.id_to_token(eos_id) is not None:
+            tok.roles["eos_token"] = tok._hf.id_to_token(eos_id)
+            tok.add_special_tokens([tok.roles["eos_token"]])  # a token of the vocabulary keeps its id
+        return tok
+
+    @classmethod
+    def train(cls, texts, vocab_size, special_tokens=(), **opts):
+        raise InputError("an hf tokenizer is imported with a Hugging Face checkpoint (lmstack convert), not trained; "
+                         "train a bpe, unigram, char or word tokenizer instead")
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eot_id(self) -> int | None:
+        token = self.roles.get("eos_token") or self.roles.get("sep_token")
+        return None if token is None else self.special_tokens.get(token)
+
+    def role_id(self, role: str) -> int | None:
+        """The id of the token with an HF role ("mask_token", "cls_token", ...), None if it has none."""
+        token = self.roles.get(role)
+        return None if token is None else self.special_tokens.get(token)
+
+    def add_special_tokens(self, tokens: Iterable[str]) -> None:
+        """New specials go into the HF engine too, which picks their ids (an existing token keeps its own)."""
+        new = [t for t in tokens if t not in self.special_tokens]
+        self._hf.add_special_tokens(new)
+        self.special_tokens |= {t: self._hf.token_to_id(t) for t in new}
+        self._special_by_id = {i: s for s, i in self.special_tokens.items()}
+        self._special_re = None
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """HF's decoding of the whole sequence (a WordPiece or Metaspace decoder joins tokens by
+        their neighbours); byte-fallback bytes that form no character are already U+FFFD."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def id_to_piece(self, i: int) -> str:
+        piece = self._hf.id_to_token(int(i))
+        if piece is None:
+            raise InputError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
+        return piece
+
+    def _state(self) -> dict:
+        return {"roles": self.roles, "hf": json.loads(self._hf.to_str())}
+
+    @classmethod
+    def _from_state(cls, state: dict, special_tokens: dict[str, int]) -> "HFTokenizer":
+        return cls(state["hf"], dict(state["roles"]), special_tokens)
+
+
+def _content(token) -> str | None:
+    """A role's token as transformers writes it: a string or an AddedToken dict."""
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) else None
