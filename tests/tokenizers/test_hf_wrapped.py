@@ -238,7 +238,7 @@ def test_bert_converts_with_its_tokenizer_and_pseudo_perplexity_is_transformers(
     assert abs(got["log10_prob"] * 2.302585092994046 - pll) <= 1e-3
 
 
-def test_llama2_converts_with_its_tokenizer_and_decodes_greedily_as_transformers(corpus, tmp_path, lmstack_cli):
+def test_llama2_converts_both_ways_with_its_tokenizer_and_decodes_greedily_as_transformers(corpus, tmp_path, lmstack_cli):
     hf_tok, roles = llama2_like(corpus[0])
     cfg = transformers.LlamaConfig(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=64, hidden_size=32,
                                    intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -256,3 +256,11 @@ def test_llama2_converts_with_its_tokenizer_and_decodes_greedily_as_transformers
                             pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert got["tokens"] == want
     assert got["text"] == hf_tok.decode(want, skip_special_tokens=False)
+
+    lmstack_cli("convert", tmp_path / "ours", tmp_path / "hf2", "--to", "hf")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")
+    text = "\n".join(corpus[1])
+    assert back.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False).ids
+    assert (back.bos_token, back.eos_token) == ("<s>", "</s>")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf2")
+    assert (config.bos_token_id, config.eos_token_id) == (1, 2)

@@ -248,11 +248,13 @@ def _hf_config_dict(cfg: GPTConfig, arch: str) -> dict:
 def to_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face directory (config.json + model.safetensors) that
     `transformers.AutoModelForCausalLM.from_pretrained` loads. A byte-level BPE `tokenizer` is
-    written as HF's tokenizer.json (which `AutoTokenizer` loads); other kinds have no HF form."""
+    written as HF's tokenizer.json (which `AutoTokenizer` loads), an imported HF one ("hf" kind)
+    as the file it came from; other kinds have no HF form."""
     from safetensors.torch import save_file
 
     from lmstack.tokenizers.bpe import BPETokenizer
     from lmstack.tokenizers.hf import save_hf
+    from lmstack.tokenizers.hf_wrapped import HFTokenizer
 
     if getattr(model, "family", None) != "gpt":
         raise CheckpointError(f"only GPT models export to Hugging Face format; this is a {model.family!r} model")
@@ -271,6 +273,10 @@ def to_hf(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> Path:
         eot = {"eos_token": EOT, "bos_token": EOT} if tokenizer.eot_id is not None else {}
         write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **eot})
         hf_config.update(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
+    elif isinstance(tokenizer, HFTokenizer):
+        write_json(out / "tokenizer.json", tokenizer.hf_dict(), indent=None)
+        write_json(out / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.roles})
+        hf_config.update(bos_token_id=tokenizer.role_id("bos_token"), eos_token_id=tokenizer.eot_id)
     with atomic_path(out / "model.safetensors") as tmp:
         save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     write_json(out / "config.json", hf_config)

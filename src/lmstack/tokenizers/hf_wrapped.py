@@ -63,6 +63,7 @@ class HFTokenizer(Tokenizer):
         hf.encode_special_tokens = True  # special-token strings in plain text are text (the contract)
         self._hf = hf
         vocab = hf.get_vocab(with_added_tokens=True)
+        self._size = len(vocab)  # cached: the engine counts by building the whole vocabulary
         self.roles = {r: t for r, t in roles.items() if t in vocab}
         if special_tokens is None:
             added = hf.get_added_tokens_decoder()
@@ -99,7 +100,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def base_vocab_size(self) -> int:
-        return self._hf.get_vocab_size(with_added_tokens=True)
+        return self._size
 
     @property
     def eot_id(self) -> int | None:
@@ -115,6 +116,7 @@ class HFTokenizer(Tokenizer):
         """New specials go into the HF engine too, which picks their ids (an existing token keeps its own)."""
         new = [t for t in tokens if t not in self.special_tokens]
         self._hf.add_special_tokens(new)
+        self._size = self._hf.get_vocab_size(with_added_tokens=True)
         self.special_tokens |= {t: self._hf.token_to_id(t) for t in new}
         self._special_by_id = {i: s for s, i in self.special_tokens.items()}
         self._special_re = None
@@ -140,8 +142,12 @@ class HFTokenizer(Tokenizer):
             raise InputError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
         return piece
 
+    def hf_dict(self) -> dict:
+        """The Hugging Face tokenizer.json, as `tokenizers.Tokenizer.from_str` reads it."""
+        return json.loads(self._hf.to_str())
+
     def _state(self) -> dict:
-        return {"roles": self.roles, "hf": json.loads(self._hf.to_str())}
+        return {"roles": self.roles, "hf": self.hf_dict()}
 
     @classmethod
     def _from_state(cls, state: dict, special_tokens: dict[str, int]) -> "HFTokenizer":
