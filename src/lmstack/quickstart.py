@@ -36,15 +36,15 @@ NGRAM_ORDER = 5
 # Wall-clock shares of --minutes for the neural nets; the tokenizer, n-grams, scoring and
 # samples take the rest (seconds on Tiny Shakespeare).
 BUDGET_SHARE = {"lstm": 0.15, "gpt": 0.65}
-WARMUP_STEPS = 8  # timed steps before each neural run, to turn its seconds into optimizer steps
 # Recipes for a 2-core CPU. Small batches: in a few CPU-minutes many small steps beat few large
 # ones (on loaded cores, GPT steps of 16 x 64 tokens reached 2.43 held-out bits per byte where
-# 32 x 128 tokens reached 3.20 in the same time).
+# 32 x 128 tokens reached 3.20 in the same time). The engine's time budget sets the number of
+# steps, so warm-up and validation intervals are in steps, short enough for --minutes 0.5.
 RECIPES = {
     "lstm": dict(family="rnn", block_size=64, batch_size=16, lr=4e-3, min_lr=4e-4, weight_decay=0.0, grad_clip=1.0,
-                 model=dict(cell="lstm", d_embed=256, d_hidden=256, n_layers=2, dropout=0.1)),
+                 warmup_steps=20, eval_interval=40, model=dict(cell="lstm", d_embed=256, d_hidden=256, n_layers=2, dropout=0.1)),
     "gpt": dict(family="gpt", block_size=128, batch_size=8, lr=3e-3, min_lr=3e-4, weight_decay=0.1, beta2=0.99,
-                grad_clip=1.0, model=dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0)),
+                grad_clip=1.0, warmup_steps=50, eval_interval=100, model=dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0)),
 }
 SENTENCES = ("the mouse ate the cheese", "cheese the ate mouse the")  # grammatical, scrambled
 SAMPLING = {  # name -> GenerationConfig options
@@ -146,42 +146,19 @@ def prepare_data(files: dict[str, Path], tok, tok_dir: Path, out: Path) -> Path:
     return out
 
 
-def _config(name: str, shards: Path, run_dir: Path, max_steps: int, device: str, seed: int):
+def train_neural(name: str, shards: Path, out: Path, seconds: float, device: str, seed: int):
+    """Train for about `seconds` of wall-clock time: the engine times its first steps and fits
+    the learning-rate schedule's length to the budget (`--max-minutes`)."""
+    from lmstack.training import checkpoint
     from lmstack.training.config import TrainConfig
-
-    recipe = dict(RECIPES[name])
-    return TrainConfig(out_dir=str(run_dir), data=[str(shards)], tokenizer=str(shards / "tokenizer.json"),
-                       device=device, seed=seed, max_steps=max_steps, warmup_steps=max(min(100, max_steps // 10), 1),
-                       eval_interval=max(max_steps // 10, 1), eval_batches=8, ckpt_interval=0, keep_last=1, **recipe)
-
-
-def _train_to_end(cfg) -> None:
-    """The engine saves and returns early on SIGINT / SIGTERM; the quickstart then stops too."""
     from lmstack.training.loop import train
 
-    if train(cfg).get("step") != cfg.max_steps:
-        raise KeyboardInterrupt
-
-
-def train_neural(name: str, shards: Path, out: Path, work: Path, seconds: float, device: str, seed: int):
-    """Train for about `seconds` of wall-clock time. The engine counts optimizer steps, so a
-    short timed warm-up run turns the budget into a step count (a time limit in the engine
-    itself would make this exact)."""
-    from lmstack.training import checkpoint
-    from lmstack.training.metrics import read_metrics
-
     t0 = time.perf_counter()
-    warm = work / f"warmup-{name}"
-    with contextlib.redirect_stdout(None):
-        _train_to_end(_config(name, shards, warm, WARMUP_STEPS, device, seed))
-    steady = [r["tokens_per_s"] for r in read_metrics(warm)[2:] if "tokens_per_s" in r]
-    shutil.rmtree(warm)
-    tokens_per_step = RECIPES[name]["block_size"] * RECIPES[name]["batch_size"]
-    left = seconds - (time.perf_counter() - t0)
-    # validation passes and the final checkpoint cost about a tenth on top of the steps
-    steps = max(int(0.9 * left * sorted(steady)[len(steady) // 2] / tokens_per_step), WARMUP_STEPS)
-    print(f"      {steps} steps of {tokens_per_step} tokens (≈{left:.0f} s)", flush=True)
-    _train_to_end(_config(name, shards, out, steps, device, seed))
+    cfg = TrainConfig(out_dir=str(out), data=[str(shards)], tokenizer=str(shards / "tokenizer.json"), device=device,
+                      seed=seed, max_steps=10**9, max_minutes=seconds / 60, eval_batches=8, ckpt_interval=0,
+                      keep_last=1, **RECIPES[name])
+    if train(cfg)["stopped"] == "signal":  # the engine saved and returned on SIGINT / SIGTERM: stop too
+        raise KeyboardInterrupt
     return checkpoint.latest(out), time.perf_counter() - t0
 
 
@@ -342,9 +319,9 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
         shards = prepare_data(files, tok, stage / "tokenizer", work / "shards")
 
         _stage(4, f"training an LSTM (≈{BUDGET_SHARE['lstm'] * budget:.0f} s)")
-        lstm_ckpt, lstm_s = train_neural("lstm", shards, stage / "lstm", work, BUDGET_SHARE["lstm"] * budget, device, seed)
+        lstm_ckpt, lstm_s = train_neural("lstm", shards, stage / "lstm", BUDGET_SHARE["lstm"] * budget, device, seed)
         _stage(5, f"training a GPT (≈{BUDGET_SHARE['gpt'] * budget:.0f} s)")
-        gpt_ckpt, gpt_s = train_neural("gpt", shards, stage / "gpt", work, BUDGET_SHARE["gpt"] * budget, device, seed)
+        gpt_ckpt, gpt_s = train_neural("gpt", shards, stage / "gpt", BUDGET_SHARE["gpt"] * budget, device, seed)
         tokenizers = {"word 5-gram": None, "subword 5-gram": None}
         for name, ckpt in (("LSTM", lstm_ckpt), ("GPT", gpt_ckpt)):
             models[name], tokenizers[name] = lmstack.load(ckpt)  # scored and sampled on the CPU

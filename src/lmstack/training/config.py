@@ -60,6 +60,8 @@ class TrainConfig:
     batch_size: int = _field(16, "sequences per micro-batch on each process: lower it on out-of-memory")
     tokens_per_step: int = _field(0, "tokens per optimizer step, all processes; reached by gradient accumulation. 0 = one micro-batch")
     max_steps: int = _field(1000, "optimizer steps to train for")
+    max_minutes: float = _field(0.0, "wall-clock budget, setup included: the first steps are timed, then max_steps is "
+                                "lowered to the steps that fit, so the schedule still decays to min_lr in time; 0 = none")
     # --- optimizer and schedule
     lr: float = _field(1e-3, "peak learning rate")
     min_lr: float = _field(1e-4, "learning rate at the end of the schedule")
@@ -94,6 +96,7 @@ class TrainConfig:
             (self.parallel in ("ddp", "fsdp"), "parallel must be ddp or fsdp"),
             (self.block_size > 0 and self.batch_size > 0 and self.max_steps > 0, "block_size, batch_size and max_steps must be positive"),
             (self.tokens_per_step >= 0, "tokens_per_step must be >= 0"),
+            (self.max_minutes >= 0, "max_minutes must be >= 0 (0 = no time limit)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.lr > 0 and 0 <= self.min_lr <= self.lr, "need lr > 0 and 0 <= min_lr <= lr"),
             (self.warmup_steps >= 0 and self.decay_steps >= 0, "warmup_steps and decay_steps must be >= 0"),

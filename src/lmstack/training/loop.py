@@ -7,7 +7,9 @@ run `accum` micro-batches, each forward under autocast and backward with the los
 (or skip the step, by option); unscale (fp16), clip the gradient norm, step, zero the
 gradients; log step, tokens, loss, lr, grad norm, tokens/s and MFU. Every `eval_interval`
 steps it validates, every `ckpt_interval` steps it checkpoints, and on SIGINT / SIGTERM it
-checkpoints and returns at the end of the current step.
+checkpoints and returns at the end of the current step. With `--max-minutes`, the first steps
+are timed and max_steps lowered to what fits (see `budget`); the resolved max_steps goes back
+into the run's train_config.json, so a resumed run keeps the plan.
 
 tokens/s counts every process's tokens. MFU = flops_per_token × tokens/s ÷ (peak FLOP/s of one
 device × processes). The peak is `--peak-flops` or, on known GPUs, their bf16 data-sheet figure;
@@ -17,6 +19,7 @@ on a CPU it is unknown, so MFU is logged as null.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
@@ -33,6 +36,7 @@ from lmstack.progress import progress
 from lmstack.tokenizers import EOT, load_tokenizer, registry
 from lmstack.training import checkpoint, distributed
 from lmstack.training import config as config_mod
+from lmstack.training.budget import Budget, calibration_steps
 from lmstack.training.config import TrainConfig
 from lmstack.training.metrics import MetricsLog, peak_flops
 from lmstack.training.objectives import make_objective, special_overrides
@@ -188,6 +192,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool, d: distributed.Dist, device: torch.device) -> dict:
+    start = time.perf_counter()
     run_dir = Path(cfg.out_dir)
     if resume:
         ckpt = checkpoint.latest(run_dir)
@@ -258,7 +263,11 @@ def _train(cfg: TrainConfig, resume: bool, d: distributed.Dist, device: torch.de
     peak = peak_flops(cfg.peak_flops, device)
     log = MetricsLog(run_dir, d.main, cfg.tensorboard, resume_step=step if resume else None)
     fsdp = d.enabled and cfg.parallel == "fsdp"
+    # a validation pass is a forward of one micro-batch: about a third of a training micro-batch
+    eval_cost = math.ceil(cfg.eval_batches / d.world) / (3 * accum) if has_val else 0.0
+    budget = Budget(cfg.max_minutes, start, eval_cost) if cfg.max_minutes else None
     last: dict = {}
+    stopped = None
     if d.main:
         print(f"{cfg.family} {objective.model.num_params():,} parameters, objective {cfg.objective}, "
               f"{rows} × {cfg.block_size} tokens per step ({accum} micro-batch(es) of {cfg.batch_size} on each of "
@@ -312,9 +321,15 @@ def _train(cfg: TrainConfig, resume: bool, d: distributed.Dist, device: torch.de
             log.log(last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
+            if budget:
+                budget.record(time.perf_counter() - t0)  # the step with its logging, without validation
+                if step == calibration_steps(cfg.warmup_steps) and step < cfg.max_steps:
+                    cfg = _plan(cfg, budget, step, d, device, bar)
 
             val_loss = None
-            at_end = step == cfg.max_steps
+            # the budget's hard stop, for steps slower than the plan assumed: end the run here
+            out_of_time = budget is not None and step < cfg.max_steps and distributed.any_(budget.out_of_time(), d)
+            at_end = step == cfg.max_steps or out_of_time
             if has_val and ((cfg.eval_interval and step % cfg.eval_interval == 0) or at_end):
                 val_loss = evaluate()
                 best = val_loss if best is None else min(best, val_loss)
@@ -334,7 +349,33 @@ def _train(cfg: TrainConfig, resume: bool, d: distributed.Dist, device: torch.de
                 path = checkpoint.save(run_dir, step, wrapped, objective, optimizer, trainer_state, tok, d, device, cfg.keep_last)
                 if stopping and d.main:
                     bar.write(f"stopped by signal at step {step}; checkpoint {path}; continue with `lmstack train --resume {run_dir}`")
-            if stopping:
+                elif out_of_time and d.main:
+                    bar.write(f"out of time ({cfg.max_minutes:g} min) at step {step} of {cfg.max_steps}; checkpoint {path}; "
+                              f"finish the schedule with `lmstack train --resume {run_dir}`")
+            if stopping or out_of_time:
+                stopped = "signal" if stopping else "time"
                 break
     log.close()
+    if last:
+        last["stopped"] = stopped  # None, "signal" or "time"
     return last
+
+
+def _plan(cfg: TrainConfig, budget: Budget, step: int, d: distributed.Dist, device: torch.device, bar) -> TrainConfig:
+    """The config with max_steps lowered to the steps that fit the budget, saved in the run
+    directory. Every rank plans from the same numbers (averaged over ranks) so all agree."""
+    agreed = distributed.mean(torch.tensor([budget.elapsed(), budget.step_seconds()], device=device), d).tolist()
+    steps = budget.plan(step, cfg.max_steps, cfg.eval_interval, *agreed)
+    if d.main:
+        note = " (all of --max-steps fit)" if steps == cfg.max_steps else ""
+        if steps <= cfg.warmup_steps:
+            note += f"; the warm-up ({cfg.warmup_steps} steps) does not end in time, so the learning rate never decays: lower --warmup-steps"
+        bar.write(f"budget {cfg.max_minutes:g} min: {steps} steps of ~{agreed[1]:.3g} s{note}")
+    if steps == cfg.max_steps:
+        return cfg
+    cfg = dataclasses.replace(cfg, max_steps=steps)
+    if d.main:
+        config_mod.save(cfg, Path(cfg.out_dir))
+    bar.total = steps
+    bar.refresh()
+    return cfg
