@@ -151,6 +151,21 @@ def test_end_of_text_falls_back_to_config_eos_token_id(corpus, tmp_path):
     assert tok.eot_id == 1 and tok.roles["eos_token"] == "</s>"
 
 
+def test_ids_past_the_file_are_the_models_padding(corpus, tmp_path):
+    """T5 has more embedding rows than tokens (32128 for 32100): those ids have no text, as in HF."""
+    hf, roles = t5_like(corpus[0])
+    n = hf.get_vocab_size()
+    tok = HFTokenizer(json.loads(hf.to_str()), roles, vocab_size=n + 28)
+    tok.save(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("Hark, what news?")
+    assert tok.vocab_size == n + 28
+    assert tok.decode(ids + [n + 3]) == hf.decode(ids + [n + 3], skip_special_tokens=False) == tok.decode(ids)
+    assert tok.id_to_piece(n + 3) == f"<unused {n + 3}>"
+    with pytest.raises(InputError, match="out of range"):
+        tok.decode([n + 28])
+
+
 def test_added_specials_reach_the_engine(corpus):
     hf, roles = bert_like(corpus[0])
     tok = HFTokenizer(json.loads(hf.to_str()), roles)
@@ -190,7 +205,7 @@ def _randomized(model):
     return model.eval()
 
 
-def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_path, lmstack_cli):
+def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_path, lmstack_cli, monkeypatch):
     hf_tok, roles = t5_like(corpus[0])
     cfg = transformers.T5Config(vocab_size=hf_tok.get_vocab_size() + 8, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
@@ -202,14 +217,19 @@ def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_p
     out = lmstack_cli("convert", tmp_path / "hf", tmp_path / "ours")
     assert "weights only" not in out
     prompt, continuation = "translate: Before we proceed", "hear me speak."
-    got = json.loads(lmstack_cli("score", "--model", tmp_path / "ours", "--prompt", prompt,
-                                 "--continuation", continuation, "--json"))
+    got = json.loads(lmstack_cli("score", "--model", tmp_path / "ours", "--prompt", prompt, "--continuation",
+                                 continuation, "--top", cfg.vocab_size, "--json"))  # padding ids among the alternatives
     src = torch.tensor([hf_tok.encode(prompt, add_special_tokens=False).ids])
     labels = torch.tensor([hf_tok.encode(continuation, add_special_tokens=False).ids])
     with torch.no_grad():
         lp = ref(input_ids=src, labels=labels).logits.log_softmax(-1)[0].gather(-1, labels[0, :, None])[:, 0]
     assert [t["token"] for t in got["tokens"]] == labels[0].tolist()
     assert abs(got["logprob"] - lp.sum().item()) <= 1e-4
+
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # without the library: weights only, and says why
+    out = lmstack_cli("convert", tmp_path / "hf", tmp_path / "weights-only")
+    assert "weights only" in out and "pip install 'lmstack[hf]'" in out
+    assert not (tmp_path / "weights-only" / "tokenizer.json").exists()
 
 
 def test_bert_converts_with_its_tokenizer_and_pseudo_perplexity_is_transformers(corpus, tmp_path, lmstack_cli):

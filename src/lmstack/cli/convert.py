@@ -51,8 +51,7 @@ def cmd_convert(args) -> int:
         model, tokenizer = lmstack.load(src)
         _drop_stale_tokenizer(dst)
         to_hf(model, dst, tokenizer)
-    converted = (dst / "tokenizer.json").exists()
-    note = "" if converted else " (weights only: no tokenizer in a form both sides read; keep using the source's tokenizer)"
+    note = "" if (dst / "tokenizer.json").exists() else _weights_only_note(src, to)
     print(f"wrote {to} checkpoint to {dst}{note}")
     return 0
 
@@ -61,3 +60,11 @@ def _drop_stale_tokenizer(dst: Path) -> None:
     """A --force overwrite must not leave an older tokenizer beside the new weights."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (dst / name).unlink(missing_ok=True)
+
+
+def _weights_only_note(src: Path, to: str) -> str:
+    from lmstack.tokenizers.hf_wrapped import installed
+
+    if to == "lmstack" and (src / "tokenizer.json").exists() and not installed():
+        return " (weights only: its tokenizer.json needs Hugging Face's tokenizers library; pip install 'lmstack[hf]' and convert again)"
+    return " (weights only: no tokenizer in a form both sides read; keep using the source's tokenizer)"

@@ -189,7 +189,7 @@ def hf_tokenizer(p: Path, vocab_size: int):
         try:
             tokenizer = load_hf(p / "tokenizer.json")
         except FormatError:
-            tokenizer = _wrapped_hf_tokenizer(p)
+            tokenizer = _wrapped_hf_tokenizer(p, vocab_size)
     elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
         tokenizer = load_gpt2(p / "vocab.json", p / "merges.txt")
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
@@ -198,12 +198,13 @@ def hf_tokenizer(p: Path, vocab_size: int):
     return tokenizer
 
 
-def _wrapped_hf_tokenizer(p: Path):
-    """`tokenizer.json` run by Hugging Face's tokenizers library; None when that is not installed
-    (the import is then weights only, as `lmstack convert` says)."""
+def _wrapped_hf_tokenizer(p: Path, vocab_size: int):
+    """`tokenizer.json` run by Hugging Face's tokenizers library, with ids up to the model's
+    `vocab_size`; None when the library is not installed (the import is then weights only, as
+    `lmstack convert` says)."""
     from lmstack.tokenizers import hf_wrapped
 
-    return hf_wrapped.HFTokenizer.from_dir(p) if hf_wrapped.installed() else None
+    return hf_wrapped.HFTokenizer.from_dir(p, vocab_size) if hf_wrapped.installed() else None
 
 
 # --- export ---------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ keep the ids they were trained on. Ids are HF's, special tokens included; the en
 (`eot_id`) is the model's end-of-sequence token (`</s>`, or `[SEP]` for BERT).
 
 Encoding never adds the post-processor's tokens ([CLS] ... [SEP], a final </s>): lmstack
-places its own. Like the word tokenizer this kind is lossy: normalisation (NFKC,
-lower-casing, accent stripping) and <unk> change the text, so decode(encode(s)) need not be s.
-Decoding is HF's, with special tokens shown (as `transformers` decodes by default).
+places its own. Special-token strings in plain text are text, except that a Unigram
+vocabulary holds its specials as pieces, which text can spell (as in HF). Like the word
+tokenizer this kind is lossy: normalisation (NFKC, lower-casing, accent stripping) and <unk>
+change the text, so decode(encode(s)) need not be s. Decoding is HF's, with special tokens
+shown (as `transformers` decodes by default).
 
 lmstack's tokenizer.json (kind "hf") embeds the HF file as a JSON object; loading it parses
 data and never runs code. Needs `pip install 'lmstack[hf]'`.
@@ -47,11 +49,15 @@ def _engine():
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face tokenizer; `roles` maps HF's role names (eos_token, sep_token, ...) to tokens."""
+    """A Hugging Face tokenizer; `roles` maps HF's role names (eos_token, sep_token, ...) to tokens.
+
+    `vocab_size` may exceed the file's vocabulary when the model's does (T5 pads 32100 tokens to
+    32128 embedding rows): those ids are valid but have no text, as in HF (decode skips them)."""
 
     kind = "hf"
 
-    def __init__(self, hf_json: dict, roles: dict[str, str], special_tokens: dict[str, int] | None = None):
+    def __init__(self, hf_json: dict, roles: dict[str, str], special_tokens: dict[str, int] | None = None,
+                 vocab_size: int | None = None):
         engine = _engine()
         try:
             hf = engine.Tokenizer.from_str(json.dumps(hf_json))
@@ -63,7 +69,7 @@ class HFTokenizer(Tokenizer):
         hf.encode_special_tokens = True  # special-token strings in plain text are text (the contract)
         self._hf = hf
         vocab = hf.get_vocab(with_added_tokens=True)
-        self._size = len(vocab)  # cached: the engine counts by building the whole vocabulary
+        self._size = max(len(vocab), vocab_size or 0)
         self.roles = {r: t for r, t in roles.items() if t in vocab}
         if special_tokens is None:
             added = hf.get_added_tokens_decoder()
@@ -72,25 +78,27 @@ class HFTokenizer(Tokenizer):
         super().__init__(special_tokens)
 
     @classmethod
-    def from_dir(cls, hf_dir: str | os.PathLike) -> "HFTokenizer":
+    def from_dir(cls, hf_dir: str | os.PathLike, vocab_size: int | None = None) -> "HFTokenizer":
         """The tokenizer of a Hugging Face model directory (`tokenizer.json`), with its roles read
-        from tokenizer_config.json, special_tokens_map.json and config.json's eos_token_id."""
+        from tokenizer_config.json, special_tokens_map.json and config.json's eos_token_id;
+        `vocab_size` is the model's."""
         p = Path(hf_dir)
         hf_json = read_json(p / "tokenizer.json", "Hugging Face tokenizer.json")
         roles: dict[str, str] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
             if (p / name).is_file():
                 found = read_json(p / name, f"Hugging Face {name}")
-                roles |= {r: _content(found[r]) for r in ROLES if _content(found.get(r))}
+                roles |= {r: t for r in ROLES if (t := _content(found.get(r)))}
         try:
-            tok = cls(hf_json, roles)
+            tok = cls(hf_json, roles, vocab_size=vocab_size)
         except FormatError as e:
             raise FormatError(f"{p / 'tokenizer.json'}: {e}") from None
-        eos_id = read_json(p / "config.json", "Hugging Face config").get("eos_token_id") \
-            if (p / "config.json").is_file() else None
-        if "eos_token" not in tok.roles and isinstance(eos_id, int) and tok._hf.id_to_token(eos_id) is not None:
-            tok.roles["eos_token"] = tok._hf.id_to_token(eos_id)
-            tok.add_special_tokens([tok.roles["eos_token"]])  # a token of the vocabulary keeps its id
+        config = read_json(p / "config.json", "Hugging Face config") if (p / "config.json").is_file() else {}
+        eos = config.get("eos_token_id")
+        eos = tok._hf.id_to_token(eos) if isinstance(eos, int) else None
+        if "eos_token" not in tok.roles and eos is not None:
+            tok.roles["eos_token"] = eos
+            tok.add_special_tokens([eos])  # a token of the vocabulary keeps its id
         return tok
 
     @classmethod
@@ -116,7 +124,7 @@ class HFTokenizer(Tokenizer):
         """New specials go into the HF engine too, which picks their ids (an existing token keeps its own)."""
         new = [t for t in tokens if t not in self.special_tokens]
         self._hf.add_special_tokens(new)
-        self._size = self._hf.get_vocab_size(with_added_tokens=True)
+        self._size = max(self._size, self._hf.get_vocab_size(with_added_tokens=True))
         self.special_tokens |= {t: self._hf.token_to_id(t) for t in new}
         self._special_by_id = {i: s for s, i in self.special_tokens.items()}
         self._special_re = None
@@ -126,7 +134,8 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """HF's decoding of the whole sequence (a WordPiece or Metaspace decoder joins tokens by
-        their neighbours); byte-fallback bytes that form no character are already U+FFFD."""
+        their neighbours); byte-fallback bytes that form no character are already U+FFFD, and
+        ids past the file's vocabulary (the model's padding) have no text."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -137,21 +146,21 @@ class HFTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8")
 
     def id_to_piece(self, i: int) -> str:
-        piece = self._hf.id_to_token(int(i))
-        if piece is None:
+        if not 0 <= i < self.vocab_size:
             raise InputError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
-        return piece
+        piece = self._hf.id_to_token(int(i))
+        return f"<unused {i}>" if piece is None else piece
 
     def hf_dict(self) -> dict:
         """The Hugging Face tokenizer.json, as `tokenizers.Tokenizer.from_str` reads it."""
         return json.loads(self._hf.to_str())
 
     def _state(self) -> dict:
-        return {"roles": self.roles, "hf": self.hf_dict()}
+        return {"roles": self.roles, "vocab_size": self._size, "hf": self.hf_dict()}
 
     @classmethod
     def _from_state(cls, state: dict, special_tokens: dict[str, int]) -> "HFTokenizer":
-        return cls(state["hf"], dict(state["roles"]), special_tokens)
+        return cls(state["hf"], dict(state["roles"]), special_tokens, int(state["vocab_size"]))
 
 
 def _content(token) -> str | None:
