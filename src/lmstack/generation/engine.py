@@ -38,11 +38,11 @@ def model_device(model) -> torch.device:
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids. A tokenizer with a start id (`bos_id`: the n-gram's <s>, whose prompts begin a
-    line) puts it first; otherwise an empty prompt starts from <|endoftext|>, the usual document
-    boundary."""
-    start = getattr(tokenizer, "bos_id", None)
-    ids = ([start] if start is not None else []) + tokenizer.encode(text)
+    """Prompt ids: the text framed as the model expects an input when its tokenizer says how
+    (`prompt_ids`: an n-gram's <s> before a line, an imported Llama 2's <s>, the </s> after a T5
+    source); an empty prompt otherwise starts from <|endoftext|>, the usual document boundary."""
+    framed = getattr(tokenizer, "prompt_ids", None)
+    ids = framed(text) if framed is not None else tokenizer.encode(text)
     if ids:
         return ids
     if tokenizer.eot_id is None:

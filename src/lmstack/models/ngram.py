@@ -664,11 +664,13 @@ class NGramVocab:
         self.model = model
         self.vocab_size = model.vocab_size
         self.eot_id = EOS_ID
-        self.bos_id = BOS_ID
         self.special_tokens = {BOS: BOS_ID, EOS: EOS_ID}
 
     def encode(self, text: str) -> list[int]:
         return self.model.encode(text)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return [BOS_ID, *self.model.encode(text)]
 
     def decode(self, ids: Iterable[int]) -> str:
         if self.model.tokenizer is not None:

@@ -6,7 +6,7 @@ keep the ids they were trained on. Ids are HF's, special tokens included; the en
 (`eot_id`) is the model's end-of-sequence token (`</s>`, or `[SEP]` for BERT).
 
 Encoding never adds the post-processor's tokens ([CLS] ... [SEP], a final </s>): lmstack
-places its own. Special-token strings in plain text are text, except that a Unigram
+places its own, except in `prompt_ids`, the form a prompt (or a T5 source) is given to the model. Special-token strings in plain text are text, except that a Unigram
 vocabulary holds its specials as pieces, which text can spell (as in HF). Like the word
 tokenizer this kind is lossy: normalisation (NFKC, lower-casing, accent stripping) and <unk>
 change the text, so decode(encode(s)) need not be s. Decoding is HF's, with special tokens
@@ -131,6 +131,11 @@ class HFTokenizer(Tokenizer):
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self._hf.encode(text, add_special_tokens=False).ids
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A model input as its checkpoint was trained to see one: the post-processor's tokens
+        around the text (Llama 2's <s> before it, the </s> that ends a T5 source)."""
+        return self._hf.encode(text, add_special_tokens=True).ids
 
     def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
         """HF's decoding of the whole sequence (a WordPiece or Metaspace decoder joins tokens by
