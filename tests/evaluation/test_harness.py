@@ -44,20 +44,25 @@ def write_task(folder, name, output_type, extra):
 
 
 @pytest.fixture(scope="module")
-def evaluated(lm, tmp_path_factory):
-    """lm-eval's own run of two local tasks (one call: building tasks is the slow part)."""
-    from lm_eval.tasks import TaskManager
-
+def task_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
     write_task(folder, "lmstack_toy_mc", "multiple_choice",
                "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     write_task(folder, "lmstack_toy_gen", "generate_until",
                "doc_to_target: \"{{choices[answer]}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 12\n"
                "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated(lm, task_folder):
+    """lm-eval's own run of two local tasks (one call: building tasks is the slow part)."""
+    from lm_eval.tasks import TaskManager
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_OFFLINE", "1")
         return lm_eval.simple_evaluate(model=lm, tasks=["lmstack_toy_mc", "lmstack_toy_gen"], log_samples=True,
-                                       task_manager=TaskManager(include_path=str(folder)))
+                                       task_manager=TaskManager(include_path=str(task_folder)))
 
 
 def test_multiple_choice_accuracy_equals_lmstacks_own(lm, evaluated):
@@ -87,3 +92,22 @@ def test_rolling_loglikelihood_is_the_documents_log_probability(lm):
         end = min(start + 64, len(ids))
         expected += sum(t.logprob for t in token_scores(lm.model, ids[end - 65 : end], start=65 - (end - start)))
     assert len(ids) > 128 and lp_long == pytest.approx(expected, abs=1e-3)
+
+
+def test_harness_command_runs_local_tasks_on_a_checkpoint(lm, evaluated, task_folder, tmp_path, lmstack_cli, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm.model.save(tmp_path / "ckpt", lm.tok)
+    out = json.loads(lmstack_cli("eval", "harness", "--model", tmp_path / "ckpt", "--tasks", "lmstack_toy_mc",
+                                 "--include-path", task_folder, "--batch-size", "2", "--json"))
+    for metric in ("acc,none", "acc_norm,none"):
+        assert out["results"]["lmstack_toy_mc"][metric] == evaluated["results"]["lmstack_toy_mc"][metric]
+
+
+def test_harness_command_names_an_unknown_task(lm, task_folder, tmp_path, capsys):
+    from lmstack.cli import main
+
+    lm.model.save(tmp_path / "ckpt", lm.tok)
+    code = main(["eval", "harness", "--model", str(tmp_path / "ckpt"), "--tasks", "no_such_task",
+                 "--include-path", str(task_folder)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error:") and "no_such_task" in err and err.count("\n") == 1

@@ -71,6 +71,23 @@ def register(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object with every item's result")
     t.set_defaults(func=cmd_tasks)
 
+    h = g.add_parser(
+        "harness", help="EleutherAI lm-evaluation-harness tasks on an lmstack checkpoint",
+        description="Run lm-evaluation-harness tasks (its own, or YAML tasks of yours with --include-path) on any "
+        "lmstack checkpoint through the adapter (model type `lmstack`): loglikelihood, loglikelihood_rolling "
+        "and generate_until answered by lmstack's scoring and batched generation. Needs `pip install "
+        "'lmstack[eval]'`; the harness fetches its datasets itself, so offline only local tasks run.",
+    )
+    h.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
+    h.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="task names, as lm-eval knows them")
+    h.add_argument("--include-path", metavar="DIR", help="a folder of your own task YAML files")
+    h.add_argument("--num-fewshot", type=int, metavar="N", help="examples per prompt (default: each task's own)")
+    h.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items of each task")
+    h.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests per model call (default: 8)")
+    h.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    h.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    h.set_defaults(func=cmd_harness)
+
 
 def _add_scoring_options(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
@@ -161,4 +178,33 @@ def cmd_tasks(args) -> int:
         print(f"acc {res['acc']:.4f}  acc_norm {res['acc_norm']:.4f}  ({res['n']} items)")
     else:
         print(f"exact_match {res['exact_match']:.4f}  ({res['n']} problems)")
+    return 0
+
+
+def cmd_harness(args) -> int:
+    from lmstack.evaluation.harness import LmstackLM  # needs lm-eval: a one-line error without it
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    for name in ("num_fewshot", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise InputError(f"{args.include_path}: no such folder of task YAML files")
+    tasks = TaskManager(include_path=args.include_path)
+    unknown = [t for t in args.tasks if t not in tasks.all_tasks]
+    if unknown:
+        raise InputError(f"lm-eval knows no task {unknown[0]!r}; see `lm_eval --tasks list`, or point "
+                         "--include-path at the folder of its YAML file")
+    lm = LmstackLM(path=args.model, batch_size=args.batch_size, device=args.device)
+    out = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                  task_manager=tasks)
+    if args.json:
+        print(json.dumps({"model": args.model, "results": out["results"]}, ensure_ascii=False, default=str))
+    else:
+        print(make_table(out))
     return 0
