@@ -290,3 +290,19 @@ def test_llama2_converts_both_ways_with_its_tokenizer_and_decodes_greedily_as_tr
     assert (back.bos_token, back.eos_token) == ("<s>", "</s>")
     config = transformers.AutoConfig.from_pretrained(tmp_path / "hf2")
     assert (config.bos_token_id, config.eos_token_id) == (1, 2)
+
+
+def test_tokenizer_import_keeps_any_tokenizer_json(style, corpus, tmp_path, lmstack_cli):
+    """`lmstack tokenizer import` of a model folder: byte-level BPE would become lmstack's own BPE;
+    these tokenizers are kept as they are, with HF's ids and end of text."""
+    from lmstack.tokenizers import load_tokenizer
+
+    build, eot = STYLES[style[0]]
+    hf, roles = build(corpus[0])
+    folder = save_hf_dir(hf, roles, tmp_path / "hf")
+    out = lmstack_cli("tokenizer", "import", folder, "--out", tmp_path / "ours")
+    assert out.startswith("imported hf tokenizer")
+    ours = load_tokenizer(tmp_path / "ours")
+    assert ours.eot_id == hf.token_to_id(eot)
+    for line in corpus[1]:
+        assert ours.encode(line) == hf.encode(line, add_special_tokens=False).ids

@@ -43,9 +43,12 @@ def register(sub) -> None:
     p.add_argument("ids", nargs="*", type=int, help="token ids (default: read whitespace-separated ids from standard input)")
     p.set_defaults(func=cmd_decode)
 
-    p = g.add_parser("import", help="import GPT-2 files or a Hugging Face byte-level BPE tokenizer.json",
-                     description="Import a byte-level BPE tokenizer, keeping its ids: a Hugging Face tokenizer.json, "
-                     "or a folder with GPT-2's encoder.json + vocab.bpe (or vocab.json + merges.txt).")
+    p = g.add_parser("import", help="import GPT-2 files or a Hugging Face tokenizer.json",
+                     description="Import a tokenizer, keeping its ids: a Hugging Face tokenizer.json, or a folder with "
+                     "one (and its tokenizer_config.json), or GPT-2's encoder.json + vocab.bpe (or vocab.json + "
+                     "merges.txt). Byte-level BPE becomes lmstack's own BPE; any other tokenizer.json (SentencePiece-"
+                     "style Unigram or byte-fallback BPE, WordPiece) is kept as it is and run by Hugging Face's "
+                     "tokenizers library (kind hf, `pip install 'lmstack[hf]'`).")
     p.add_argument("source", metavar="PATH", help="tokenizer.json, or a folder holding one of the file sets above")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; gets lmstack's tokenizer.json")
     p.set_defaults(func=cmd_import)
@@ -127,7 +130,6 @@ def cmd_decode(args) -> int:
 
 def cmd_import(args) -> int:
     from lmstack.tokenizers.gpt2 import load_gpt2
-    from lmstack.tokenizers.hf import load_hf
 
     src = check_readable(args.source) if not Path(args.source).is_dir() else Path(args.source)
     if src.is_dir():
@@ -136,14 +138,32 @@ def cmd_import(args) -> int:
         if found:
             tok = load_gpt2(*found)
         elif (src / "tokenizer.json").exists():
-            tok = load_hf(src / "tokenizer.json")
+            tok = _import_hf(src / "tokenizer.json")
         else:
             raise InputError(f"{src}: no tokenizer.json, encoder.json + vocab.bpe, or vocab.json + merges.txt in this folder")
     else:
-        tok = load_hf(src)
+        tok = _import_hf(src)
     path = tok.save(args.out)
     print(f"imported {tok.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) -> {path}")
     return 0
+
+
+def _import_hf(path: Path):
+    """lmstack's exact BPE where it represents the file, else the file itself, run by Hugging
+    Face's tokenizers library (with the roles of the tokenizer_config.json beside it)."""
+    from lmstack.errors import FormatError
+    from lmstack.io import read_json
+    from lmstack.tokenizers import hf_wrapped
+    from lmstack.tokenizers.hf import load_hf
+
+    try:
+        return load_hf(path)
+    except FormatError as e:
+        if not hf_wrapped.installed():
+            raise FormatError(f"{e}; to import it as it is, pip install 'lmstack[hf]'") from None
+    if path.name == "tokenizer.json":
+        return hf_wrapped.HFTokenizer.from_dir(path.parent)
+    return hf_wrapped.HFTokenizer(read_json(path, "Hugging Face tokenizer.json"), {})
 
 
 def cmd_export(args) -> int:
