@@ -30,14 +30,12 @@ def _model_and_tokenizer(model, tokenizer):
     """A path is loaded; a model with a vocabulary of its own (the n-gram) brings its tokenizer."""
     import os
 
+    from lmstack.models.checkpoint import text_tokenizer
+
     if isinstance(model, (str, os.PathLike)):
         model, saved = load(model)
         tokenizer = tokenizer or saved
-    if hasattr(model, "text_tokenizer"):
-        tokenizer = model.text_tokenizer()
-    if tokenizer is None:
-        raise LmstackError("this model has no tokenizer; pass tokenizer=, or save the checkpoint with one")
-    return model, tokenizer
+    return model, text_tokenizer(model, tokenizer)
 
 
 def generate(model, prompts, tokenizer=None, **options):

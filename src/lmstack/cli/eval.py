@@ -111,7 +111,7 @@ def _documents(paths):
 
 
 def cmd_perplexity(args) -> int:
-    from lmstack.cli.generate import load_model
+    from lmstack.models.checkpoint import load_for_text
     from lmstack.evaluation.perplexity import PROGRESS_UNITS, default_mode, measure
     from lmstack.progress import progress
 
@@ -120,7 +120,7 @@ def cmd_perplexity(args) -> int:
     if not args.files and not args.data:
         raise InputError("no text to score: give one or more FILEs (or --data FILE)")
     paths = _check_files(args.files + args.data)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_for_text(args.model, args.device)
     with progress(desc="scoring", unit=PROGRESS_UNITS.get(args.mode or default_mode(model), "it")) as bar:
         res = measure(model, tokenizer, _documents(paths), mode=args.mode, context=args.context, stride=args.stride,
                       max_batch_tokens=args.batch_tokens, progress_bar=bar)
@@ -158,7 +158,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from lmstack.cli.generate import load_model
+    from lmstack.models.checkpoint import load_for_text
     from lmstack.evaluation.tasks import run
 
     check_readable(args.file)
@@ -169,7 +169,7 @@ def cmd_tasks(args) -> int:
     for name in ("max_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_for_text(args.model, args.device)
     res = run(args.kind, model, tokenizer, args.file, limit=args.limit, shots_path=args.shots_file, shots=args.shots,
               max_new_tokens=args.max_tokens, batch_size=args.batch_size)
     if args.json:

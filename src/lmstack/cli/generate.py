@@ -43,27 +43,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def load_model(path: str, device: str):
-    """(model, tokenizer) of a checkpoint, on `device`; the tokenizer is required."""
-    import lmstack
-
-    model, tokenizer = lmstack.load(path)
-    if hasattr(model, "text_tokenizer"):  # its ids are its own vocabulary's (n-gram), not tokenizer.json's
-        tokenizer = model.text_tokenizer()
-    if tokenizer is None:
-        raise InputError(f"{path}: the checkpoint has no tokenizer.json, so text cannot be encoded; "
-                         "save the model with its tokenizer")
-    if hasattr(model, "to"):
-        try:
-            model.to(device)
-        except (RuntimeError, ValueError) as e:
-            raise InputError(f"--device {device!r} is not usable here ({e}); use cpu") from None
-    return model, tokenizer
-
-
 def cmd_generate(args) -> int:
     from lmstack.generation import GenerationConfig, beam_search, generate, stream
     from lmstack.generation.engine import encode_prompt
+    from lmstack.models.checkpoint import load_for_text
 
     prompts = args.prompt if args.prompt else [sys.stdin.read()]
     if args.beams > 1 and (args.stream or args.stop):
@@ -75,7 +58,7 @@ def cmd_generate(args) -> int:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty, stop=tuple(args.stop), stop_at_eot=not args.ignore_eot, seed=args.seed,
     )
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_for_text(args.model, args.device)
     if args.compile:
         if not hasattr(model, "compile_decoding"):
             raise InputError(f"--compile needs a GPT checkpoint; {model.family} models decode uncompiled, drop --compile")

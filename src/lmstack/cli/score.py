@@ -24,13 +24,13 @@ def register(sub) -> None:
 
 
 def cmd_score(args) -> int:
-    from lmstack.cli.generate import load_model
+    from lmstack.models.checkpoint import load_for_text
     from lmstack.errors import InputError
     from lmstack.evaluation.scoring import score_text
 
     if args.top < 0:
         raise InputError(f"--top must be >= 0, got {args.top}")
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_for_text(args.model, args.device)
     result = score_text(model, tokenizer, args.prompt, args.continuation, top=args.top)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))

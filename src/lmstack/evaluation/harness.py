@@ -32,9 +32,9 @@ class LmstackLM(LM):
         if model is None:
             if path is None:
                 raise InputError("model_args needs path=DIR, an lmstack checkpoint directory")
-            from lmstack.cli.generate import load_model
+            from lmstack.models.checkpoint import load_for_text
 
-            model, tokenizer = load_model(path, device)
+            model, tokenizer = load_for_text(path, device)
         if tokenizer is None or tokenizer.eot_id is None:
             raise InputError("the harness needs the model's tokenizer, with an <|endoftext|> token to start documents")
         self.model, self.tok = model, tokenizer

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, InputError
 from lmstack.io import atomic_path, read_json, write_json
 
 CONFIG_FILE = "config.json"
@@ -164,4 +164,28 @@ def load(path: str | os.PathLike):
         from lmstack.tokenizers import load_tokenizer
 
         tokenizer = load_tokenizer(p / TOKENIZER_FILE)
+    return model, tokenizer
+
+
+def text_tokenizer(model, tokenizer, where: str = "this model"):
+    """The tokenizer that turns text into `model`'s ids: a model with a vocabulary of its own
+    brings it (a subword n-gram's tokenizer.json maps text to the tokenizer's ids, not the
+    model's); otherwise `tokenizer`, which must exist."""
+    if hasattr(model, "text_tokenizer"):
+        return model.text_tokenizer()
+    if tokenizer is None:
+        raise InputError(f"{where}: no tokenizer.json, so text cannot be encoded; save the checkpoint with its "
+                         "tokenizer (or, in Python, pass tokenizer=)")
+    return tokenizer
+
+
+def load_for_text(path: str | os.PathLike, device: str = "cpu"):
+    """(model on `device`, its text tokenizer): what generation, scoring and evaluation read."""
+    model, tokenizer = load(path)
+    tokenizer = text_tokenizer(model, tokenizer, str(path))
+    if hasattr(model, "to"):
+        try:
+            model.to(device)
+        except (RuntimeError, ValueError) as e:
+            raise InputError(f"device {device!r} is not usable here ({e}); use cpu") from None
     return model, tokenizer
