@@ -41,9 +41,9 @@ def _parameters(model) -> int:
 def compare(models: Sequence[ModelSpec], data, max_batch_tokens: int = 1 << 16, device: str = "cpu") -> list[dict]:
     """One dict per model (the `COLUMNS` and every perplexity field) on `data`: a text, or a list
     of file paths (each file one document). Models given as paths are loaded one at a time, onto
-    `device`."""
-    import lmstack
+    `device`; (model, tokenizer) pairs are used where they are."""
     from lmstack.io import read_text
+    from lmstack.models.checkpoint import load_for_text
 
     docs = [data] if isinstance(data, str) else [read_text(p) for p in data]
     if not docs or not any(d.strip() for d in docs):
@@ -54,12 +54,7 @@ def compare(models: Sequence[ModelSpec], data, max_batch_tokens: int = 1 << 16, 
     rows = []
     for m in models:
         name = m[0].__class__.__name__ if isinstance(m, tuple) else str(m)
-        model, tokenizer = m if isinstance(m, tuple) else lmstack.load(m)
-        if hasattr(model, "to"):
-            try:
-                model.to(device)
-            except (RuntimeError, ValueError) as e:
-                raise InputError(f"device {device!r} is not usable here ({e}); use cpu") from None
+        model, tokenizer = m if isinstance(m, tuple) else load_for_text(m, device)
         with progress(desc=f"scoring {name}", unit=PROGRESS_UNITS[default_mode(model)]) as bar:
             res = measure(model, tokenizer, docs, max_batch_tokens=max_batch_tokens, progress_bar=bar)
         rows.append({"model": name, "family": getattr(model, "family", ""), "parameters": _parameters(model),
