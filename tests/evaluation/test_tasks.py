@@ -32,7 +32,7 @@ class UnigramLM(LanguageModel):
     def next_token_logprobs(self, tokens):
         return self.lp.expand(*tokens.shape, -1)
 
-    def start(self, prompt):
+    def start(self, prompt, lengths=None):
         return None, self.lp.expand(prompt.shape[0], -1)
 
     def step(self, state, tokens):
@@ -51,7 +51,7 @@ class ScriptLM(LanguageModel):
         lp[:, self.ids[min(pos, len(self.ids) - 1)]] = 0.0
         return lp.log_softmax(-1)
 
-    def start(self, prompt):
+    def start(self, prompt, lengths=None):
         return 0, self._at(0, prompt.shape[0])
 
     def step(self, pos, tokens):
@@ -84,6 +84,26 @@ def test_numeric_exact_match_generates_extracts_and_compares(tmp_path):
     assert [r["output"] for r in result["items"]] == [" 6 times 7 is 42"] * 2  # stopped at the next question
     assert [r["correct"] for r in result["items"]] == [True, False]
     assert result["exact_match"] == 0.5
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end(tmp_path):
+    """As lm-evaluation-harness does: the prompt loses its first examples, never the question."""
+
+    class Recording(ScriptLM):
+        max_context = 40
+
+        def start(self, prompt, lengths=None):
+            self.seen = prompt[0].tolist()
+            return super().start(prompt, lengths)
+
+    problems = load_numeric_rows([{"question": "what is six times seven?", "answer": 42}], tmp_path)
+    model = Recording(" 42\n")
+    result = numeric_exact_match(model, TOK, problems, shots=problems * 3, max_new_tokens=8)
+    full = TOK.encode(few_shot_prompt(problems[0].question, problems * 3))
+    assert len(full) > 32 and model.seen == full[-32:]
+    assert result["truncated"] == 1 and result["exact_match"] == 1.0
+    with pytest.raises(InputError, match="no room for a prompt"):
+        numeric_exact_match(model, TOK, problems, max_new_tokens=40)
 
 
 def test_few_shot_prompt_format(tmp_path):

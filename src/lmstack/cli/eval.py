@@ -177,7 +177,8 @@ def cmd_tasks(args) -> int:
     elif args.kind == "mc":
         print(f"acc {res['acc']:.4f}  acc_norm {res['acc_norm']:.4f}  ({res['n']} items)")
     else:
-        print(f"exact_match {res['exact_match']:.4f}  ({res['n']} problems)")
+        cut = f"; {res['truncated']} prompts kept only their end to fit the context" if res["truncated"] else ""
+        print(f"exact_match {res['exact_match']:.4f}  ({res['n']} problems{cut})")
     return 0
 
 

@@ -140,22 +140,35 @@ def few_shot_prompt(question: str, shots: list[Problem]) -> str:
 
 def numeric_exact_match(model, tokenizer, problems: list[Problem], shots: list[Problem] = (),
                         max_new_tokens: int = 256, batch_size: int = 8) -> dict:
-    """Greedy few-shot generation; the fraction of problems whose extracted answer equals the gold."""
-    from lmstack.generation import GenerationConfig, generate
+    """Greedy few-shot generation; the fraction of problems whose extracted answer equals the gold.
+    A prompt longer than the model's context leaves room for the answer by keeping its end (the
+    question), as lm-evaluation-harness does; `truncated` counts them."""
+    from lmstack.generation import GenerationConfig, generate_tokens
+    from lmstack.generation.engine import encode_prompt
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0, stop=("\n\nQuestion:", "\nQuestion:"))
-    results = []
+    limit = getattr(model, "max_context", None)
+    room = None if limit is None else limit - max_new_tokens  # prompt tokens that fit beside the answer
+    if room is not None and room < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{limit} tokens; lower it")
+    results, truncated = [], 0
     bar = progress(total=len(problems), desc="generating", unit="problem")
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
-        outs = generate(model, tokenizer, [few_shot_prompt(p.question, list(shots)) for p in batch], config)
+        prompts = [encode_prompt(tokenizer, few_shot_prompt(p.question, list(shots))) for p in batch]
+        if room is not None:
+            truncated += sum(len(ids) > room for ids in prompts)
+            prompts = [ids[-room:] for ids in prompts]
+        outs = generate_tokens(model, prompts, config, tokenizer)
         for p, out in zip(batch, outs):
             pred = extract_answer(out.text)
             correct = pred is not None and math.isclose(pred, p.answer, rel_tol=0, abs_tol=1e-6)
             results.append({"question": p.question, "answer": p.answer, "output": out.text, "pred": pred, "correct": correct})
         bar.update(len(batch))
     bar.close()
-    return {"n": len(results), "exact_match": sum(r["correct"] for r in results) / max(len(results), 1), "items": results}
+    return {"n": len(results), "exact_match": sum(r["correct"] for r in results) / max(len(results), 1),
+            "truncated": truncated, "items": results}
 
 
 # --- one call per task file (what a CLI command runs) ----------------------------------------
