@@ -111,3 +111,14 @@ def test_harness_command_names_an_unknown_task(lm, task_folder, tmp_path, capsys
                  "--include-path", str(task_folder)])
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error:") and "no_such_task" in err and err.count("\n") == 1
+
+
+def test_generate_until_keeps_the_end_of_a_context_longer_than_the_model(lm):
+    from lmstack.generation import generate_tokens
+
+    context = " ".join(["the quick brown fox jumps over the lazy dog"] * 3) + "\nAnswer:"  # > 64 tokens
+    [got] = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 8}), 0)])
+    ids = lm.tok.encode(context)
+    [want] = generate_tokens(lm.model, [ids[-(64 - 8):]], GenerationConfig(max_new_tokens=8, temperature=0, stop=("\n",)),
+                             lm.tok)
+    assert len(ids) > 64 and got == want.text

@@ -73,13 +73,18 @@ class LmstackLM(LM):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        from lmstack.generation import generate
+        """Batched generation; a context too long for the model keeps its end, as lm-eval's own
+        models cut it."""
+        from lmstack.generation import generate_tokens
+        from lmstack.generation.engine import encode_prompt, keep_end
 
         out: list[str] = []
         for i in range(0, len(requests), self.batch_size):
             batch = requests[i : i + self.batch_size]
             configs = [self._config(kwargs) for _, kwargs in (r.args for r in batch)]
-            texts = [g.text for g in generate(self.model, self.tok, [r.args[0] for r in batch], configs)]
+            prompts = [keep_end(self.model, encode_prompt(self.tok, r.args[0]), c.max_new_tokens)
+                       for r, c in zip(batch, configs)]
+            texts = [g.text for g in generate_tokens(self.model, prompts, configs, self.tok)]
             for r, text in zip(batch, texts):
                 self.cache_hook.add_partial("generate_until", r.args, text)
             out += texts

@@ -144,22 +144,16 @@ def numeric_exact_match(model, tokenizer, problems: list[Problem], shots: list[P
     A prompt longer than the model's context leaves room for the answer by keeping its end (the
     question), as lm-evaluation-harness does; `truncated` counts them."""
     from lmstack.generation import GenerationConfig, generate_tokens
-    from lmstack.generation.engine import encode_prompt
+    from lmstack.generation.engine import encode_prompt, keep_end
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0, stop=("\n\nQuestion:", "\nQuestion:"))
-    limit = getattr(model, "max_context", None)
-    room = None if limit is None else limit - max_new_tokens  # prompt tokens that fit beside the answer
-    if room is not None and room < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
-                         f"{limit} tokens; lower it")
     results, truncated = [], 0
     bar = progress(total=len(problems), desc="generating", unit="problem")
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
-        prompts = [encode_prompt(tokenizer, few_shot_prompt(p.question, list(shots))) for p in batch]
-        if room is not None:
-            truncated += sum(len(ids) > room for ids in prompts)
-            prompts = [ids[-room:] for ids in prompts]
+        full = [encode_prompt(tokenizer, few_shot_prompt(p.question, list(shots))) for p in batch]
+        prompts = [keep_end(model, ids, max_new_tokens) for ids in full]
+        truncated += sum(len(a) < len(b) for a, b in zip(prompts, full))
         outs = generate_tokens(model, prompts, config, tokenizer)
         for p, out in zip(batch, outs):
             pred = extract_answer(out.text)

@@ -50,6 +50,19 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return [tokenizer.eot_id]
 
 
+def keep_end(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The end of a prompt that leaves room for `max_new_tokens` in the model's context (all of
+    it for a model without a limit): how lm-evaluation-harness cuts a few-shot prompt, which loses
+    its first examples rather than its question."""
+    limit = getattr(model, "max_context", None)
+    if limit is None:
+        return ids
+    if max_new_tokens >= limit:
+        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{limit} tokens; lower it")
+    return ids[-(limit - max_new_tokens) :]
+
+
 class _Row:
     """One sequence being generated: its tokens, text and whether (and why) it has stopped."""
 
