@@ -99,3 +99,15 @@ def test_compile_is_refused_for_a_model_without_a_static_cache(cli, tmp_path):
     RNNLM(RNNConfig(vocab_size=tok.vocab_size, d_embed=4, d_hidden=4, n_layers=1)).save(tmp_path, tok)
     proc = cli("generate", "--model", tmp_path, "--prompt", "ab", "--compile")
     assert proc.returncode != 0 and "--compile needs a GPT checkpoint" in proc.stderr
+
+
+@pytest.mark.parametrize("extra", [(), ("--beams", "2")])
+def test_a_masked_lm_is_refused_with_a_pointer_to_what_it_can_do(tmp_path, capsys, extra):
+    from lmstack.cli import main
+    from lmstack.models.bert import BERT, BERTConfig
+
+    tok = CharTokenizer.train(["hello world"], special_tokens=("<|endoftext|>", "<|mask|>", "<|pad|>"))
+    BERT(BERTConfig.preset("tiny", vocab_size=tok.vocab_size)).save(tmp_path, tok)
+    code = main(["generate", "--model", str(tmp_path), "--prompt", "hello", *extra])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("\n") == 1 and "does not generate text" in err and "eval perplexity" in err

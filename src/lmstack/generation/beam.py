@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lmstack.errors import InputError
-from lmstack.generation.engine import model_device
+from lmstack.generation.engine import check_generative, model_device
 from lmstack.models.base import LanguageModel
 
 
@@ -48,6 +48,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
         raise InputError(f"need num_beams >= 1 and 1 <= n <= num_beams; got num_beams={num_beams}, n={n}")
     if not prompt:
         raise InputError("beam search needs a prompt of at least one token (e.g. <|endoftext|>)")
+    check_generative(model)
     if not isinstance(model, LanguageModel) and not hasattr(model, "reorder"):
         raise InputError(f"beam search on a {getattr(model, 'family', type(model).__name__)} model needs its "
                          "reorder(state, index), which it lacks; use greedy or sampling")

@@ -50,6 +50,14 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return [tokenizer.eot_id]
 
 
+def check_generative(model) -> None:
+    """Generation needs the contract's incremental view (`start`, `step`), which a masked LM lacks."""
+    if not (hasattr(model, "start") and hasattr(model, "step")):
+        raise InputError(f"a {getattr(model, 'family', type(model).__name__)} model does not generate text left to right "
+                         "(it has no start/step decoding); score it with `lmstack eval perplexity` (pseudo-perplexity "
+                         "for a masked LM), or generate with a causal model (n-gram, RNN, GPT) or T5")
+
+
 def keep_end(model, ids: list[int], max_new_tokens: int) -> list[int]:
     """The end of a prompt that leaves room for `max_new_tokens` in the model's context (all of
     it for a model without a limit): how lm-evaluation-harness cuts a few-shot prompt, which loses
@@ -133,6 +141,7 @@ def _per_row(config: GenerationConfig | Sequence[GenerationConfig] | None, n: in
 
 def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None) -> Iterator[list[_Row]]:
     """Run the batch, yielding its rows after every step (the streaming and batch APIs share this)."""
+    check_generative(model)
     if any(not p for p in prompts):
         raise InputError("every prompt needs at least one token (e.g. <|endoftext|>)")
     if tokenizer is None and any(c.stop for c in configs):
