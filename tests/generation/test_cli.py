@@ -111,3 +111,13 @@ def test_a_masked_lm_is_refused_with_a_pointer_to_what_it_can_do(tmp_path, capsy
     code = main(["generate", "--model", str(tmp_path), "--prompt", "hello", *extra])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "does not generate text" in err and "eval perplexity" in err
+
+
+def test_prompts_file_is_one_batch_after_the_prompt_flags(lmstack_cli, checkpoint, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("the cat\n\nhello\n", encoding="utf-8")
+    args = ("generate", "--model", checkpoint, "--temperature", "0", "--max-tokens", "6", "--json")
+    from_file = [json.loads(x) for x in lmstack_cli(*args, "--prompt", "world", "--prompts-file", f).splitlines()]
+    flags = [json.loads(x) for x in lmstack_cli(*args, "--prompt", "world", "--prompt", "the cat", "--prompt", "hello").splitlines()]
+    assert [r["prompt"] for r in from_file] == ["world", "the cat", "hello"]
+    assert from_file == flags

@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="prompt text (repeat for a batch; default: read one prompt from standard input)")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="UTF-8 file of prompts, one per line (empty lines skipped), decoded as one batch after any --prompt")
     p.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = flatter (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0 = off)")
@@ -48,7 +50,15 @@ def cmd_generate(args) -> int:
     from lmstack.generation.engine import encode_prompt
     from lmstack.models.checkpoint import load_for_text
 
-    prompts = args.prompt if args.prompt else [sys.stdin.read()]
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from lmstack.io import read_text
+
+        prompts += [line for line in read_text(args.prompts_file).splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"{args.prompts_file}: no prompts in the file (one per line)")
+    if not prompts:
+        prompts = [sys.stdin.read()]
     if args.beams > 1 and (args.stream or args.stop):
         raise InputError("--beams cannot be combined with --stream or --stop; drop one of them")
     if args.stream and (args.json or len(prompts) > 1):
