@@ -6,9 +6,11 @@ A random GPT-2-architecture `transformers` model is saved and imported into lmst
 both compute the same function. For each batch size, prompts of 16 tokens are decoded greedily for
 --new-tokens tokens (no end-of-text, so every row runs to the end): lmstack's
 `generate_tokens(temperature=0)` against `GPT2LMHeadModel.generate(do_sample=False)`, and the same
-pair for top-k/top-p sampling. Prints decode tokens/s (new tokens of the whole batch, prompt
-included in the time) as the median of --repeats runs, and the ratio lmstack / transformers
-(> 1: lmstack faster); it also checks that both greedy outputs agree. --compile adds a column for
+pair for top-k/top-p sampling. A last row decodes a ragged batch, 8 prompts of 1x to 8x
+--prompt-tokens, greedily: both left-pad it (transformers with an attention mask). Prints
+decode tokens/s (new tokens of the whole batch, prompt included in the time) as the median of
+--repeats runs, and the ratio lmstack / transformers (> 1: lmstack faster); it also checks that
+both greedy outputs agree. --compile adds a column for
 lmstack's compiled decoding (`GPT.compile_decoding`: static KV cache, torch.compile'd step; CUDA
 graphs on a GPU), timed after its compile. Timings on a shared CPU are noisy: the load average is
 printed with them.
@@ -60,7 +62,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, device "
           f"{args.device}, load {os.getloadavg()[0]:.1f}; GPT-2 arch, vocab {args.vocab}; prompt {args.prompt_tokens} "
           f"+ {args.new_tokens} new tokens; ratio = lmstack / transformers")
-    print(f"{'params':>7} {'mode':>6} {'batch':>5} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}"
+    print(f"{'params':>7} {'mode':>6} {'batch':>5} {'prompts':>7} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}"
           + (f" {'compiled tok/s':>15} {'ratio':>6}" if args.compile else ""))
     for depth in args.depth:
         run_size(args, depth)
@@ -79,9 +81,10 @@ def run_size(args, d: int) -> None:
         hf.save_pretrained(tmp)
         model, _ = from_hf(tmp)
     model.to(args.device)
+    longest = 8 * args.prompt_tokens  # the ragged batch's longest prompt
     compiled = None
     if args.compile:  # a second copy, so the eager model keeps its growing cache
-        compiled = copy.deepcopy(model).compile_decoding(capacity=args.prompt_tokens + args.new_tokens)
+        compiled = copy.deepcopy(model).compile_decoding(capacity=longest + args.new_tokens)
     size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
     n = args.new_tokens
     modes = {
@@ -89,29 +92,40 @@ def run_size(args, d: int) -> None:
         "top-p": (GenerationConfig(max_new_tokens=n, top_k=50, top_p=0.9, seed=0),
                   dict(do_sample=True, top_k=50, top_p=0.9)),
     }
-    for batch in args.batch:
-        prompts = torch.randint(0, args.vocab, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(batch))
-        ids = prompts.to(args.device)
-        mask = torch.ones_like(ids)
-        for mode, (ours_cfg, hf_kw) in modes.items():
-            def ours(m=model):
-                return generate_tokens(m, prompts.tolist(), ours_cfg)
+    g = torch.Generator().manual_seed(0)
 
-            def theirs():
-                with torch.no_grad():
-                    return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **hf_kw)
+    def draw(lengths):
+        return [torch.randint(0, args.vocab, (k,), generator=g).tolist() for k in lengths]
 
-            if mode == "greedy":
-                agree = [g.tokens for g in ours()] == theirs()[:, args.prompt_tokens :].tolist()
-                if not agree:
-                    print("  warning: greedy outputs differ (near-tie logits?)")
-            t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
-            tokens = batch * n
-            line = f"{size:>7} {mode:>6} {batch:>5} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} {t_theirs / t_ours:>6.2f}"
-            if compiled is not None:
-                t_comp = timed(lambda: ours(compiled), args.repeats)
-                line += f" {tokens / t_comp:>15.0f} {t_theirs / t_comp:>6.2f}"
-            print(line, flush=True)
+    cases = [(mode, draw([args.prompt_tokens] * batch)) for batch in args.batch for mode in modes]
+    # prompts of 1x..8x --prompt-tokens in one batch: left-padded on both sides
+    cases.append(("greedy", draw([args.prompt_tokens * (1 + i % 8) for i in range(8)])))
+    for mode, prompts in cases:
+        ours_cfg, hf_kw = modes[mode]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=args.device)
+
+        def ours(m=model):
+            return generate_tokens(m, prompts, ours_cfg)
+
+        def theirs():
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **hf_kw)
+
+        if mode == "greedy" and [o.tokens for o in ours()] != theirs()[:, width:].tolist():
+            print("  warning: greedy outputs differ (near-tie logits?)")
+        t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
+        tokens = len(prompts) * n
+        lengths = sorted({len(p) for p in prompts})
+        plen = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        line = (f"{size:>7} {mode:>6} {len(prompts):>5} {plen:>7} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} "
+                f"{t_theirs / t_ours:>6.2f}")
+        if compiled is not None:
+            t_comp = timed(lambda: ours(compiled), args.repeats)
+            line += f" {tokens / t_comp:>15.0f} {t_theirs / t_comp:>6.2f}"
+        print(line, flush=True)
+
 
 if __name__ == "__main__":
     main()
