@@ -151,19 +151,13 @@ def cmd_import(args) -> int:
 def _import_hf(path: Path):
     """lmstack's exact BPE where it represents the file, else the file itself, run by Hugging
     Face's tokenizers library (with the roles of the tokenizer_config.json beside it)."""
-    from lmstack.errors import FormatError
-    from lmstack.io import read_json
-    from lmstack.tokenizers import hf_wrapped
-    from lmstack.tokenizers.hf import load_hf
+    from lmstack.tokenizers.hf_wrapped import load_tokenizer_json
 
-    try:
-        return load_hf(path)
-    except FormatError as e:
-        if not hf_wrapped.installed():
-            raise FormatError(f"{e}; to import it as it is, pip install 'lmstack[hf]'") from None
-    if path.name == "tokenizer.json":
-        return hf_wrapped.HFTokenizer.from_dir(path.parent)
-    return hf_wrapped.HFTokenizer(read_json(path, "Hugging Face tokenizer.json"), {})
+    tok = load_tokenizer_json(path)
+    if tok is None:
+        raise InputError(f"{path}: not a byte-level BPE, which lmstack reads itself; to import it as it is, "
+                         "pip install 'lmstack[hf]'")
+    return tok
 
 
 def cmd_export(args) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.errors import CheckpointError, FormatError
+from lmstack.errors import CheckpointError
 from lmstack.io import atomic_path, read_json, write_json
 from lmstack.models.checkpoint import assign_weights
 from lmstack.models.gpt import GPT, LLAMA3_SCALING, GPTConfig
@@ -182,29 +182,17 @@ def hf_tokenizer(p: Path, vocab_size: int):
     BPE with byte fallback, WordPiece) through Hugging Face's tokenizers library when it is
     installed. A tokenizer with more ids than the model's `vocab_size` belongs to another model."""
     from lmstack.tokenizers.gpt2 import load_gpt2
-    from lmstack.tokenizers.hf import load_hf
+    from lmstack.tokenizers.hf_wrapped import load_tokenizer_json
 
     tokenizer = None
     if (p / "tokenizer.json").is_file():
-        try:
-            tokenizer = load_hf(p / "tokenizer.json")
-        except FormatError:
-            tokenizer = _wrapped_hf_tokenizer(p, vocab_size)
+        tokenizer = load_tokenizer_json(p / "tokenizer.json", vocab_size)  # None without the tokenizers library
     elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
         tokenizer = load_gpt2(p / "vocab.json", p / "merges.txt")
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise CheckpointError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{vocab_size}; the tokenizer files belong to another model")
     return tokenizer
-
-
-def _wrapped_hf_tokenizer(p: Path, vocab_size: int):
-    """`tokenizer.json` run by Hugging Face's tokenizers library, with ids up to the model's
-    `vocab_size`; None when the library is not installed (the import is then weights only, as
-    `lmstack convert` says)."""
-    from lmstack.tokenizers import hf_wrapped
-
-    return hf_wrapped.HFTokenizer.from_dir(p, vocab_size) if hf_wrapped.installed() else None
 
 
 # --- export ---------------------------------------------------------------------------------

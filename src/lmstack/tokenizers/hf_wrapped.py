@@ -41,6 +41,18 @@ def installed() -> bool:
     return True
 
 
+def load_tokenizer_json(path: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer | None:
+    """A Hugging Face tokenizer.json with its ids: lmstack's own exact BPE where it represents the
+    file (byte-level BPE), else the file run by Hugging Face's tokenizers library; None when that
+    library is not installed."""
+    from lmstack.tokenizers.hf import load_hf
+
+    try:
+        return load_hf(path)
+    except FormatError:
+        return HFTokenizer.from_dir(path, vocab_size) if installed() else None
+
+
 def _engine():
     if not installed():
         raise InputError("this tokenizer runs on Hugging Face's tokenizers library, which is not installed; "
@@ -79,11 +91,12 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_dir(cls, hf_dir: str | os.PathLike, vocab_size: int | None = None) -> "HFTokenizer":
-        """The tokenizer of a Hugging Face model directory (`tokenizer.json`), with its roles read
-        from tokenizer_config.json, special_tokens_map.json and config.json's eos_token_id;
-        `vocab_size` is the model's."""
-        p = Path(hf_dir)
-        hf_json = read_json(p / "tokenizer.json", "Hugging Face tokenizer.json")
+        """The tokenizer of a Hugging Face model directory (its `tokenizer.json`, or that file
+        itself), with its roles read from the tokenizer_config.json, special_tokens_map.json and
+        config.json's eos_token_id beside it; `vocab_size` is the model's."""
+        file = Path(hf_dir) if Path(hf_dir).is_file() else Path(hf_dir) / "tokenizer.json"
+        p = file.parent
+        hf_json = read_json(file, "Hugging Face tokenizer.json")
         roles: dict[str, str] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
             if (p / name).is_file():
@@ -92,7 +105,7 @@ class HFTokenizer(Tokenizer):
         try:
             tok = cls(hf_json, roles, vocab_size=vocab_size)
         except FormatError as e:
-            raise FormatError(f"{p / 'tokenizer.json'}: {e}") from None
+            raise FormatError(f"{file}: {e}") from None
         config = read_json(p / "config.json", "Hugging Face config") if (p / "config.json").is_file() else {}
         eos = config.get("eos_token_id")
         eos = tok._hf.id_to_token(eos) if isinstance(eos, int) else None
