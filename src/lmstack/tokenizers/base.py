@@ -39,6 +39,8 @@ class Tokenizer(ABC):
         self.special_tokens: dict[str, int] = dict(special_tokens or {})
         self._special_by_id = {i: s for s, i in self.special_tokens.items()}
         self._special_re = None
+        # A Hugging Face jinja chat template (see lmstack.data.chat); None = lmstack's built-in format.
+        self.chat_template: str | None = None
 
     # --- what each kind provides -------------------------------------------------------
     @property
@@ -153,12 +155,17 @@ class Tokenizer(ABC):
 
     # --- files ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {
+        """The saved form. `chat_template` is written only when set, so a tokenizer without one keeps
+        the file (and the fingerprint cached shards are keyed on) it had before templates existed."""
+        d = {
             "lmstack_tokenizer": FORMAT_VERSION,
             "kind": self.kind,
             "special_tokens": self.special_tokens,
             **self._state(),
         }
+        if self.chat_template is not None:
+            d["chat_template"] = self.chat_template
+        return d
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one JSON file; `path` may be a directory (gets tokenizer.json) or a file."""
@@ -187,10 +194,15 @@ def from_dict(d: dict, source: str = "tokenizer") -> Tokenizer:
     if d["kind"] not in kinds:
         raise FormatError(f"{source}: unknown tokenizer kind {d['kind']!r}; known: {sorted(kinds)}")
     specials = d.get("special_tokens", {})
+    template = d.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise FormatError(f"{source}: 'chat_template' is not a string; fix or remove it from the file")
     try:
-        return kinds[d["kind"]]._from_state(d, {str(k): int(v) for k, v in specials.items()})
+        tok = kinds[d["kind"]]._from_state(d, {str(k): int(v) for k, v in specials.items()})
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{source}: corrupt {d['kind']} tokenizer ({type(e).__name__}: {e}); retrain it") from None
+    tok.chat_template = template
+    return tok
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
