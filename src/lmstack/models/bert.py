@@ -249,6 +249,26 @@ def from_hf_bert(hf_dir: str | os.PathLike):
     if "cls.predictions.bias" not in tensors and "cls.predictions.decoder.bias" in tensors:
         tensors["cls.predictions.bias"] = tensors["cls.predictions.decoder.bias"]
     model = BERT(config)
+    names = hf_names(config)
+    for i in range(config.n_layers):
+        hf = f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):  # q, k, v -> one fused projection
+            qkv = [f"{hf}attention.self.{p}.{kind}" for p in ("query", "key", "value")]
+            tensors[f"{hf}qkv.{kind}"] = torch.cat(list(take_tensors(tensors, qkv, hf_dir).values()))
+    optional = {"pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias",
+                "cls.seq_relationship.weight": "nsp.weight", "cls.seq_relationship.bias": "nsp.bias"}
+    got = take_tensors(tensors, list(names), hf_dir)
+    state = {ours: got[theirs] for theirs, ours in names.items()}
+    fresh = model.state_dict()
+    state |= {ours: tensors.get(k, fresh[ours]) for k, ours in optional.items()}
+    assign_weights(model, state, str(hf_dir))
+    return model.eval(), tokenizer
+
+
+def hf_names(config: BERTConfig) -> dict[str, str]:
+    """Hugging Face tensor name (without BertForMaskedLM's `bert.` prefix) -> lmstack name, for
+    every tensor the import needs; q, k and v appear as one `encoder.layer.N.qkv`, which
+    `from_hf_bert` fuses from query, key and value (LoRA adapters split it the same way)."""
     names = {
         "embeddings.word_embeddings.weight": "embed_tokens.weight",
         "embeddings.position_embeddings.weight": "embed_positions.weight",
@@ -264,20 +284,10 @@ def from_hf_bert(hf_dir: str | os.PathLike):
     for i in range(config.n_layers):
         hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
         for a, b in [("attention.output.dense", "attn_out"), ("attention.output.LayerNorm", "attn_norm"),
-                     ("intermediate.dense", "ff_in"), ("output.dense", "ff_out"), ("output.LayerNorm", "ff_norm")]:
+                     ("intermediate.dense", "ff_in"), ("output.dense", "ff_out"), ("output.LayerNorm", "ff_norm"),
+                     ("qkv", "qkv")]:
             names |= {f"{hf}{a}.weight": f"{ours}{b}.weight", f"{hf}{a}.bias": f"{ours}{b}.bias"}
-        for kind in ("weight", "bias"):  # q, k, v -> one fused projection
-            qkv = [f"{hf}attention.self.{p}.{kind}" for p in ("query", "key", "value")]
-            tensors[f"{hf}qkv.{kind}"] = torch.cat(list(take_tensors(tensors, qkv, hf_dir).values()))
-            names[f"{hf}qkv.{kind}"] = f"{ours}qkv.{kind}"
-    optional = {"pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias",
-                "cls.seq_relationship.weight": "nsp.weight", "cls.seq_relationship.bias": "nsp.bias"}
-    got = take_tensors(tensors, list(names), hf_dir)
-    state = {ours: got[theirs] for theirs, ours in names.items()}
-    fresh = model.state_dict()
-    state |= {ours: tensors.get(k, fresh[ours]) for k, ours in optional.items()}
-    assign_weights(model, state, str(hf_dir))
-    return model.eval(), tokenizer
+    return names
 
 
 def _vocab_ids(vocab: Path, wanted: dict[str, str]) -> dict[str, int]:

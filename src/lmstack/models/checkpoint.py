@@ -95,16 +95,35 @@ class TorchCheckpoint:
 
 def save_torch_model(model, path: str | os.PathLike, tokenizer=None, extra: dict[str, Any] | None = None) -> Path:
     """Write a neural model (which has `.family` and a dataclass `.config`) as a checkpoint dir."""
-    from safetensors.torch import save_model
+    return write_model_dir(path, model.family, model.config, model.state_dict(), tokenizer, extra)
 
+
+def write_model_dir(path: str | os.PathLike, family: str, config, tensors: dict, tokenizer=None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """The one checkpoint writer: config.json, model.safetensors (tied weights stored once) and
+    tokenizer.json, each written atomically. Training checkpoints add their own files beside."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    with atomic_path(p / WEIGHTS_FILE) as tmp:
-        save_model(model, str(tmp))  # handles tied (shared) weights
-    write_json(p / CONFIG_FILE, {"family": model.family, **dataclasses.asdict(model.config), **(extra or {})})
+    write_weights(tensors, p / WEIGHTS_FILE)
+    write_json(p / CONFIG_FILE, {"family": family, **dataclasses.asdict(config), **(extra or {})})
     if tokenizer is not None:
         tokenizer.save(p / TOKENIZER_FILE)
     return p
+
+
+def write_weights(tensors: dict, path: str | os.PathLike) -> None:
+    """safetensors refuses tensors that share memory (tied weights): keep the first name of
+    each; loading restores the aliases."""
+    from safetensors.torch import save_file
+
+    seen, unique = set(), {}
+    for k, v in tensors.items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr not in seen:
+            seen.add(ptr)
+            unique[k] = v.detach().contiguous()
+    with atomic_path(path) as tmp:
+        save_file(unique, str(tmp))
 
 
 def load_torch_weights(model, path: str | os.PathLike) -> None:
@@ -151,8 +170,13 @@ def _aliases(model) -> dict[str, list[str]]:
 
 
 def load(path: str | os.PathLike):
-    """Load any lmstack checkpoint directory (or ARPA file) -> (model, tokenizer or None)."""
+    """Load any lmstack checkpoint directory (or ARPA file, or LoRA adapter directory: its base
+    with the adapter attached) -> (model, tokenizer or None)."""
     p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        from lmstack.models.lora import load_adapter_dir
+
+        return load_adapter_dir(p)
     if p.is_file() and p.suffix.lower() == ".arpa":
         cls = family_class("ngram")
         return cls.load(p), None

@@ -411,12 +411,22 @@ def from_hf_t5(hf_dir: str | os.PathLike):
         )
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{hf_dir}/config.json: cannot build a T5 config ({type(e).__name__}: {e})") from None
-    ff = ["wi_0", "wi_1", "wo"] if gated else ["wi", "wo"]
+    names = hf_names(config)
+    got = take_tensors(tensors, list(names), hf_dir)
+    model = T5(config)
+    assign_weights(model, {ours: got[theirs] for theirs, ours in names.items()}, str(hf_dir))
+    return model.eval(), hf_tokenizer(hf_dir, config.vocab_size)
+
+
+def hf_names(config: T5Config) -> dict[str, str]:
+    """Hugging Face `T5ForConditionalGeneration` tensor name -> lmstack name, for every tensor of
+    the model (the import reads them; LoRA adapters name their modules by them)."""
+    ff = ["wi_0", "wi_1", "wo"] if config.gated else ["wi", "wo"]
     names = {"shared.weight": "embed.weight",
              "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "enc_pos.weight",
              "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "dec_pos.weight",
              "encoder.final_layer_norm.weight": "enc_norm.weight", "decoder.final_layer_norm.weight": "dec_norm.weight"}
-    if untied:
+    if not config.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
     for stack, n, sublayers in [("encoder", config.n_layers, [("SelfAttention", "attn", "attn_norm")]),
                                 ("decoder", config.n_decoder_layers, [("SelfAttention", "self_attn", "self_norm"),
@@ -429,7 +439,4 @@ def from_hf_t5(hf_dir: str | os.PathLike):
             j = len(sublayers)
             names |= {f"{hf}{j}.DenseReluDense.{p}.weight": f"{ours}ff.{p}.weight" for p in ff}
             names[f"{hf}{j}.layer_norm.weight"] = f"{ours}ff_norm.weight"
-    got = take_tensors(tensors, list(names), hf_dir)
-    model = T5(config)
-    assign_weights(model, {ours: got[theirs] for theirs, ours in names.items()}, str(hf_dir))
-    return model.eval(), hf_tokenizer(hf_dir, config.vocab_size)
+    return names
