@@ -1,6 +1,7 @@
 """Hugging Face interop against `transformers` itself: tiny random models built locally from
 configs (nothing downloaded), imported, exported, and compared logit for logit."""
 
+import dataclasses
 import json
 
 import pytest
@@ -38,22 +39,47 @@ HF_CONFIGS = {
                                                             num_attention_heads=4, num_key_value_heads=1,
                                                             attention_bias=True, mlp_bias=True,
                                                             tie_word_embeddings=True),
+    # SmolLM2-135M's shape scaled down: a Llama config with 3 heads sharing 1 KV head, tied embeddings.
+    "smollm2": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=64, hidden_size=48,
+                                                intermediate_size=128, num_hidden_layers=2, num_attention_heads=3,
+                                                num_key_value_heads=1, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    "qwen2": lambda: transformers.Qwen2Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
+                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2),
+    # Qwen2.5-0.5B's switches: tied embeddings, a window configured but off.
+    "qwen2.5-tied": lambda: transformers.Qwen2Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
+                                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     num_key_value_heads=1, tie_word_embeddings=True,
+                                                     use_sliding_window=False, sliding_window=16, max_window_layers=1),
+    # head_dim 16 with 4 heads of a 32-wide model: q is 64 wide, twice the hidden size.
+    "qwen3": lambda: transformers.Qwen3Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
+                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    # A window of 8 on 40-token inputs: most keys are outside it.
+    "mistral": lambda: transformers.MistralConfig(vocab_size=V, max_position_embeddings=64, hidden_size=32,
+                                                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                  num_key_value_heads=2, sliding_window=8),
+    "qwen3-window": lambda: transformers.Qwen3Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
+                                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                     num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                                                     sliding_window=8, max_window_layers=0),
 }
 
 
-def _perturb(model, seed=0):
+def _perturb(model, seed=0, scale=0.05):
     """Random init leaves norms at 1 and biases at 0, which would hide a swapped norm or bias."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            p.add_(scale * torch.randn(p.shape, generator=g))
     return model
 
 
-def _hf_model(name, tmp_path):
+def _hf_model(name, tmp_path, scale=0.05):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[name]())
-    _perturb(model).eval()
+    _perturb(model, scale=scale).eval()
     model.save_pretrained(tmp_path / name)
     return model, tmp_path / name
 
@@ -88,22 +114,78 @@ def test_import_keeps_the_architecture(tmp_path):
         ("rope", "rmsnorm", "swiglu", 2, 500000.0, False)
 
 
-EXPORTABLE = {
-    "gpt2": GPTConfig.preset("tiny", vocab_size=V, n_embd=32),
-    "gpt2-untied": GPTConfig.preset("tiny", vocab_size=V, n_embd=32, tie_embeddings=False, mlp_hidden=40),
-    "llama-gqa": GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_theta=1e5),
-    "llama3-rope-scaling": GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_scaling=dict(
-        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
-    "llama-tied-bias": GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, bias=True, tie_embeddings=True),
+@pytest.mark.parametrize("name, switches", [
+    ("qwen2", dict(bias=False, qkv_bias=True, qk_norm=False, head_dim=8, sliding_window=None, tie_embeddings=False)),
+    ("qwen2.5-tied", dict(bias=False, qkv_bias=True, qk_norm=False, head_dim=8, sliding_window=None, tie_embeddings=True)),
+    ("qwen3", dict(bias=False, qkv_bias=False, qk_norm=True, head_dim=16, sliding_window=None, tie_embeddings=True)),
+    ("mistral", dict(bias=False, qkv_bias=False, qk_norm=False, head_dim=8, sliding_window=8, tie_embeddings=False)),
+    ("qwen3-window", dict(bias=False, qkv_bias=False, qk_norm=True, head_dim=8, sliding_window=8, tie_embeddings=False)),
+])
+def test_import_reads_each_familys_switches(tmp_path, name, switches):
+    _, path = _hf_model(name, tmp_path)
+    cfg = from_hf(path)[0].config
+    assert {k: getattr(cfg, k) for k in switches} == switches
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen3-window", "qwen2"])
+def test_greedy_generation_matches_transformers_generate(tmp_path, name):
+    """Left-padded prompts of 3 and 9 tokens, 24 new tokens each: the windowed models decode far
+    past their window of 8, through the KV cache and through the static cache of compiled decoding."""
+    from lmstack.generation import GenerationConfig, generate_tokens
+
+    ref, path = _hf_model(name, tmp_path, scale=0.3)  # larger weights: decisive argmaxes
+    ours, _ = from_hf(path)
+    prompts = [[5, 17, 42], [7, 1, 99, 23, 250, 64, 3, 11, 80]]
+    ids = torch.tensor([[0] * 6 + prompts[0], prompts[1]])
+    mask = torch.tensor([[0] * 6 + [1] * 3, [1] * 9])
+    n = 24
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)[:, 9:].tolist()
+    config = GenerationConfig(max_new_tokens=n, temperature=0)
+    assert [g.tokens for g in generate_tokens(ours, prompts, config)] == want
+    ours.static_capacity = 40  # what compile_decoding sets, without paying for the compile
+    assert [g.tokens for g in generate_tokens(ours, prompts, config)] == want
+
+
+def test_sliding_window_changes_what_is_generated(tmp_path):
+    """The check above is only worth something if the window matters: without it, the same
+    weights continue differently."""
+    from lmstack.generation import GenerationConfig, generate_tokens
+
+    _, path = _hf_model("mistral", tmp_path, scale=0.3)
+    windowed, _ = from_hf(path)
+    full = GPT(dataclasses.replace(windowed.config, sliding_window=None)).eval()
+    full.load_state_dict(windowed.state_dict())
+    config = GenerationConfig(max_new_tokens=24, temperature=0)
+    prompt = [[7, 1, 99, 23, 250, 64, 3, 11, 80]]
+    assert generate_tokens(windowed, prompt, config)[0].tokens != generate_tokens(full, prompt, config)[0].tokens
+
+
+EXPORTABLE = {  # name: (the class transformers loads, config)
+    "gpt2": ("GPT2LMHeadModel", GPTConfig.preset("tiny", vocab_size=V, n_embd=32)),
+    "gpt2-untied": ("GPT2LMHeadModel", GPTConfig.preset("tiny", vocab_size=V, n_embd=32, tie_embeddings=False, mlp_hidden=40)),
+    "llama-gqa": ("LlamaForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_theta=1e5)),
+    "llama3-rope-scaling": ("LlamaForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_scaling=dict(
+        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "llama-tied-bias": ("LlamaForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, bias=True,
+                                                             tie_embeddings=True)),
+    "qwen2": ("Qwen2ForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qkv_bias=True, tie_embeddings=True)),
+    "qwen2-window": ("Qwen2ForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qkv_bias=True,
+                                                          sliding_window=8)),
+    "qwen3": ("Qwen3ForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qk_norm=True, head_dim=16)),
+    "mistral": ("MistralForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, sliding_window=8)),
 }
 
 
 @pytest.mark.parametrize("name", EXPORTABLE)
 def test_export_loads_in_transformers_and_matches(tmp_path, name):
+    hf_class, config = EXPORTABLE[name]
     torch.manual_seed(0)
-    ours = _perturb(GPT(EXPORTABLE[name])).eval()
+    ours = _perturb(GPT(config)).eval()
     to_hf(ours, tmp_path / "hf")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(ref).__name__ == hf_class
     x = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(x) - _hf_logits(ref, x)).abs().max() <= TOL
@@ -113,10 +195,14 @@ def test_export_loads_in_transformers_and_matches(tmp_path, name):
     torch.testing.assert_close(back.state_dict(), ours.state_dict(), atol=0, rtol=0)
 
 
-def test_export_refuses_variants_without_hf_equivalent(tmp_path):
-    model = GPT(GPTConfig.preset("tiny", vocab_size=V, prenorm=False, pos="sinusoidal"))
+@pytest.mark.parametrize("config", [
+    GPTConfig.preset("tiny", vocab_size=V, prenorm=False, pos="sinusoidal"),
+    GPTConfig.preset("tiny-llama", vocab_size=V, bias=True, sliding_window=8),  # Mistral has no biases
+    GPTConfig.preset("tiny-llama", vocab_size=V, qkv_bias=True, qk_norm=True),  # Qwen2's biases + Qwen3's norm
+])
+def test_export_refuses_variants_without_hf_equivalent(tmp_path, config):
     with pytest.raises(CheckpointError, match="no Hugging Face equivalent"):
-        to_hf(model, tmp_path / "hf")
+        to_hf(GPT(config), tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
@@ -139,13 +225,19 @@ def test_mismatched_tensor_shape_is_named(tmp_path):
         from_hf(path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model_type": "mistral"}, "model_type 'mistral'"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+@pytest.mark.parametrize("name, change, message", [
+    ("llama-gqa", {"model_type": "gemma"}, "model_type 'gemma'"),
+    ("llama-gqa", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
+    ("llama-gqa", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    # Qwen2's window from layer 1 of 2 up: half full, half sliding attention.
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+     "sliding-window attention on only some layers"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"], "use_sliding_window": True, "sliding_window": 8},
+     "sliding-window attention on only some layers"),
+    ("qwen3", {"attention_bias": True}, "attention_bias=true"),
 ])
-def test_unsupported_configs_are_refused(tmp_path, change, message):
-    _, path = _hf_model("llama-gqa", tmp_path)
+def test_unsupported_configs_are_refused(tmp_path, name, change, message):
+    _, path = _hf_model(name, tmp_path)
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(CheckpointError, match=message):

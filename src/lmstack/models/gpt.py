@@ -8,10 +8,15 @@ the same class rather than two codebases:
 - `pos`: learned absolute (GPT-2), fixed sinusoidal (2017) or rotary, RoPE (Llama);
 - `mlp`: GELU with the tanh approximation (GPT-2's "gelu_new") or SwiGLU (Llama);
 - `n_kv_head < n_head`: grouped-query attention (Llama 2/3); equal means multi-head attention;
-- `bias`, `dropout`, `tie_embeddings`.
+- `bias`, `dropout`, `tie_embeddings`;
+- what Qwen and Mistral add: `qkv_bias` (Qwen2), `qk_norm` and a `head_dim` apart from
+  n_embd/n_head (Qwen3), `sliding_window` (Mistral: a token sees only the last W positions).
 
 Attention always goes through `F.scaled_dot_product_attention` (fused kernels where the device
-has them). Incremental decoding keeps a `KVCache`: per-layer key/value tensors preallocated for
+has them) with one rule for what a query sees (`attention_mask`): keys of its own document, at
+its position or before, within the sliding window. A plain causal prompt passes SDPA's causal
+flag instead of a mask. `forward(..., segments=)` packs several documents in one row: each
+attends only to itself and counts its positions from 0, as if it ran alone. Incremental decoding keeps a `KVCache`: per-layer key/value tensors preallocated for
 the whole context plus a position counter, so each new token attends to the cached prefix and
 RoPE / learned positions use the token's absolute position. Prompts of different lengths share a
 batch left-padded: the cache remembers each row's padding, which no query attends to and which
@@ -76,6 +81,10 @@ class GPTConfig(Presets):
     bias: bool = True  # biases in every linear layer and LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True  # the output head shares the token-embedding matrix
+    head_dim: int | None = None  # None: n_embd / n_head; Qwen3 sets it apart (q·heads need not be n_embd)
+    qkv_bias: bool = False  # biases on q, k, v even where `bias` is off (Qwen2)
+    qk_norm: bool = False  # a norm (of `norm`'s kind) over each head of q and k, before RoPE (Qwen3)
+    sliding_window: int | None = None  # a token attends to itself and the W-1 positions before it (Mistral)
 
     def __post_init__(self):
         for name, value, allowed in (("norm", self.norm, NORMS), ("pos", self.pos, POSITIONS), ("mlp", self.mlp, MLPS)):
@@ -83,24 +92,24 @@ class GPTConfig(Presets):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        if self.head_dim < 1 or (self.sliding_window is not None and self.sliding_window < 1):
+            raise ValueError(f"head_dim and sliding_window must be positive, got {self.head_dim} and {self.sliding_window}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head size, got n_embd/n_head = {self.head_dim}")
+            raise ValueError(f"RoPE needs an even head size, got head_dim = {self.head_dim}")
         if self.rope_scaling is not None and (self.pos != "rope" or set(self.rope_scaling) != set(LLAMA3_SCALING)):
             raise ValueError(f"rope_scaling needs pos='rope' and exactly the keys {LLAMA3_SCALING}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     @classmethod
     def sized(cls, depth: int, **overrides) -> "GPTConfig":
@@ -146,10 +155,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- layers -------------------------------------------------------------------------------
 
 
-def make_norm(cfg: GPTConfig) -> nn.Module:
+def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over `dim` features (default n_embd)."""
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return nn.RMSNorm(dim or cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim or cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# --- which keys a query sees --------------------------------------------------------------
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None = None,
+                   k_doc: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """SDPA's boolean mask, the one rule of every attention call: a query sees the keys of its own
+    document at its position or before, and with a sliding `window` W only the last W of them
+    (itself included, as Mistral counts). Positions are [T] and [S], or [B, T] and [B, S] per
+    row; documents are [B, T] and [B, S] ids. A query always sees itself, so no row is empty
+    (an empty one would give NaNs). Returns [T, S], or [B, 1, T, S] to broadcast over heads."""
+    q, k = q_pos[..., :, None], k_pos[..., None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (k > q - window)
+    if q_doc is not None:
+        mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])
+    return mask if mask.dim() == 2 else mask[:, None]
+
+
+def packed_layout(T: int, device, segments: torch.Tensor | None, window: int | None):
+    """Positions [T] or [B, T] and the mask (None: SDPA's causal flag will do) of a forward pass
+    without a cache. With `segments`, a token's position is the number of earlier tokens of its
+    document, so each document counts from 0 as if it ran alone; padding (0) is a document of its
+    own that nothing else sees."""
+    t = torch.arange(T, device=device)
+    if segments is None:
+        return t, attention_mask(t, t, window=window) if window is not None and T > window else None
+    before = attention_mask(t, t, segments, segments)
+    pos = before.sum(-1)[:, 0] - 1
+    return pos, before if window is None else attention_mask(pos, pos, segments, segments, window)
 
 
 @dataclass
@@ -192,19 +234,19 @@ class KVCache:
             return self.slot + torch.arange(T, device=self.slot.device)
         return torch.arange(self.pos, self.pos + T, device=self.k[0].device)
 
-    def mask(self, slots: torch.Tensor) -> torch.Tensor | None:
-        """Which keys the queries at `slots` may see: [T, S] or, with padding, [B, 1, T, S]. None
-        where SDPA needs no mask: an unpadded prompt (its causal flag) or one new token of a
-        growing cache (it sees every key)."""
+    def mask(self, slots: torch.Tensor, window: int | None) -> torch.Tensor | None:
+        """Which keys the queries at `slots` may see (`attention_mask`, the padding of each row being
+        a document of its own). None where SDPA needs no mask: an unpadded prompt (its causal flag)
+        or one new token of a growing cache (it sees every key), both within the window."""
         T = slots.shape[0]
-        if self.slot is None and self.offset is None and (self.pos == 0 or T == 1):
+        if self.slot is None and self.offset is None and (self.pos == 0 or T == 1) \
+                and (window is None or self.pos + T <= window):
             return None
         keys = torch.arange(self.k[0].shape[2] if self.slot is not None else self.pos + T, device=slots.device)
-        mask = keys <= slots[:, None]
-        if self.offset is not None:
-            # Nothing attends to padding but padding itself: a query with no key at all would give NaNs.
-            mask = (mask & ((keys >= self.offset[:, None, None]) | (keys == slots[:, None])))[:, None]
-        return mask
+        if self.offset is None:
+            return attention_mask(slots, keys, window=window)
+        real = self.offset[:, None]
+        return attention_mask(slots, keys, slots >= real, keys >= real, window)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new positions' k, v; return the keys and values to attend over."""
@@ -238,16 +280,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -337,14 +385,18 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def _logits(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits after each of [B, T] ids, following the cache's prefix. Tensor work only: the
-        callers check the context and advance the cache, so a compiled step reads no Python state."""
-        T = idx.shape[1]
-        offset = cache.offset if cache is not None else None
-        slots = cache.positions(T) if cache is not None else torch.arange(T, device=idx.device)
-        mask = cache.mask(slots) if cache is not None else None
-        pos = slots if offset is None else (slots - offset[:, None]).clamp(min=0)  # [B, T]: rows count from their first token
+    def _logits(self, idx: torch.Tensor, cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits after each of [B, T] ids, following the cache's prefix (or packed as `segments`).
+        Tensor work only: the callers check the context and advance the cache, so a compiled step
+        reads no Python state."""
+        T, window = idx.shape[1], self.config.sliding_window
+        if cache is None:
+            pos, mask = packed_layout(T, idx.device, segments, window)
+        else:
+            slots = cache.positions(T)
+            mask = cache.mask(slots, window)
+            # [B, T] with padding: rows count from their first token.
+            pos = slots if cache.offset is None else (slots - cache.offset[:, None]).clamp(min=0)
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(pos)
@@ -353,7 +405,7 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         rope = None
         if self.config.pos == "rope":
             rope = (self.rope_cos[pos], self.rope_sin[pos])
-            if offset is not None:  # [B, T, hd] -> [B, 1, T, hd], to broadcast over heads
+            if pos.dim() == 2:  # [B, T, hd] -> [B, 1, T, hd], to broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
@@ -363,13 +415,23 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
     def _next_logprobs(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return F.log_softmax(self._logits(idx, cache).float(), dim=-1)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """[B, T] ids -> logits [B, T, V] for the token after each position; with targets [B, T]
-        also the mean cross-entropy (targets of -100 are ignored)."""
+        also the mean cross-entropy (targets of -100 are ignored).
+
+        `segments` [B, T] packs several documents in a row, so short examples fill a batch without
+        padding each one: equal non-zero ids form one document, which attends only to itself with
+        positions from 0, as if it ran alone. 0 is padding: its logits mean nothing and its targets
+        are ignored. A document's last target (the next document's first token) is the caller's
+        to set to -100."""
         self.check_context(idx.shape[1])
-        logits = self._logits(idx)
+        if segments is not None and segments.shape != idx.shape:
+            raise InputError(f"segments must have the shape of the ids, {tuple(idx.shape)}; got {tuple(segments.shape)}")
+        logits = self._logits(idx, segments=segments)
         if targets is None:
             return logits
+        if segments is not None:
+            targets = targets.masked_fill(segments == 0, -100)
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     # --- the language-model contract ----------------------------------------------------
