@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py                       # GPT-2 124M, 16 x 1024, bf16 (a GPU)
     python benchmarks/train_throughput.py --preset tiny --batch-size 4 --block-size 64 --dtype float32 --steps 10
 
-lmstack: the real loop (`lmstack.training.loop.train`) on Tiny Shakespeare tokenized with GPT-2's
+lmstack: the real loop (`lmstack.training.pretrain.train`) on Tiny Shakespeare tokenized with GPT-2's
 tokenizer, reading tokens/s and MFU from its metrics.jsonl (median over the steps after the first
 three, which include compilation and warm-up). MFU needs the device's peak FLOP/s: known GPUs are
 looked up, else pass --peak-flops.
@@ -36,7 +36,7 @@ SHARED = REPO.parent / "shared"
 def lmstack_run(args, tmp: Path) -> tuple[float, float | None, int]:
     from lmstack.tokenizers.gpt2 import load_gpt2
     from lmstack.training.config import TrainConfig
-    from lmstack.training.loop import train
+    from lmstack.training.pretrain import train
     from lmstack.training.metrics import read_metrics
 
     tok = load_gpt2(SHARED / "fixtures/gpt2/encoder.json", SHARED / "fixtures/gpt2/vocab.bpe")

@@ -151,7 +151,7 @@ def train_neural(name: str, shards: Path, out: Path, seconds: float, device: str
     the learning-rate schedule's length to the budget (`--max-minutes`)."""
     from lmstack.training import checkpoint
     from lmstack.training.config import TrainConfig
-    from lmstack.training.loop import train
+    from lmstack.training.pretrain import train
 
     t0 = time.perf_counter()
     cfg = TrainConfig(out_dir=str(out), data=[str(shards)], tokenizer=str(shards / "tokenizer.json"), device=device,

@@ -82,7 +82,7 @@ def test_rerunning_a_sweep_skips_recorded_runs_and_picks_up_finished_unrecorded_
     def no_training(cfg, resume=False):
         raise AssertionError(f"retrained {cfg.out_dir}")
 
-    monkeypatch.setattr("lmstack.training.loop.train", no_training)
+    monkeypatch.setattr("lmstack.training.pretrain.train", no_training)
     _, again = sweep_mod.run_sweep(config)
     assert [json.dumps(r) for r in again] == rows
 
@@ -90,7 +90,7 @@ def test_rerunning_a_sweep_skips_recorded_runs_and_picks_up_finished_unrecorded_
 def test_an_interrupted_run_resumes_from_its_checkpoint(swept, monkeypatch):
     config, out, _ = swept
     calls = []
-    monkeypatch.setattr("lmstack.training.loop.train", lambda cfg, resume=False: calls.append((cfg.out_dir, resume)))
+    monkeypatch.setattr("lmstack.training.pretrain.train", lambda cfg, resume=False: calls.append((cfg.out_dir, resume)))
     table = (out / "runs.jsonl").read_text()
     (out / "runs.jsonl").write_text("")
     state = next((out / "L1-E8-H2-T320" / "checkpoints").glob("step_*/trainer_state.json"))

@@ -12,9 +12,9 @@ import torch
 
 from lmstack.cli import main
 from lmstack.errors import InputError
-from lmstack.training import budget, checkpoint, loop
+from lmstack.training import budget, checkpoint, pretrain
 from lmstack.training.config import TrainConfig
-from lmstack.training.loop import train
+from lmstack.training.pretrain import train
 from lmstack.training.metrics import read_metrics
 from lmstack.training.optim import lr_at
 
@@ -68,7 +68,7 @@ def test_out_of_time_ends_the_run_early_and_resume_keeps_the_plan(tiny, tmp_path
         return lr_at(step, cfg)
 
     with monkeypatch.context() as m:
-        m.setattr(loop, "lr_at", slower_after_planning)
+        m.setattr(pretrain, "lr_at", slower_after_planning)
         t0 = time.perf_counter()
         last = train(tiny(tmp_path, **PLAN))
         seconds = time.perf_counter() - t0

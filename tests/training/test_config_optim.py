@@ -32,7 +32,7 @@ def test_flags_override_the_file_which_overrides_defaults(tmp_path):
 def test_config_errors_name_the_field(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text("learning_rate = 0.1\n")
-    with pytest.raises(InputError, match=r"unknown training config fields \['learning_rate'\]"):
+    with pytest.raises(InputError, match=r"unknown config fields \['learning_rate'\]"):
         config_mod.read_file(f)
     f.write_text('lr = "fast"\n')
     with pytest.raises(InputError, match="'lr' must be float"):
@@ -75,3 +75,20 @@ def test_weight_decay_skips_biases_and_norms():
     assert "wte.weight" in {names[id(p)] for p in decay["params"]}
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_objective_settings_are_tables_checked_by_key(tmp_path):
+    """[span] / --span hold span corruption's settings; a wrong key or value is named, and a run
+    saved by an older lmstack (top-level noise_density, ...) still reads."""
+    f = tmp_path / "c.toml"
+    f.write_text('objective = "span"\nfamily = "t5"\n[span]\nmean_span = 5.0\n')
+    cfg = config_mod.resolve(config_mod.read_file(f))
+    assert cfg.span == {"mean_span": 5.0}
+    with pytest.raises(InputError, match=r"\[span\].*unknown key\(s\) \['mean'\]; known: \['mean_span', 'noise_density'\]"):
+        TrainConfig(span={"mean": 2})
+    with pytest.raises(InputError, match=r"\[mlm\].*probability must be in \[0, 1\]"):
+        TrainConfig(mlm={"probability": 2.0})
+    old = tmp_path / "train_config.json"
+    old.write_text('{"objective": "span", "family": "t5", "noise_density": 0.3, "mean_span": 2.0, "rtd_weight": 10.0}')
+    values = config_mod.read_file(old)
+    assert values["span"] == {"noise_density": 0.3, "mean_span": 2.0} and values["rtd"] == {"weight": 10.0}

@@ -8,7 +8,7 @@ import pytest
 
 from lmstack.training import checkpoint
 from lmstack.training.config import TrainConfig
-from lmstack.training.loop import train
+from lmstack.training.pretrain import train
 from lmstack.training.metrics import read_metrics
 
 ARGS = ["--block-size", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-interval", "2",

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from lmstack.training import checkpoint
-from lmstack.training.loop import train
+from lmstack.training.pretrain import train
 from lmstack.training.metrics import read_metrics
 
 def losses(run_dir):

@@ -9,7 +9,8 @@ from lmstack.cli.train import shipped_configs
 from lmstack.errors import InputError
 from lmstack.models import load
 from lmstack.training import checkpoint
-from lmstack.training.loop import DivergenceError, train
+from lmstack.training.pretrain import train
+from lmstack.training.step import DivergenceError
 from lmstack.training.metrics import read_metrics
 
 

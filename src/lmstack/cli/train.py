@@ -75,7 +75,7 @@ def cmd_train(args) -> int:
         base = config_mod.read_file(_config_path(args.config)) if args.config else {}
     cfg = config_mod.resolve(base, args)
     if args.prepare_only:
-        from lmstack.training.loop import prepare_data
+        from lmstack.training.pretrain import prepare_data
         from lmstack.training.distributed import Dist
 
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def cmd_train(args) -> int:
         print(f"prepared {train.num_tokens:,} train and {val.num_tokens:,} val tokens in {train.path} "
               f"(tokenizer: {tok.kind}, {tok.vocab_size} ids)")
         return 0
-    from lmstack.training.loop import train
+    from lmstack.training.pretrain import train
 
     last = train(cfg, resume=bool(args.resume))
     if last and os.environ.get("RANK", "0") == "0":

@@ -208,7 +208,7 @@ def run_sweep(config_path: str | os.PathLike, out_dir: str | None = None) -> tup
     from lmstack.progress import progress
     from lmstack.training.checkpoint import list_checkpoints
     from lmstack.training.config import CONFIG_FILE, read_file
-    from lmstack.training.loop import train
+    from lmstack.training.pretrain import train
 
     base, grid = read_sweep_config(config_path)
     root = Path(out_dir or base.get("out_dir") or "runs/scaling")

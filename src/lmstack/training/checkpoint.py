@@ -18,7 +18,6 @@ oldest are deleted, keeping the last `keep_last` and the one with the best valid
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmstack.errors import CheckpointError
 from lmstack.io import read_json, write_json
-from lmstack.models.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_torch_weights
+from lmstack.models.checkpoint import load_torch_weights, write_model_dir, write_weights
 from lmstack.training import distributed
 from lmstack.training.distributed import Dist
 
@@ -64,17 +63,6 @@ def latest(run_dir: str | os.PathLike) -> Path:
     return found[-1]
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors refuses tensors that share memory (tied weights): keep the first name of each."""
-    seen, unique = set(), {}
-    for k, v in tensors.items():
-        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if ptr not in seen:
-            seen.add(ptr)
-            unique[k] = v.contiguous()
-    save_file(unique, str(path))
-
-
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -97,12 +85,11 @@ def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Modul
     distributed.barrier(d)
     if d.main:
         model = objective.model
-        _save_tensors({k[6:]: v for k, v in model_sd.items() if k.startswith("model.")}, tmp / WEIGHTS_FILE)
+        weights = {k[6:]: v for k, v in model_sd.items() if k.startswith("model.")}
+        write_model_dir(tmp, model.family, model.config, weights, tokenizer)
         extra = {k: v for k, v in model_sd.items() if not k.startswith("model.")}
         if extra:
-            _save_tensors(extra, tmp / OBJECTIVE_FILE)
-        write_json(tmp / CONFIG_FILE, {"family": model.family, **dataclasses.asdict(model.config)})
-        tokenizer.save(tmp / TOKENIZER_FILE)
+            write_weights(extra, tmp / OBJECTIVE_FILE)
         optim_tensors = {f"state.{name}.{key}": t for name, st in optim_sd["state"].items() for key, t in st.items()}
         save_file({k: v.contiguous() for k, v in optim_tensors.items()}, str(tmp / OPTIMIZER_FILE))
         groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim_sd["param_groups"]]
@@ -131,15 +118,17 @@ def prune(run_dir, keep_last: int) -> None:
             shutil.rmtree(p)
 
 
-def load_weights(ckpt: Path, objective: torch.nn.Module) -> dict:
-    """Before wrapping: the model (and training-only modules) from `ckpt`; returns trainer state."""
-    state = read_json(ckpt / STATE_FILE, "trainer state")
+def read_state(ckpt: Path) -> dict:
+    return read_json(ckpt / STATE_FILE, "trainer state")
+
+
+def load_weights(ckpt: Path, objective: torch.nn.Module) -> None:
+    """Before wrapping: the model (and training-only modules) from `ckpt`."""
     load_torch_weights(objective.model, ckpt)
     if (ckpt / OBJECTIVE_FILE).exists():
         missing, unexpected = objective.load_state_dict(load_file(str(ckpt / OBJECTIVE_FILE)), strict=False)
         if unexpected or any(not k.startswith("model.") for k in missing):
             raise CheckpointError(f"{ckpt / OBJECTIVE_FILE}: does not match this objective's modules; was the objective changed?")
-    return state
 
 
 def load_optimizer(ckpt: Path, wrapped: torch.nn.Module, optimizer, state: dict) -> None:

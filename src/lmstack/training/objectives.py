@@ -25,6 +25,44 @@ from lmstack.tokenizers import EOT, MASK, PAD, Tokenizer
 FAMILIES = {"clm": ("gpt", "rnn", "ffn"), "mlm": ("bert",), "nsp": ("bert",), "span": ("t5",), "rtd": ("bert",)}
 
 
+@dataclasses.dataclass
+class MLMOptions:
+    """[mlm]: BERT's masking (also used by nsp and rtd)."""
+
+    probability: float = 0.15
+
+    def __post_init__(self):
+        if not 0 <= self.probability <= 1:
+            raise ValueError(f"probability must be in [0, 1], got {self.probability}")
+
+
+@dataclasses.dataclass
+class SpanOptions:
+    """[span]: T5's span corruption."""
+
+    noise_density: float = 0.15
+    mean_span: float = 3.0
+
+    def __post_init__(self):
+        if not (0 < self.noise_density < 1 and self.mean_span >= 1):
+            raise ValueError("need 0 < noise_density < 1 and mean_span >= 1")
+
+
+@dataclasses.dataclass
+class RTDOptions:
+    """[rtd]: ELECTRA's discriminator weight and generator overrides."""
+
+    weight: float = 50.0
+    generator: dict = dataclasses.field(default_factory=dict)
+
+
+def objective_options(cfg) -> tuple[MLMOptions, SpanOptions, RTDOptions]:
+    """The objective tables of a TrainConfig, checked (an InputError names a bad key or value)."""
+    from lmstack.training.config import table
+
+    return table(MLMOptions, cfg.mlm, "mlm"), table(SpanOptions, cfg.span, "span"), table(RTDOptions, cfg.rtd, "rtd")
+
+
 def special_overrides(family: str, tokenizer: Tokenizer) -> dict:
     """Model config fields that name special-token ids, filled from the tokenizer."""
     ids = tokenizer.special_tokens
@@ -125,6 +163,7 @@ def generator_config(disc_config, overrides: dict):
 
 
 def make_objective(kind: str, model: nn.Module, family: str, cfg) -> nn.Module:
+    _, span, rtd = objective_options(cfg)
     if family not in FAMILIES[kind]:
         raise InputError(f"objective {kind!r} trains {'/'.join(FAMILIES[kind])} models, not {family!r}; "
                          f"set --family {FAMILIES[kind][0]} or pick another --objective")
@@ -135,5 +174,5 @@ def make_objective(kind: str, model: nn.Module, family: str, cfg) -> nn.Module:
     if kind == "nsp":
         return MaskedLMWithNSP(model)
     if kind == "span":
-        return SpanCorruption(model, cfg.block_size, cfg.noise_density, cfg.mean_span)
-    return ReplacedTokenDetection(model, type(model)(generator_config(model.config, cfg.generator)), cfg.rtd_weight)
+        return SpanCorruption(model, cfg.block_size, span.noise_density, span.mean_span)
+    return ReplacedTokenDetection(model, type(model)(generator_config(model.config, rtd.generator)), rtd.weight)

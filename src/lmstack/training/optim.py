@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from lmstack.training.config import TrainConfig
+from lmstack.training.config import RunConfig
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device_type: str) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() yields a tied matrix once
         if p.requires_grad:
@@ -26,7 +26,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: str) -
                              fused=device_type == "cuda" or None)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: RunConfig) -> float:
     """The learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr,
     then cosine to min_lr at `decay_steps`, or warmup-stable-decay (flat at lr, then linear to
     min_lr over the last `wsd_decay_fraction`), or constant. After the schedule ends: min_lr."""

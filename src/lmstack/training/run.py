@@ -1,0 +1,239 @@
+"""The run context every recipe shares: processes, the run directory, metrics, the time budget,
+signals, checkpoints and exact resume.
+
+A recipe reads:
+
+    with Run(cfg, resume) as run:                 # processes, run dir, saved config
+        ...build the model and objective...
+        stepper = run.optimizer_step(objective)   # resumes weights, optimizer and rng
+        run.begin(flops_per_token, eval_cost)     # metrics, progress bar, budget
+        while not run.done:
+            result = stepper(batch, accum, lr_at(run.step, run.cfg), run.step)
+            run.end_step(result, lr, tokens)
+            if run.eval_due: run.log_eval({"val_loss": ...})
+            if run.checkpoint_due: run.save(stepper, tokenizer)
+        return run.finish()
+
+SIGINT / SIGTERM set a flag; the run checkpoints and stops at the end of the current step. With
+`max_minutes`, the first steps are timed and max_steps lowered to what fits (see `budget`); the
+resolved max_steps goes back into the run's train_config.json, so a resumed run keeps the plan.
+tokens/s counts the tokens trained on (every process's, padding excluded); MFU = flops_per_token
+× tokens/s ÷ (peak FLOP/s of one device × processes), null on a CPU (peak unknown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from lmstack.errors import InputError
+from lmstack.progress import progress
+from lmstack.training import checkpoint, distributed
+from lmstack.training import config as config_mod
+from lmstack.training.budget import Budget, calibration_steps
+from lmstack.training.config import RunConfig
+from lmstack.training.metrics import MetricsLog, peak_flops
+from lmstack.training.step import OptimizerStep, StepResult
+
+
+class _StopSignal:
+    """SIGINT / SIGTERM set a flag; the run saves a checkpoint and returns after the step."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, resume: bool, command: str = "lmstack train"):
+        self.cfg, self.resume, self.command = cfg, resume, command
+        self.dir = Path(cfg.out_dir)
+        self.start_time = time.perf_counter()
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Run":
+        self.d, self.device = distributed.setup(self.cfg.device)
+        self.main = self.d.main
+        try:
+            self._open()
+        except BaseException:
+            distributed.teardown(self.d)
+            raise
+        return self
+
+    def _open(self) -> None:
+        if self.resume:
+            self.ckpt = checkpoint.latest(self.dir)
+        elif checkpoint.list_checkpoints(self.dir):
+            raise InputError(f"{self.dir} already holds checkpoints; continue it with `{self.command} --resume {self.dir}` "
+                             "or pick another --out-dir")
+        self.state: dict = checkpoint.read_state(self.ckpt) if self.resume else {}
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            config_mod.save(self.cfg, self.dir)
+        self._signals = _StopSignal().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self._signals.__exit__(*exc)
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+            self.log.close()
+        distributed.teardown(self.d)
+
+    def optimizer_step(self, objective: torch.nn.Module) -> OptimizerStep:
+        """The objective wrapped for the processes with its optimizer; on resume its weights,
+        optimizer state and random state come from the checkpoint. Build the objective after
+        `torch.manual_seed(cfg.seed)` so every rank starts alike (FSDP does not broadcast)."""
+        if self.resume:
+            checkpoint.load_weights(self.ckpt, objective)
+        stepper = OptimizerStep(objective, self.cfg, self.d, self.device)
+        if self.resume:
+            checkpoint.load_optimizer(self.ckpt, stepper.wrapped, stepper.optimizer, self.state)
+            checkpoint.load_rng(self.ckpt, self.d, self.device)
+            if self.state.get("scaler"):
+                stepper.scaler.load_state_dict(self.state["scaler"])
+        else:
+            torch.manual_seed(self.cfg.seed + self.d.rank)  # dropout differs across ranks
+        self.stepper = stepper
+        return stepper
+
+    def begin(self, flops_per_token: float | None, eval_cost: float = 0.0, banner: str = "") -> None:
+        """Start the clock, the metrics log and the progress bar. `eval_cost`: one validation
+        pass in optimizer steps, for the time budget's plan."""
+        s = self.state
+        self.step, self.tokens = s.get("step", 0), s.get("tokens", 0)
+        self.best, self.elapsed = s.get("best_val_loss"), s.get("elapsed_s", 0.0)
+        self.flops, self.peak = flops_per_token, peak_flops(self.cfg.peak_flops, self.device)
+        self.log = MetricsLog(self.dir, self.main, self.cfg.tensorboard, resume_step=self.step if self.resume else None)
+        self.budget = Budget(self.cfg.max_minutes, self.start_time, eval_cost) if self.cfg.max_minutes else None
+        self.last: dict = {}
+        self.stopped: str | None = None
+        self.out_of_time = self.stopping = False
+        self.val_loss = None
+        if banner:
+            self.write(f"{banner}, device {self.device}, {self.stepper.dtype}; run dir {self.dir}")
+        self.bar = progress(total=self.cfg.max_steps, initial=self.step, desc="training", unit="step")
+        self.stepper.objective.train()
+        self._t0 = time.perf_counter()
+
+    def write(self, message: str) -> None:
+        if self.main:
+            bar = getattr(self, "bar", None)
+            (bar.write if bar is not None else print)(message)
+
+    # --- each step ---------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.max_steps or self.stopped is not None
+
+    @property
+    def at_end(self) -> bool:
+        return self.step == self.cfg.max_steps or self.out_of_time
+
+    @property
+    def eval_due(self) -> bool:
+        return bool(self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0) or self.at_end
+
+    @property
+    def checkpoint_due(self) -> bool:
+        return self.at_end or self.stopping or bool(self.cfg.ckpt_interval and self.step % self.cfg.ckpt_interval == 0)
+
+    def end_step(self, result: StepResult, lr: float, tokens: int, **extra) -> None:
+        """Count the step (`tokens` trained on, all processes), log it, and decide whether the
+        run stops here (schedule done, out of time, or a signal)."""
+        self.step += 1
+        self.tokens += tokens
+        dt = time.perf_counter() - self._t0
+        self.elapsed += dt
+        tps = tokens / dt
+        mfu = self.flops * tps / (self.peak * self.d.world) if self.peak and self.flops else None
+        self.last = {"step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                     "tokens_per_s": tps, "mfu": mfu, "skipped": not result.finite, **extra}
+        self.log.log(self.last)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
+        self.val_loss = None
+        if self.budget:
+            self.budget.record(time.perf_counter() - self._t0)  # the step with its logging, without validation
+            if self.step == calibration_steps(self.cfg.warmup_steps) and self.step < self.cfg.max_steps:
+                self._plan()
+            # the budget's hard stop, for steps slower than the plan assumed
+            self.out_of_time = self.step < self.cfg.max_steps and distributed.any_(self.budget.out_of_time(), self.d)
+        self.stopping = distributed.any_(self._signals.stop, self.d)
+        if self.stopping or self.out_of_time:
+            self.stopped = "signal" if self.stopping else "time"
+        self._t0 = time.perf_counter()
+
+    def log_eval(self, record: dict) -> None:
+        """Log a validation record (its `val_loss`, if any, picks the best checkpoint)."""
+        self.val_loss = record.get("val_loss")
+        if self.val_loss is not None:
+            self.best = self.val_loss if self.best is None else min(self.best, self.val_loss)
+        self.log.log({"step": self.step, "tokens": self.tokens, **record})
+        self.last.update(record)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+        self.write(f"step {self.step}: train loss {self.last['loss']:.4f}, {shown}")
+        self._t0 = time.perf_counter()  # validation time is not step time
+
+    def save(self, tokenizer, **extra_state) -> Path:
+        """Checkpoint the step (every rank must call this: FSDP gathers shards collectively)."""
+        s = self.stepper
+        state = {"tokens": self.tokens, "val_loss": self.val_loss, "best_val_loss": self.best, "elapsed_s": self.elapsed,
+                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, **extra_state}
+        path = checkpoint.save(self.dir, self.step, s.wrapped, s.objective, s.optimizer, state, tokenizer, self.d,
+                               self.device, self.cfg.keep_last)
+        if self.stopping:
+            self.write(f"stopped by signal at step {self.step}; checkpoint {path}; "
+                       f"continue with `{self.command} --resume {self.dir}`")
+        elif self.out_of_time:
+            self.write(f"out of time ({self.cfg.max_minutes:g} min) at step {self.step} of {self.cfg.max_steps}; checkpoint "
+                       f"{path}; finish the schedule with `{self.command} --resume {self.dir}`")
+        self._t0 = time.perf_counter()
+        return path
+
+    def finish(self) -> dict:
+        """The last metrics, with `stopped`: None, "signal" or "time"."""
+        if self.last:
+            self.last["stopped"] = self.stopped
+        return self.last
+
+    def _plan(self) -> None:
+        """Lower max_steps to the steps that fit the budget and save it in the run directory. Every
+        rank plans from the same numbers (averaged over ranks) so all agree."""
+        cfg, budget = self.cfg, self.budget
+        agreed = distributed.mean(torch.tensor([budget.elapsed(), budget.step_seconds()], device=self.device), self.d).tolist()
+        steps = budget.plan(self.step, cfg.max_steps, cfg.eval_interval, *agreed)
+        note = " (all of --max-steps fit)" if steps == cfg.max_steps else ""
+        if steps <= cfg.warmup_steps:
+            note += (f"; the warm-up ({cfg.warmup_steps} steps) does not end in time, so the learning rate never decays: "
+                     "lower --warmup-steps")
+        self.write(f"budget {cfg.max_minutes:g} min: {steps} steps of ~{agreed[1]:.3g} s{note}")
+        if steps == cfg.max_steps:
+            return
+        self.cfg = dataclasses.replace(cfg, max_steps=steps)
+        self.stepper.cfg = self.cfg
+        if self.main:
+            config_mod.save(self.cfg, self.dir)
+        self.bar.total = steps
+        self.bar.refresh()
