@@ -90,6 +90,7 @@ def test_text_files_are_chunks_with_loss_on_every_token(tmp_path, tok):
     (['{"messages": []}'], r"e\.jsonl:1: a conversation must be a non-empty list"),
     (['{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "aaaa"}]}'], "raise max_length"),
     ([''], "file is empty"),
+    (['', '  ', ''], "only blank lines"),
 ])
 def test_bad_rows_name_the_file_and_line(tmp_path, tok, lines, message):
     p = tmp_path / "e.jsonl"

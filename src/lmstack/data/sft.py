@@ -88,6 +88,8 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length: int
         examples = _read_text(p, tokenizer, report)
     else:
         raise InputError(f"{p}: unknown data format {p.suffix!r}; pass a .jsonl file of conversations or a .txt file")
+    if not report.rows:
+        raise InputError(f"{p}: holds no examples (only blank lines); pass a file with one conversation per line")
     if not examples:
         raise InputError(f"{p}: no usable example (every row lost its reply to the {max_length}-token cut); "
                          "raise max_length")
