@@ -29,14 +29,16 @@ Where one side fuses what the other splits, the adapter is converted exactly:
 - GPT-2 fuses q, k, v into one Conv1D `c_attn`. lmstack's three adapters are written as one
   rank-(r_q + r_k + r_v) adapter on `c_attn`: A stacked, B block-diagonal, its scale kept by a
   `rank_pattern` / `alpha_pattern` entry; lmstack reads such a file back into its three adapters
-  (the blocks are listed under the config's "lmstack" key). A PEFT adapter on `c_attn` (shared A,
+  (the blocks are listed in the lmstack metadata, below). A PEFT adapter on `c_attn` (shared A,
   dense B) becomes three rank-r adapters sharing that A: the same function.
 - BERT's `qkv` adapter is written as three adapters on query / key / value sharing A; PEFT's
   three independent ones load as one adapter of their summed rank with block-diagonal B.
 
-The config's "lmstack" key also holds a fingerprint of the base (sha256 of its config: family and
-sizes, which fix every shape), so an adapter is refused on another base. Weights are not hashed:
-two checkpoints of the same architecture share a fingerprint.
+lmstack's own facts ride in the safetensors header's metadata under "lmstack" (an extra key in
+adapter_config.json would make PEFT warn that the file needs a newer PEFT): the fused blocks and a
+fingerprint of the base (sha256 of its config: family and sizes, which fix every shape), so an
+adapter is refused on another base. Weights are not hashed: two checkpoints of the same
+architecture share a fingerprint.
 """
 
 from __future__ import annotations
@@ -433,11 +435,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_path: str | 
         "rank_pattern": ranks, "alpha_pattern": alphas,
         "fan_in_fan_out": any(k.endswith(".c_attn") for k in by_theirs), "init_lora_weights": True,
         "base_model_name_or_path": stored_base, "inference_mode": True,
-        "lmstack": {"base_fingerprint": fingerprint(base_cfg), "family": model.family, "fused_blocks": blocks},
     }
+    meta = {"base_fingerprint": fingerprint(base_cfg), "family": model.family, "fused_blocks": blocks}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
-        save_file({k: v.float().contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        save_file({k: v.float().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", "lmstack": json.dumps(meta)})
     write_json(out / ADAPTER_CONFIG, adapter_cfg)
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
@@ -455,7 +458,8 @@ def _check_base(model: nn.Module, base_cfg: dict, base: Path, cfg: LoraConfig) -
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
+    """(adapter_config.json with the weights' lmstack metadata as its "lmstack" key, the tensors)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
@@ -473,7 +477,9 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not f.is_file():
         raise CheckpointError(f"{adapter_dir}: missing {ADAPTER_WEIGHTS}")
     try:
-        return acfg, load_file(str(f))
+        with safe_open(str(f), "pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("lmstack", "{}"))
+        return {**acfg, "lmstack": meta}, load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{f}: corrupt adapter weights ({e}); save the adapter again") from None
 
