@@ -43,7 +43,9 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def base(shared) -> BPETokenizer:
-    text = (shared / "data" / "chatterbot_en.jsonl").read_text()[:30000] + (shared / "data" / "chatterbot_zh.jsonl").read_text()[:8000]
+    data = shared / "data"
+    text = (data / "chatterbot_en.jsonl").read_text(encoding="utf-8")[:30000]
+    text += (data / "chatterbot_zh.jsonl").read_text(encoding="utf-8")[:8000]
     return BPETokenizer.train(text, vocab_size=500, special_tokens=(EOT, *QWEN_SPECIALS, *LLAMA3_SPECIALS), pattern="gpt4")
 
 
@@ -97,6 +99,7 @@ def test_builtin_format_ids_and_mask_in_closed_form(base):
     text = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in CONVERSATION)
     assert chat.render_text(tok, CONVERSATION) == text
     assert chat.prompt_ids(tok, CONVERSATION[:2]) == chat.render(tok, CONVERSATION[:2])[0] + [role["assistant"]]
+    assert chat.turn_end_id(tok) == end
 
 
 def test_builtin_format_needs_its_role_tokens(base):
@@ -116,6 +119,7 @@ def test_qwen_template_matches_transformers(base, hf_file, template):
     prompt = CONVERSATION[:4]
     assert chat.render_text(tok, prompt, True) == hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert chat.prompt_ids(tok, prompt) == hf_render(hf, prompt, add_generation_prompt=True)[0]
+    assert chat.turn_end_id(tok) == tok.special_tokens["<|im_end|>"]
 
 
 def test_llama3_template_matches_transformers_with_the_tokenizers_bos(base, hf_file):
@@ -134,6 +138,7 @@ def test_llama3_template_matches_transformers_with_the_tokenizers_bos(base, hf_f
     replies = [m["content"].strip() + "<|eot_id|>" for m in CONVERSATION if m["role"] == "assistant"]
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "".join(replies)
     assert chat.prompt_ids(tok, CONVERSATION[:2]) == hf_render(hf, CONVERSATION[:2], add_generation_prompt=True)[0]
+    assert chat.turn_end_id(tok) == tok.special_tokens["<|eot_id|>"]
 
 
 def test_special_strings_in_content_stay_text(base, hf_file):

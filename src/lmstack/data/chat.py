@@ -93,6 +93,14 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     return render(tokenizer, messages, add_generation_prompt=True)[0]
 
 
+def turn_end_id(tokenizer: Tokenizer) -> int | None:
+    """The special id that ends an assistant turn in the tokenizer's chat format (`<|end|>`, `<|im_end|>`,
+    `<|eot_id|>`), where generation of a reply stops; None when the format ends turns with plain text."""
+    ids, mask = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hi"}])
+    last = [i for i, m in zip(ids, mask) if m][-1:]
+    return last[0] if last and last[0] in tokenizer.special_tokens.values() else None
+
+
 def render_text(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The conversation as text in the tokenizer's chat format (what `render` tokenizes), for display."""
     text, _ = _text_and_spans(tokenizer, check_messages(messages), add_generation_prompt)
