@@ -206,11 +206,3 @@ def test_chat_template_is_saved_with_the_tokenizer_and_absent_ones_change_nothin
     assert loaded.fingerprint() == with_template.fingerprint() != plain.fingerprint()
     with pytest.raises(FormatError, match="chat_template"):
         from_dict(plain.to_dict() | {"chat_template": 3})
-
-
-def test_read_hf_chat_template(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": [{"name": "default", "template": "A"}, {"name": "x"}]}')
-    assert chat.read_hf_chat_template(tmp_path) == "A"
-    (tmp_path / "chat_template.jinja").write_text("B")
-    assert chat.read_hf_chat_template(tmp_path) == "B"
-    assert chat.read_hf_chat_template(tmp_path / "nothing") is None

@@ -35,7 +35,6 @@ import functools
 import itertools
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import ClassVar
 
 import jinja2
@@ -44,7 +43,6 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmstack.errors import FormatError, InputError
-from lmstack.io import read_json, read_text
 from lmstack.tokenizers.base import BOS, CHAT_ROLES, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -119,19 +117,6 @@ def check_messages(messages) -> list[dict]:
             raise InputError(f"message {n} has unknown role {m['role']!r}; allowed roles: {', '.join(ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})
     return out
-
-
-def read_hf_chat_template(hf_dir) -> str | None:
-    """The chat template of a Hugging Face model directory (chat_template.jinja, or the
-    tokenizer_config.json entry; of named templates, "default"), None when it has none."""
-    d = Path(hf_dir)
-    if (d / "chat_template.jinja").is_file():
-        return read_text(d / "chat_template.jinja")
-    config = read_json(d / "tokenizer_config.json", "tokenizer config") if (d / "tokenizer_config.json").is_file() else {}
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
-    return template if isinstance(template, str) else None
 
 
 # --- rendering ------------------------------------------------------------------------------------
