@@ -671,3 +671,18 @@ def load_adapter_dir(adapter_dir: str | os.PathLike):
 
         tokenizer = load_tokenizer(p / TOKENIZER_FILE)
     return model.eval(), tokenizer
+
+
+def describe(adapter_dir: str | os.PathLike) -> dict:
+    """What `lmstack lora show` prints: rank, alpha, targets, trainable parameters, base."""
+    p = Path(adapter_dir)
+    acfg, tensors = _read_adapter(p)
+    name = acfg.get("base_model_name_or_path")
+    base = None if not name else str(Path(name) if Path(name).is_absolute() else p / name)
+    return {
+        "r": acfg.get("r"), "alpha": acfg.get("lora_alpha"), "rslora": bool(acfg.get("use_rslora")),
+        "dropout": acfg.get("lora_dropout", 0.0), "targets": acfg.get("target_modules"),
+        "modules_to_save": acfg.get("modules_to_save") or [], "rank_pattern": acfg.get("rank_pattern") or {},
+        "parameters": sum(t.numel() for t in tensors.values()), "base": base,
+        "family": acfg["lmstack"].get("family"),
+    }
