@@ -16,6 +16,9 @@ VARIANTS = {
     "llama-gqa": GPTConfig.preset("tiny-llama", vocab_size=V),
     "postnorm-sinusoidal": GPTConfig.preset("tiny", vocab_size=V, prenorm=False, pos="sinusoidal", bias=False),
     "rmsnorm-learned-swiglu-mqa": GPTConfig.preset("tiny", vocab_size=V, norm="rmsnorm", mlp="swiglu", n_kv_head=1),
+    # Qwen's and Mistral's switches at once: heads of 24 (q is 96 wide in a 64-wide model), a window of 8.
+    "qwen-mistral-switches": GPTConfig.preset("tiny-llama", vocab_size=V, qkv_bias=True, qk_norm=True, head_dim=24,
+                                              sliding_window=8),
 }
 
 
@@ -109,7 +112,7 @@ def test_save_load_round_trip(tmp_path, name):
 
 
 def test_gpt_load_names_a_wrong_family(tmp_path):
-    from lmstack.models.rnn import RNNConfig, RNNLM
+    from lmstack.models.rnn import RNNLM, RNNConfig
 
     RNNLM(RNNConfig.preset("tiny")).save(tmp_path)
     with pytest.raises(CheckpointError, match="family is 'rnn', not 'gpt'"):
@@ -219,7 +222,7 @@ def _decode_trace(model, prompt, lengths, steps):
     return torch.cat(out), state
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "qwen-mistral-switches"])
 def test_static_cache_decodes_as_the_growing_one(name):
     """The static cache (what a compiled step reads) attends over every slot through a mask; its
     log-probs must equal the growing cache's, padding and beam reordering included."""
@@ -249,3 +252,105 @@ def test_compiled_decoding_generates_what_eager_decoding_does():
     got = generate_tokens(model, prompts, config)
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], abs=1e-4)
+
+
+def test_sliding_window_sees_only_the_last_w_tokens():
+    """With one layer and RoPE (attention scores depend only on relative positions), the logits
+    after token t with a window of W are those of running the W tokens ending at t alone."""
+    W = 6
+    model = _model(GPTConfig.preset("tiny-llama", vocab_size=V, n_layer=1, sliding_window=W))
+    x = torch.randint(0, V, (2, 30))
+    with torch.no_grad():
+        full = model(x)
+        for t in range(W - 1, 30):
+            torch.testing.assert_close(full[:, t], model(x[:, t - W + 1 : t + 1])[:, -1], atol=1e-5, rtol=0)
+        assert not torch.allclose(full[:, W:], _model(GPTConfig.preset("tiny-llama", vocab_size=V, n_layer=1))(x)[:, W:])
+
+
+PACKABLE = ["gpt2", "llama-gqa", "postnorm-sinusoidal", "qwen-mistral-switches"]  # learned, RoPE, sinusoidal, windowed
+
+
+def _packed(lengths_per_row, pad):
+    """Rows of documents of the given lengths followed by `pad` padding tokens: (ids, segments, docs)."""
+    ids, segments, docs = [], [], []
+    for lengths in lengths_per_row:
+        row_docs = [torch.randint(1, V, (n,)) for n in lengths]
+        docs.append(row_docs)
+        ids.append(torch.cat([*row_docs, torch.zeros(pad, dtype=torch.long)]))
+        ids_of_docs = [torch.full((n,), d + 1) for d, n in enumerate(lengths)]
+        segments.append(torch.cat([*ids_of_docs, torch.zeros(pad, dtype=torch.long)]))
+    return torch.stack(ids), torch.stack(segments), docs
+
+
+@pytest.mark.parametrize("name", PACKABLE)
+def test_packed_documents_equal_each_document_run_alone(name):
+    model = _model(VARIANTS[name])
+    ids, segments, docs = _packed([[5, 12, 3], [12, 3, 5]], pad=4)  # 12 > the window of 8
+    with torch.no_grad():
+        packed = model(ids, segments=segments)
+        assert torch.isfinite(packed).all()  # padding included
+        for row, row_docs in enumerate(docs):
+            start = 0
+            for doc in row_docs:
+                alone = model(doc[None])[0]
+                torch.testing.assert_close(packed[row, start : start + len(doc)], alone, atol=1e-5, rtol=0)
+                start += len(doc)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "qwen-mistral-switches"])
+def test_one_segment_is_the_plain_forward(name):
+    model = _model(VARIANTS[name])
+    x = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, segments=torch.ones_like(x)), model(x), atol=1e-6, rtol=0)
+
+
+def test_packed_loss_ignores_padding_and_trains():
+    model = _model(VARIANTS["llama-gqa"]).train()
+    ids, segments, _ = _packed([[5, 12, 3], [12, 3, 5]], pad=4)
+    targets = torch.randint(0, V, ids.shape)  # padding's targets are real ids: forward must drop them
+    logits, loss = model(ids, targets, segments)
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert math.isclose(loss.item(), -lp[segments > 0].mean().item(), rel_tol=1e-5)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(InputError, match="segments must have the shape of the ids"):
+        model(ids, segments=segments[:, :-1])
+
+
+def test_checkpoints_saved_before_the_new_switches_load_unchanged(tmp_path):
+    """A config.json without head_dim, qkv_bias, qk_norm, sliding_window (older lmstack) gives
+    the same model."""
+    import json
+
+    model = _model(VARIANTS["llama-gqa"])
+    model.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    old = {k: v for k, v in cfg.items() if k not in ("head_dim", "qkv_bias", "qk_norm", "sliding_window")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = GPT.load(tmp_path)
+    assert loaded.config == model.config
+    x = torch.randint(0, V, (2, 20))
+    torch.testing.assert_close(loaded.next_token_logprobs(x), model.next_token_logprobs(x), atol=0, rtol=0)
+
+
+def test_head_dim_and_window_are_checked():
+    assert GPTConfig(n_embd=30, n_head=4, head_dim=8).head_dim == 8  # heads need not tile the width
+    with pytest.raises(ValueError, match="or set head_dim"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="sliding_window must be positive"):
+        GPTConfig(sliding_window=0)
+
+
+def test_qwen3_param_count_matches_transformers():
+    """Qwen3-0.6B's shape (heads of 128 in a 1024-wide model, q/k norms, tied): transformers' count."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    shape = dict(vocab_size=151936, n_embd=1024, n_layer=28, n_head=16, n_kv_head=8, head_dim=128, block_size=40960,
+                 mlp_hidden=3072, qk_norm=True, tie_embeddings=True)
+    with torch.device("meta"):
+        ours = GPT(GPTConfig.preset("tiny-llama", **shape))
+        ref = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                                           num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                                           head_dim=128, tie_word_embeddings=True))
+        assert ours.num_params() == ref.num_parameters()

@@ -305,3 +305,36 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, hf_tokenizer):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=f"tokenizer has {V} ids but the model only {V - 1}"):
         from_hf(path)
+
+
+CHAT = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+def test_chat_template_comes_along_and_exports_back(tmp_path, hf_tokenizer):
+    """transformers now saves the template as chat_template.jinja; import keeps it through an
+    lmstack checkpoint, and export hands it back to AutoTokenizer."""
+    import lmstack
+
+    _, path = _hf_model("qwen2", tmp_path)
+    hf_tokenizer.chat_template = CHAT
+    hf_tokenizer.save_pretrained(path)
+    model, tok = from_hf(path)
+    assert tok.chat_template == CHAT
+    model.save(tmp_path / "ours", tok)
+    model, tok = lmstack.load(tmp_path / "ours")
+    assert tok.chat_template == CHAT
+    to_hf(model, tmp_path / "out", tok)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == CHAT
+
+
+@pytest.mark.parametrize("stored", [CHAT, [{"name": "tool_use", "template": "{{ tools }}"},
+                                            {"name": "default", "template": CHAT}]])
+def test_chat_template_in_tokenizer_config(tmp_path, hf_tokenizer, stored):
+    """Older directories keep it in tokenizer_config.json: one string, or named templates of which
+    apply_chat_template uses "default"."""
+    _, path = _hf_model("qwen2", tmp_path)
+    hf_tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": stored}))
+    assert from_hf(path)[1].chat_template == CHAT

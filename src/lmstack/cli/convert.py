@@ -10,12 +10,14 @@ from lmstack.errors import InputError
 def register(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert checkpoints between Hugging Face and lmstack formats",
-        description="Import a local Hugging Face checkpoint (GPT-2, Llama, BERT, T5) as an lmstack checkpoint, "
-        "or export an lmstack GPT (GPT-2 or Llama style) as a directory `transformers` loads. "
+        description="Import a local Hugging Face checkpoint (GPT-2, Llama and SmolLM2, Mistral, Qwen2/2.5, Qwen3, "
+        "BERT, T5) as an lmstack checkpoint, or export an lmstack GPT as a directory `transformers` loads "
+        "(GPT-2, Llama, Mistral, Qwen2 or Qwen3, whichever computes the same function). "
         "Nothing is downloaded: SRC_DIR is a directory such as `save_pretrained` writes. The tokenizer "
-        "comes along with the same ids: a byte-level BPE (GPT-2's) as lmstack's own BPE, any other "
-        "tokenizer.json (T5's and Llama 2's SentencePiece, BERT's WordPiece) run by Hugging Face's tokenizers "
-        "library (pip install 'lmstack[hf]'; without it the import is weights only).",
+        "comes along with the same ids and its chat template: a byte-level BPE that lmstack's own BPE represents "
+        "exactly (GPT-2's) as that, any other tokenizer.json (Qwen's, Mistral's and Llama 2's BPE, T5's Unigram, "
+        "BERT's WordPiece) run by Hugging Face's tokenizers library (pip install 'lmstack[hf]'; without it the "
+        "import is weights only).",
     )
     p.add_argument("src", metavar="SRC_DIR", help="checkpoint directory to read")
     p.add_argument("dst", metavar="DST_DIR", help="directory to write (created if missing)")
@@ -58,7 +60,7 @@ def cmd_convert(args) -> int:
 
 def _drop_stale_tokenizer(dst: Path) -> None:
     """A --force overwrite must not leave an older tokenizer beside the new weights."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (dst / name).unlink(missing_ok=True)
 
 
@@ -66,5 +68,6 @@ def _weights_only_note(src: Path, to: str) -> str:
     from lmstack.tokenizers.hf_wrapped import installed
 
     if to == "lmstack" and (src / "tokenizer.json").exists() and not installed():
-        return " (weights only: its tokenizer.json needs Hugging Face's tokenizers library; pip install 'lmstack[hf]' and convert again)"
+        return (" (weights only: its tokenizer.json needs Hugging Face's tokenizers library; "
+                "pip install 'lmstack[hf]' and convert again)")
     return " (weights only: no tokenizer in a form both sides read; keep using the source's tokenizer)"

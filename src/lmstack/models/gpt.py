@@ -16,11 +16,14 @@ Attention always goes through `F.scaled_dot_product_attention` (fused kernels wh
 has them) with one rule for what a query sees (`attention_mask`): keys of its own document, at
 its position or before, within the sliding window. A plain causal prompt passes SDPA's causal
 flag instead of a mask. `forward(..., segments=)` packs several documents in one row: each
-attends only to itself and counts its positions from 0, as if it ran alone. Incremental decoding keeps a `KVCache`: per-layer key/value tensors preallocated for
-the whole context plus a position counter, so each new token attends to the cached prefix and
-RoPE / learned positions use the token's absolute position. Prompts of different lengths share a
-batch left-padded: the cache remembers each row's padding, which no query attends to and which
-does not count in the row's positions.
+attends only to itself and counts its positions from 0, as if it ran alone.
+
+Incremental decoding keeps a `KVCache`: per-layer key/value tensors preallocated for the whole
+context plus a position counter, so each new token attends to the cached prefix and RoPE /
+learned positions use the token's absolute position. Prompts of different lengths share a batch
+left-padded: the cache remembers each row's padding, which no real token attends to and which
+does not count in the row's positions. The sliding window is a mask over the cache, which keeps
+every token (it is not a ring buffer).
 """
 
 from __future__ import annotations

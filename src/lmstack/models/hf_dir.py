@@ -31,7 +31,9 @@ def read_hf_dir(hf_dir: str | os.PathLike, model_type: str) -> tuple[dict, dict[
             "pick the importer for that architecture"
         )
     index = p / "model.safetensors.index.json"
-    files = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        files = sorted(set(read_json(index, "safetensors index").get("weight_map", {}).values()))
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         f = p / name
