@@ -279,3 +279,31 @@ def test_errors(tmp_path):
     (tmp_path / "adapter" / lora.ADAPTER_CONFIG).write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt adapter config"):
         checkpoint.load(tmp_path / "adapter")
+
+
+def test_grown_vocabulary_round_trip_and_resume(tmp_path):
+    from lmstack.models.base import grow_vocab
+
+    base, base_dir, _ = _gpt(tmp_path, "llama-gqa")
+    cfg = lora.LoraConfig(r=2, targets=("attn",), modules_to_save=("embeddings",))
+    model = grow_vocab(base, V + 3)  # three new special tokens
+    lora.attach(model, cfg)
+    _randomise(model)
+    with torch.no_grad():
+        model.wte.weight[V:] += torch.randn(3, 32)
+    lora.save_adapter(model, tmp_path / "adapter", base_dir)
+    ids = torch.tensor([[1, V, V + 2, 5]])
+    loaded, _ = checkpoint.load(tmp_path / "adapter")  # the base has V ids; the adapter grows it
+    assert loaded.vocab_size == loaded.config.vocab_size == V + 3
+    with torch.no_grad():
+        assert (loaded(ids) - model(ids)).abs().max() <= TOL
+    # Resuming: a freshly grown, freshly attached model takes the saved adapter weights.
+    resumed = grow_vocab(GPT.load(base_dir), V + 3)
+    lora.attach(resumed, cfg)
+    lora.load_adapter_weights(resumed, tmp_path / "adapter")
+    with torch.no_grad():
+        assert (resumed(ids) - model(ids)).abs().max() <= TOL
+    other = grow_vocab(GPT.load(base_dir), V + 3)
+    lora.attach(other, lora.LoraConfig(r=4, targets=("attn",), modules_to_save=("embeddings",)))
+    with pytest.raises(CheckpointError, match="not the ones attached"):
+        lora.load_adapter_weights(other, tmp_path / "adapter")

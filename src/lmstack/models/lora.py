@@ -375,7 +375,9 @@ def _config_dict(model: nn.Module) -> dict:
 
 
 def fingerprint(config: dict) -> str:
-    """sha256 of a checkpoint config (family and sizes: every tensor shape follows from it)."""
+    """sha256 of a checkpoint config (family and sizes: every tensor shape follows from it). The
+    adapter stores the base's without vocab_size, which it keeps apart: a saved embedding may
+    grow the vocabulary."""
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
@@ -436,7 +438,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_path: str | 
         "fan_in_fan_out": any(k.endswith(".c_attn") for k in by_theirs), "init_lora_weights": True,
         "base_model_name_or_path": stored_base, "inference_mode": True,
     }
-    meta = {"base_fingerprint": fingerprint(base_cfg), "family": model.family, "fused_blocks": blocks}
+    sizes = {k: v for k, v in base_cfg.items() if k != "vocab_size"}
+    meta = {"base_fingerprint": fingerprint(sizes), "base_vocab_size": base_cfg.get("vocab_size"),
+            "family": model.family, "fused_blocks": blocks}
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
         save_file({k: v.float().contiguous().clone() for k, v in tensors.items()}, str(tmp),
@@ -496,13 +500,38 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraConfig
     """Attach the adapter in `adapter_dir` (lmstack's or one PEFT wrote for the `transformers`
     twin of this base) to `model` and load its weights; returns its LoraConfig."""
     p = Path(adapter_dir)
+    acfg, parts, whole = _adapter_for(model, p)
+    linears = _linears(model)
+    ranks = {}
+    for ours, ps in parts.items():
+        if ours not in linears:
+            raise CheckpointError(f"{p}: the adapter targets {ours!r}, which is not a linear layer of this model")
+        ranks[ours] = (sum(a.shape[0] for a, *_ in ps), ps[0][2])
+    saved = tuple(sorted({name.rpartition(".")[0] for name in whole}))
+    _attach(model, _lora_config(acfg, tuple(parts), saved, p / ADAPTER_CONFIG), ranks)
+    _copy_in(model, parts, whole, p)
+    return model.lora_config
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> None:
+    """Load an adapter's weights into the adapters already attached to `model` (resuming a run):
+    the same modules with the same ranks, else CheckpointError."""
+    p = Path(adapter_dir)
+    mods = _require_adapters(model)
+    _, parts, whole = _adapter_for(model, p)
+    ranks = {ours: sum(a.shape[0] for a, *_ in ps) for ours, ps in parts.items()}
+    if ranks != {name: m.lora_A.shape[0] for name, m in mods.items()}:
+        raise CheckpointError(f"{p}: its adapters ({sorted(ranks.items())[:4]} ...) are not the ones attached to this "
+                              "model; attach with the same LoRA settings, or use load_adapter on a fresh base")
+    _copy_in(model, parts, whole, p)
+
+
+def _adapter_for(model: nn.Module, p: Path):
+    """(adapter config, {lmstack module: adapter parts}, {lmstack tensor: whole matrix}) of the
+    adapter at `p`, checked against `model`: its base, its module names, its shapes."""
     acfg, tensors = _read_adapter(p)
-    meta = acfg.get("lmstack") or {}
-    if meta.get("base_fingerprint") and meta["base_fingerprint"] != fingerprint(_config_dict(model)):
-        raise CheckpointError(f"{p}: this adapter was made for {acfg.get('base_model_name_or_path')} "
-                              f"({meta.get('family')}), not for this {model.family} model (config {_brief(model)}); "
-                              "load it on its own base")
     lora, full = _split_keys(tensors, p)
+    _check_fingerprint(model, acfg, full, p)
     links = _links(model)
     by_theirs: dict[str, list[_Link]] = {}
     for lk in links:
@@ -511,29 +540,37 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> LoraConfig
     if unexpected:
         raise CheckpointError(f"{p}: adapter modules {unexpected[:5]} do not exist in this {model.family} model; "
                               "the adapter belongs to another architecture")
-    parts = _parts_by_ours(acfg, lora, by_theirs, p)
-    linears = _linears(model)
-    ranks = {}
-    for ours, ps in parts.items():
-        if ours not in linears:
-            raise CheckpointError(f"{p}: the adapter targets {ours!r}, which is not a linear layer of this model")
-        ranks[ours] = (sum(a.shape[0] for a, *_ in ps), ps[0][2])
     hf_to_ours = {lk.theirs: lk.ours for lk in links}
-    saved = tuple(sorted({hf_to_ours[t.rpartition(".")[0]] for t in full}))
-    cfg = _lora_config(acfg, tuple(parts), saved, p / ADAPTER_CONFIG)
-    _attach(model, cfg, ranks)
-    mods = lora_modules(model)
-    with torch.no_grad():
-        for ours, ps in parts.items():
-            A, B, _ = _fuse(ps, mods[ours].out_features)
-            mods[ours].lora_A.copy_(A)
-            mods[ours].lora_B.copy_(B)
     whole = {}
     for t, v in full.items():
         module, _, kind = t.rpartition(".")
         whole[f"{hf_to_ours[module]}.{kind}"] = v
+    return acfg, _parts_by_ours(acfg, lora, by_theirs, p), whole
+
+
+def _check_fingerprint(model: nn.Module, acfg: dict, full: dict[str, torch.Tensor], p: Path) -> None:
+    """lmstack adapters name their base by fingerprint; the vocabulary may be the base's or the
+    one the adapter's saved embedding grew it to."""
+    meta = acfg.get("lmstack") or {}
+    if not meta.get("base_fingerprint"):
+        return  # written by PEFT: only the shapes can be checked
+    ours = _config_dict(model)
+    vocab = ours.pop("vocab_size", None)
+    vocabs = {meta.get("base_vocab_size"), *(t.shape[0] for t in full.values())}
+    if meta["base_fingerprint"] != fingerprint(ours) or vocab not in vocabs:
+        raise CheckpointError(f"{p}: this adapter was made for {acfg.get('base_model_name_or_path')} "
+                              f"({meta.get('family')}), not for this {model.family} model (config {_brief(model)}); "
+                              "load it on its own base")
+
+
+@torch.no_grad()
+def _copy_in(model: nn.Module, parts: dict, whole: dict[str, torch.Tensor], p: Path) -> None:
+    mods = lora_modules(model)
+    for ours, ps in parts.items():
+        A, B, scale = _fuse(ps, mods[ours].out_features)
+        mods[ours].lora_A.copy_(A)
+        mods[ours].lora_B.copy_(B * (scale / mods[ours].scaling))
     _load_saved(model, whole, p)
-    return model.lora_config
 
 
 def _brief(model: nn.Module) -> str:
