@@ -12,7 +12,7 @@ import lmstack
 from lmstack.errors import LmstackError
 
 # Command modules, in the order `lmstack --help` lists them.
-COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "lora", "scaling")
+COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "lora", "scaling")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,16 +15,17 @@ from pathlib import Path
 from lmstack.errors import InputError
 
 
-def shipped_configs() -> dict[str, Path]:
-    """Config name (file stem) -> path, for the training configs shipped in lmstack/configs
-    (the folder also holds other commands' configs, e.g. scaling sweeps)."""
-    from lmstack.training.config import read_file
+def shipped_configs(cls=None) -> dict[str, Path]:
+    """Config name (file stem) -> path, for the shipped configs in lmstack/configs that are of
+    config class `cls` (default: pretraining's; the folder also holds fine-tuning configs and
+    scaling sweeps)."""
+    from lmstack.training.config import TrainConfig, read_file
 
     found = {}
     for entry in (resources.files("lmstack") / "configs").iterdir():
         if entry.name.endswith(".toml"):
             try:
-                read_file(Path(str(entry)))
+                read_file(Path(str(entry)), cls or TrainConfig)
             except InputError:
                 continue
             found[Path(entry.name).stem] = Path(str(entry))
@@ -50,30 +51,36 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _config_path(name: str) -> Path:
+def config_path(name: str, cls=None) -> Path:
     p = Path(name)
     if p.exists():
         return p
-    shipped = shipped_configs()
+    shipped = shipped_configs(cls)
     if name in shipped:
         return shipped[name]
     raise InputError(f"--config {name}: no such file, and not a shipped config ({', '.join(sorted(shipped))})")
 
 
-def cmd_train(args) -> int:
+def resolve_config(args, cls=None):
+    """The run's config: defaults, then --config (or the saved config of --resume RUN_DIR), then flags."""
     from lmstack.training import config as config_mod
 
+    cls = cls or config_mod.TrainConfig
     if args.resume and args.config:
         raise InputError("give --config or --resume, not both (a resumed run keeps its saved config)")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / config_mod.CONFIG_FILE).exists():
             raise InputError(f"{run_dir}: no {config_mod.CONFIG_FILE}; is it an lmstack training run directory?")
-        base = config_mod.read_file(run_dir / config_mod.CONFIG_FILE)
+        base = config_mod.read_file(run_dir / config_mod.CONFIG_FILE, cls)
         base["out_dir"] = str(run_dir)
     else:
-        base = config_mod.read_file(_config_path(args.config)) if args.config else {}
-    cfg = config_mod.resolve(base, args)
+        base = config_mod.read_file(config_path(args.config, cls), cls) if args.config else {}
+    return config_mod.resolve(base, args, cls)
+
+
+def cmd_train(args) -> int:
+    cfg = resolve_config(args)
     if args.prepare_only:
         from lmstack.training.pretrain import prepare_data
         from lmstack.training.distributed import Dist

@@ -82,3 +82,30 @@ def padding_mask(prompt: torch.Tensor, lengths: torch.Tensor | None) -> torch.Te
     if (lengths == T).all():
         return None
     return torch.arange(T, device=prompt.device)[None, :] < (T - lengths)[:, None]
+
+
+def grow_vocab(model, vocab_size: int):
+    """A copy of a neural model with `vocab_size` ids instead of fewer (new special tokens): every
+    tensor with a vocabulary dimension (embedding, output head and its bias) keeps its rows, and
+    each new row is the mean of the old ones (Hugging Face's mean resizing, without its noise),
+    so a new token starts as an average token, not a random one that would disturb the outputs."""
+    import dataclasses
+
+    old_vocab = model.config.vocab_size
+    if vocab_size < old_vocab:
+        raise InputError(f"the tokenizer has {vocab_size} ids but the model {old_vocab}; a vocabulary only grows")
+    if model.family == "ffn":  # its embedding's last row means "before the start", so rows cannot simply be added
+        raise InputError("a feed-forward model cannot grow its vocabulary; use a tokenizer that already has the "
+                         "special tokens (e.g. `lmstack tokenizer train --special`)")
+    grown = type(model)(dataclasses.replace(model.config, vocab_size=vocab_size))
+    old = model.state_dict()
+    with torch.no_grad():
+        for name, t in grown.state_dict().items():
+            src = old[name]
+            if t.shape != src.shape:
+                dim = next(d for d, (a, b) in enumerate(zip(t.shape, src.shape)) if a != b)
+                mean = src.float().mean(dim, keepdim=True).to(src.dtype)
+                src = torch.cat([src, mean.expand(*[vocab_size - old_vocab if d == dim else n
+                                                    for d, n in enumerate(src.shape)])], dim)
+            t.copy_(src)
+    return grown.to(next(model.parameters()).device).train(model.training)

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from lmstack.errors import CheckpointError
 from lmstack.io import read_json, write_json
 from lmstack.models.checkpoint import load_torch_weights, write_model_dir, write_weights
+from lmstack.models.lora import is_adapter_dir, load_adapter_weights, save_adapter
 from lmstack.training import distributed
 from lmstack.training.distributed import Dist
 
@@ -71,8 +72,10 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Module, optimizer,
-         trainer_state: dict, tokenizer, d: Dist, device: torch.device, keep_last: int) -> Path:
-    """Write checkpoint `step` (every rank must call this: FSDP gathers shards collectively)."""
+         trainer_state: dict, tokenizer, d: Dist, device: torch.device, keep_last: int,
+         adapter_base: str | None = None) -> Path:
+    """Write checkpoint `step` (every rank must call this: FSDP gathers shards collectively). A
+    model with LoRA adapters is written as a PEFT adapter directory naming `adapter_base`."""
     model_sd = get_model_state_dict(wrapped, options=_FULL)
     optim_sd = get_optimizer_state_dict(wrapped, optimizer, options=_FULL)
     final = step_dir(run_dir, step)
@@ -85,8 +88,11 @@ def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Modul
     distributed.barrier(d)
     if d.main:
         model = objective.model
-        weights = {k[6:]: v for k, v in model_sd.items() if k.startswith("model.")}
-        write_model_dir(tmp, model.family, model.config, weights, tokenizer)
+        if adapter_base is not None:
+            save_adapter(model, tmp, adapter_base, tokenizer=tokenizer)
+        else:
+            weights = {k[6:]: v for k, v in model_sd.items() if k.startswith("model.")}
+            write_model_dir(tmp, model.family, model.config, weights, tokenizer)
         extra = {k: v for k, v in model_sd.items() if not k.startswith("model.")}
         if extra:
             write_weights(extra, tmp / OBJECTIVE_FILE)
@@ -123,8 +129,12 @@ def read_state(ckpt: Path) -> dict:
 
 
 def load_weights(ckpt: Path, objective: torch.nn.Module) -> None:
-    """Before wrapping: the model (and training-only modules) from `ckpt`."""
-    load_torch_weights(objective.model, ckpt)
+    """Before wrapping: the model (and training-only modules) from `ckpt`; an adapter checkpoint
+    into the adapters already attached to the base."""
+    if is_adapter_dir(ckpt):
+        load_adapter_weights(objective.model, ckpt)
+    else:
+        load_torch_weights(objective.model, ckpt)
     if (ckpt / OBJECTIVE_FILE).exists():
         missing, unexpected = objective.load_state_dict(load_file(str(ckpt / OBJECTIVE_FILE)), strict=False)
         if unexpected or any(not k.startswith("model.") for k in missing):

@@ -192,17 +192,20 @@ class Run:
             self.best = self.val_loss if self.best is None else min(self.best, self.val_loss)
         self.log.log({"step": self.step, "tokens": self.tokens, **record})
         self.last.update(record)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
-        self.write(f"step {self.step}: train loss {self.last['loss']:.4f}, {shown}")
+        shown = [f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float)]
+        if "loss" in self.last:
+            shown.insert(0, f"train loss {self.last['loss']:.4f}")
+        self.write(f"step {self.step}: {', '.join(shown)}")
         self._t0 = time.perf_counter()  # validation time is not step time
 
-    def save(self, tokenizer, **extra_state) -> Path:
-        """Checkpoint the step (every rank must call this: FSDP gathers shards collectively)."""
+    def save(self, tokenizer, adapter_base: str | None = None, **extra_state) -> Path:
+        """Checkpoint the step (every rank must call this: FSDP gathers shards collectively); a
+        LoRA run's as an adapter directory naming its base."""
         s = self.stepper
         state = {"tokens": self.tokens, "val_loss": self.val_loss, "best_val_loss": self.best, "elapsed_s": self.elapsed,
                  "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, **extra_state}
         path = checkpoint.save(self.dir, self.step, s.wrapped, s.objective, s.optimizer, state, tokenizer, self.d,
-                               self.device, self.cfg.keep_last)
+                               self.device, self.cfg.keep_last, adapter_base)
         if self.stopping:
             self.write(f"stopped by signal at step {self.step}; checkpoint {path}; "
                        f"continue with `{self.command} --resume {self.dir}`")
