@@ -173,10 +173,11 @@ def test_mfu_is_achieved_over_peak_flops():
     assert mfu(flops_per_token=6e9, tokens_per_s=1e4, device_peak_flops=1.2e14) == pytest.approx(0.5)
 
 
-def test_extend_feeds_chunks_after_a_prefix():
-    """A chunk fed to a non-empty cache (a chat's next turn) needs the offset causal mask; the
-    log-probs must equal the full forward's."""
-    model = _model(VARIANTS["llama-gqa"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen-mistral-switches"])
+def test_extend_feeds_chunks_after_a_prefix(name):
+    """A chunk fed to a non-empty cache (a chat's next turn) needs the offset causal mask (and
+    the window); the log-probs must equal the full forward's."""
+    model = _model(VARIANTS[name])
     x = torch.randint(0, V, (2, 30))
     full = model.next_token_logprobs(x)
     state, first = model.start(x[:, :10])

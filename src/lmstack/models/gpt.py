@@ -184,7 +184,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor
     return mask if mask.dim() == 2 else mask[:, None]
 
 
-def packed_layout(T: int, device, segments: torch.Tensor | None, window: int | None):
+def forward_layout(T: int, device, segments: torch.Tensor | None, window: int | None):
     """Positions [T] or [B, T] and the mask (None: SDPA's causal flag will do) of a forward pass
     without a cache. With `segments`, a token's position is the number of earlier tokens of its
     document, so each document counts from 0 as if it ran alone; padding (0) is a document of its
@@ -394,7 +394,7 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         reads no Python state."""
         T, window = idx.shape[1], self.config.sliding_window
         if cache is None:
-            pos, mask = packed_layout(T, idx.device, segments, window)
+            pos, mask = forward_layout(T, idx.device, segments, window)
         else:
             slots = cache.positions(T)
             mask = cache.mask(slots, window)
