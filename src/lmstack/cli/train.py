@@ -82,8 +82,8 @@ def resolve_config(args, cls=None):
 def cmd_train(args) -> int:
     cfg = resolve_config(args)
     if args.prepare_only:
-        from lmstack.training.pretrain import prepare_data
         from lmstack.training.distributed import Dist
+        from lmstack.training.pretrain import prepare_data
 
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         tok, train, val = prepare_data(cfg, Path(cfg.out_dir), Dist(), resume=False)
