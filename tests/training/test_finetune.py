@@ -157,3 +157,12 @@ def test_bad_input_fails_before_the_run_directory_exists(base, tmp_path, capsys)
     assert "longer than the model's context" in capsys.readouterr().err and not out.exists()
     with pytest.raises(InputError, match=r"\[lora\].*unknown key"):
         FinetuneConfig(lora={"rank": 4})
+
+
+@pytest.mark.parametrize("name", ["instruct", "chat-zh"])
+def test_shipped_configs_run(base, tmp_path, name, capsys):
+    out = tmp_path / name
+    assert main(["finetune", "--config", name, "--init-from", str(base), "--out-dir", str(out), "--max-steps", "2",
+                 "--max-length", "64", "--batch-size", "2", "--eval-interval", "0"]) == 0
+    assert "done: step 2" in capsys.readouterr().out
+    assert (checkpoint.latest(out) / "model.safetensors").exists()
