@@ -105,7 +105,7 @@ def greedy_answers(ckpt, rows) -> list[str]:
     return answers
 
 
-def test_a_tiny_model_learns_a_held_out_answer_format(base, tmp_path):
+def test_a_tiny_model_learns_a_held_out_answer_format(base, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", format_rows(200, 2))
     cfg = FinetuneConfig(init_from=str(base), data=[str(data)], out_dir=str(tmp_path / "run"), max_length=64,
                          batch_size=8, max_steps=80, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=0,
@@ -118,6 +118,12 @@ def test_a_tiny_model_learns_a_held_out_answer_format(base, tmp_path):
     answers = greedy_answers(last["checkpoint"], format_rows(20, 99))
     follows = [a.startswith("Answer: ") and a.endswith(".<end>") for a in answers]
     assert sum(follows) >= 16, answers
+    # `lmstack generate --chat` frames the prompt the same way and ends the reply at its end of turn
+    capsys.readouterr()
+    assert main(["generate", "--model", last["checkpoint"], "--chat", "--prompt", "Say apple", "--temperature", "0",
+                 "--max-tokens", "30", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"].startswith("Answer: ") and out["finish_reason"] == "stop" and "<|end|>" not in out["text"]
 
 
 def test_lora_run_trains_adapters_only_and_resumes_exactly(base, tmp_path):

@@ -20,6 +20,10 @@ def register(sub) -> None:
                    help="prompt text (repeat for a batch; default: read one prompt from standard input)")
     p.add_argument("--prompts-file", metavar="FILE",
                    help="UTF-8 file of prompts, one per line (empty lines skipped), decoded as one batch after any --prompt")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user's message: framed by the model's chat template, the reply ends at its "
+                   "end-of-turn token (a model fine-tuned on conversations)")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
     p.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = flatter (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0 = off)")
@@ -76,6 +80,8 @@ def cmd_generate(args) -> int:
         longest = max(len(encode_prompt(tokenizer, p)) for p in prompts) + args.max_tokens
         model.compile_decoding(capacity=min(-(-longest // 256) * 256, model.max_context))
 
+    if args.chat and (args.stream or args.beams > 1):
+        raise InputError("--chat decodes by sampling or greedily; drop --stream / --beams")
     if args.stream:
         sys.stdout.write(prompts[0])
         for piece in stream(model, tokenizer, prompts[0], config):
@@ -99,10 +105,31 @@ def cmd_generate(args) -> int:
                     print(f"[score {b['score']:.4f}] {prompt}{b['text']}")
         return 0
 
-    for prompt, out in zip(prompts, generate(model, tokenizer, prompts, config, show_progress=True)):
+    outs = chat(model, tokenizer, prompts, config, args.system) if args.chat else \
+        generate(model, tokenizer, prompts, config, show_progress=True)
+    for prompt, out in zip(prompts, outs):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": out.text, "tokens": out.tokens, "num_tokens": len(out.tokens),
                               "finish_reason": out.finish_reason, "logprob": out.logprob}, ensure_ascii=False))
         else:
             print(prompt + out.text)
     return 0
+
+
+def chat(model, tokenizer, messages: list[str], config, system: str | None):
+    """Replies to user `messages` in the tokenizer's chat format, each ending at its end of turn."""
+    import dataclasses
+
+    from lmstack.data.chat import prompt_ids, turn_end_id
+    from lmstack.generation.engine import generate_tokens
+    from lmstack.tokenizers.base import CHAT_ROLES
+
+    if tokenizer.chat_template is None and not set(CHAT_ROLES) <= set(tokenizer.special_tokens):
+        raise InputError("this model's tokenizer has no chat format (no template, no role tokens); fine-tune it on "
+                         "conversations with `lmstack finetune` first, or drop --chat")
+    head = [{"role": "system", "content": system}] if system else []
+    end = turn_end_id(tokenizer)
+    if end is not None:
+        config = dataclasses.replace(config, stop=(*config.stop, tokenizer.decode([end])))
+    prompts = [prompt_ids(tokenizer, [*head, {"role": "user", "content": m}]) for m in messages]
+    return generate_tokens(model, prompts, config, tokenizer, show_progress=True)
