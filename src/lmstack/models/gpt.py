@@ -392,6 +392,15 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         """Logits after each of [B, T] ids, following the cache's prefix (or packed as `segments`).
         Tensor work only: the callers check the context and advance the cache, so a compiled step
         reads no Python state."""
+        return self.lm_head(self._hidden(idx, cache, segments))
+
+    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] ids -> [B, T, n_embd]: the last layer's states after the final norm, which the
+        output head reads; task heads (classification, sentence embeddings) read them instead."""
+        self.check_context(idx.shape[1])
+        return self._hidden(idx, segments=segments)
+
+    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         T, window = idx.shape[1], self.config.sliding_window
         if cache is None:
             pos, mask = forward_layout(T, idx.device, segments, window)
@@ -413,7 +422,7 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, mask)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def _next_logprobs(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return F.log_softmax(self._logits(idx, cache).float(), dim=-1)
