@@ -139,9 +139,13 @@ def _per_row(config: GenerationConfig | Sequence[GenerationConfig] | None, n: in
     return configs
 
 
-def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None) -> Iterator[list[_Row]]:
-    """Run the batch, yielding its rows after every step (the streaming and batch APIs share this)."""
+def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None,
+                 fork: int = 1) -> Iterator[list[_Row]]:
+    """Run the batch, yielding its rows after every step (the streaming and batch APIs share this).
+    With `fork` > 1 the rows are each prompt `fork` times in a row (`configs` has one per row): a
+    prompt is read once and its decoding state copied through the contract's `reorder`."""
     check_generative(model)
+    start_prompts, prompts = prompts, [p for p in prompts for _ in range(fork)]
     if any(not p for p in prompts):
         raise InputError("every prompt needs at least one token (e.g. <|endoftext|>)")
     if tokenizer is None and any(c.stop for c in configs):
@@ -158,14 +162,7 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         return
     device = model_device(model)
     sampler = Sampler(configs, prompts, model.vocab_size, device)
-    width = max(map(len, prompts))
-    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    # inference_mode around each model call, not the loop: a generator must not leak it into the caller.
-    with torch.inference_mode():
-        if all(len(p) == width for p in prompts):
-            state, logprobs = model.start(padded)
-        else:
-            state, logprobs = model.start(padded, torch.tensor([len(p) for p in prompts], device=device))
+    state, logprobs = _start_forked(model, start_prompts, fork, device)
     while True:
         active = [i for i, r in enumerate(rows) if not r.done]
         chosen = sampler.choose(logprobs, active)
@@ -179,6 +176,31 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         feed = torch.tensor([r.last_token() for r in rows], device=device)
         with torch.inference_mode():
             state, logprobs = model.step(state, feed)
+
+
+def _start(model, prompts: list[list[int]], device):
+    """Read every prompt in one pass (left-padded when their lengths differ): (state, [B, V] log-probs)."""
+    width = max(map(len, prompts))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    # inference_mode around each model call, not a loop: a generator must not leak it into the caller.
+    with torch.inference_mode():
+        if all(len(p) == width for p in prompts):
+            return model.start(padded)
+        return model.start(padded, torch.tensor([len(p) for p in prompts], device=device))
+
+
+def _start_forked(model, prompts: list[list[int]], fork: int, device):
+    """The state of each prompt repeated `fork` times in a row, each prompt read once; a family
+    without `reorder` reads the repeats (same result, more work)."""
+    if fork == 1:
+        return _start(model, prompts, device)
+    index = torch.arange(len(prompts), device=device).repeat_interleave(fork)
+    state, logprobs = _start(model, prompts, device)
+    try:
+        with torch.inference_mode():
+            return model.reorder(state, index), logprobs[index]
+    except NotImplementedError:
+        return _start(model, [p for p in prompts for _ in range(fork)], device)
 
 
 def _fits_context(model, prompts: list[list[int]], configs: list[GenerationConfig]) -> bool:
@@ -212,6 +234,21 @@ def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None
     if bar is not None:
         bar.close()
     return [r.result() for r in rows]
+
+
+def generate_groups(model, prompts: list[list[int]], n: int, config=None, tokenizer=None) -> list[list[Generation]]:
+    """`n` samples of each token-id prompt (an RL group): each prompt is read once and its decoding
+    state forked n ways through the contract's `reorder`, instead of being read n times. `config`:
+    one GenerationConfig for every sample, or one per sample (len(prompts) * n, grouped by prompt;
+    give each its own seed, or n sampled copies of one seeded config draw the same tokens)."""
+    if n < 1:
+        raise InputError(f"samples per prompt must be >= 1, got {n}")
+    configs = _per_row(config, len(prompts) * n)
+    if not _fits_context(model, [p for p in prompts for _ in range(n)], configs):  # each prompt alone
+        return [generate_groups(model, [p], n, configs[i * n : (i + 1) * n], tokenizer)[0] for i, p in enumerate(prompts)]
+    *_, rows = decode_steps(model, prompts, configs, tokenizer, fork=n)  # the rows after the last step
+    results = [r.result() for r in rows]
+    return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def generate(model, tokenizer, prompts: list[str], config=None, show_progress: bool = False) -> list[Generation]:
