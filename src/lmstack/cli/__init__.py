@@ -14,7 +14,8 @@ import lmstack
 from lmstack.errors import InputError, LmstackError
 
 # Command modules, in the order `lmstack --help` lists them.
-COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "lora", "scaling")
+COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "align", "lora",
+            "scaling", "verify")
 
 
 class Parser(argparse.ArgumentParser):
@@ -130,17 +131,17 @@ def check_utf8_args(argv: list[str]) -> None:
     """Bytes that are not UTF-8 on the command line arrive as lone surrogates; say which
     argument holds them, as a file that is not UTF-8 gets told, instead of failing deep inside."""
     for i, arg in enumerate(argv):
+        name, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else (
+            argv[i - 1] if i and argv[i - 1].startswith("--") else "argument", arg)
         try:
-            arg.encode("utf-8")
+            value.encode("utf-8")
         except UnicodeEncodeError as e:
-            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            if arg.startswith("-") and "=" in arg:
-                name = f"{arg.split('=', 1)[0]} "
-            else:
-                name = f"{argv[i - 1]} " if i and argv[i - 1].startswith("--") else "argument "
-            byte = ord(arg[e.start]) - 0xDC00
-            raise InputError(f"{name}'{shown}': not valid UTF-8 (byte {byte:#04x} at character {e.start}); pass UTF-8 "
-                             "text, e.g. convert it with `iconv -f LATIN1 -t UTF-8` or use a UTF-8 locale") from None
+            try:
+                shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:
+                shown = ascii(value)[1:-1]
+            raise InputError(f"{name} '{shown}': not valid UTF-8 (at character {e.start}); pass UTF-8 text, e.g. "
+                             "convert it with `iconv -f LATIN1 -t UTF-8` or use a UTF-8 locale") from None
 
 
 def check_device(name: str | None) -> None:
