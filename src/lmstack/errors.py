@@ -21,3 +21,12 @@ class CheckpointError(FormatError):
 
 class ContextLengthError(InputError):
     """A sequence is longer than the model's context window."""
+
+
+class ConfigError(InputError, ValueError):
+    """A model or objective config holds an invalid value (a ValueError too, for code that caught
+    the ValueError these configs raised before)."""
+
+
+class DivergenceError(LmstackError):
+    """Training stopped: the loss became NaN or infinite."""

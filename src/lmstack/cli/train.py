@@ -79,21 +79,37 @@ def resolve_config(args, cls=None):
     return config_mod.resolve(base, args, cls)
 
 
+def prepare_only(cfg) -> int:
+    """Tokenize the data into the run's shard directory; on failure remove what was made."""
+    from lmstack.training.distributed import Dist
+    from lmstack.training.pretrain import check, prepare_data
+    from lmstack.training.run import NewEntries
+
+    out = Path(cfg.out_dir)
+    check(cfg, resume=False)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out-dir {out}: is a file, not a directory; pick another --out-dir")
+    created = NewEntries(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tok, train, val = prepare_data(cfg, out, Dist(), resume=False)
+    except BaseException:
+        created.remove(keep=[])
+        raise
+    print(f"prepared {train.num_tokens:,} train and {val.num_tokens:,} val tokens in {train.path} "
+          f"(tokenizer: {tok.kind}, {tok.vocab_size} ids)")
+    return 0
+
+
 def cmd_train(args) -> int:
     cfg = resolve_config(args)
     if args.prepare_only:
-        from lmstack.training.distributed import Dist
-        from lmstack.training.pretrain import prepare_data
-
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        tok, train, val = prepare_data(cfg, Path(cfg.out_dir), Dist(), resume=False)
-        print(f"prepared {train.num_tokens:,} train and {val.num_tokens:,} val tokens in {train.path} "
-              f"(tokenizer: {tok.kind}, {tok.vocab_size} ids)")
-        return 0
+        return prepare_only(cfg)
     from lmstack.training.pretrain import train
+    from lmstack.training.run import exit_code
 
     last = train(cfg, resume=bool(args.resume))
-    if last and os.environ.get("RANK", "0") == "0":
+    if last and last.get("stopped") != "signal" and os.environ.get("RANK", "0") == "0":
         summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
         print(f"done: step {last['step']}, {summary}; run dir {cfg.out_dir}")
-    return 0
+    return exit_code(last)  # stopped by a signal: the run's last line said how to resume

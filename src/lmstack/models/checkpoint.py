@@ -1,13 +1,20 @@
-"""Checkpoint directories: `config.json` (family + sizes), `model.safetensors`, `tokenizer.json`.
+"""Checkpoint directories: `config.json` (family + sizes), `model.safetensors`, `tokenizer.json`,
+and `checksums.json` (the sha256 of each of those files).
 
 No pickle anywhere: loading a checkpoint reads JSON and raw tensors and never runs code.
-Every write is atomic (temp file, fsync, rename).
+Every write is atomic (temp file, fsync, rename). A crash cannot half-write a file, but a disk or
+a copy can still flip or drop bytes that safetensors would load without complaint; so loading the
+weights first checks every file listed in checksums.json (hashing costs about what reading the
+file does), and `lmstack verify DIR` checks a directory on demand. Directories saved before
+checksums existed have no checksums.json and load as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,7 @@ from lmstack.io import atomic_path, read_json, write_json
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+CHECKSUMS_FILE = "checksums.json"
 
 # family name -> "module:Class"; imported on demand so loading one family never imports all.
 FAMILIES: dict[str, str] = {
@@ -108,6 +116,7 @@ def write_model_dir(path: str | os.PathLike, family: str, config, tensors: dict,
     write_json(p / CONFIG_FILE, {"family": family, **dataclasses.asdict(config), **(extra or {})})
     if tokenizer is not None:
         tokenizer.save(p / TOKENIZER_FILE)
+    write_checksums(p, [WEIGHTS_FILE, CONFIG_FILE] + ([TOKENIZER_FILE] if tokenizer is not None else []))
     return p
 
 
@@ -126,14 +135,82 @@ def write_weights(tensors: dict, path: str | os.PathLike) -> None:
         save_file(unique, str(tmp))
 
 
-def load_torch_weights(model, path: str | os.PathLike) -> None:
-    """Load model.safetensors into `model`, naming missing / unexpected / mis-shaped tensors."""
+def file_sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(path: str | os.PathLike, names: list[str]) -> None:
+    """checksums.json: the sha256 of each named file of directory `path`."""
+    p = Path(path)
+    write_json(p / CHECKSUMS_FILE, {"sha256": {name: file_sha256(p / name) for name in sorted(names)}})
+
+
+def verify_checksums(path: str | os.PathLike) -> list[str]:
+    """Check each file listed in checksums.json against its sha256; returns the names checked
+    (none for a directory saved before checksums existed). Raises CheckpointError naming the
+    first file that is missing or differs."""
+    p = Path(path)
+    if not (p / CHECKSUMS_FILE).is_file():
+        return []
+    listed = read_json(p / CHECKSUMS_FILE, "checksum list")
+    sums = listed.get("sha256") if isinstance(listed, dict) else None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{p / CHECKSUMS_FILE}: not a checksum list (no 'sha256' table); re-save the checkpoint")
+    for name, expected in sums.items():
+        f = p / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing, but listed in {CHECKSUMS_FILE}; the checkpoint is incomplete: "
+                                  "copy it again or use an earlier checkpoint")
+        if file_sha256(f) != expected:
+            raise CheckpointError(f"{f}: corrupt: its sha256 differs from {CHECKSUMS_FILE} (bytes changed or lost since "
+                                  "it was saved); copy it again or use an earlier checkpoint (if you edited it on purpose, "
+                                  f"delete {CHECKSUMS_FILE})")
+    return sorted(sums)
+
+
+def verify_dir(path: str | os.PathLike) -> list[str]:
+    """Check a checkpoint directory without loading it: each file listed in checksums.json
+    against its sha256, and each safetensors file's size against its header (which also finds a
+    truncated file in a directory saved without checksums). Returns the names checksummed;
+    raises CheckpointError naming the first damaged file."""
+    names = verify_checksums(path)
+    for f in sorted(Path(path).glob("*.safetensors")):
+        why = _safetensors_damage(f)
+        if why:
+            raise CheckpointError(f"{f}: damaged: {why}; copy it again or use an earlier checkpoint")
+    return names
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """Why a safetensors file is damaged (an unreadable header, or a size other than the header
+    says), or None. Reads the header only."""
+    f = Path(path)
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < size else None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "not a safetensors file (its header is unreadable)"
+    expected = 8 + n + max(ends, default=0)
+    return None if size == expected else f"{size} bytes where its header needs {expected} (truncated or overwritten)"
+
+
+def load_torch_weights(model, path: str | os.PathLike, verify: bool = True) -> None:
+    """Load model.safetensors into `model`, naming missing / unexpected / mis-shaped tensors;
+    first, unless the caller already did, check the directory's checksums."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     f = Path(path) / WEIGHTS_FILE
     if not f.exists():
         raise CheckpointError(f"{Path(path)}: missing {WEIGHTS_FILE}")
+    if verify:
+        verify_checksums(path)
     try:
         tensors = load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:

@@ -8,12 +8,16 @@
 - `objective.safetensors`: training-only modules (ELECTRA's generator and head), if any;
 - `rng_<rank>.safetensors`: each process's torch (and CUDA) random state;
 - `trainer_state.json`: step, tokens seen, validation loss, optimizer hyper-parameters, fp16
-  loss scale. Written last, so its presence marks a complete checkpoint.
+  loss scale. Its presence marks a complete checkpoint;
+- `checksums.json`: the sha256 of every file above, so that damage done after the save (a
+  truncated copy, flipped bits) is found before a resume trusts the files.
 
 The data position is the step itself: batches are a pure function of (seed, step); see
 `lmstack.data.batches`. A checkpoint is written to a hidden temp directory and renamed into
 place, so an interrupted save never leaves a half-written checkpoint. After each save the
 oldest are deleted, keeping the last `keep_last` and the one with the best validation loss.
+Resuming takes the newest intact checkpoint (`resume_point`): a damaged newer one is set aside
+as `checkpoints/damaged_step_N`, and the run goes on from the one before.
 """
 
 from __future__ import annotations
@@ -31,10 +35,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lmstack.errors import CheckpointError
+from lmstack.errors import CheckpointError, LmstackError
 from lmstack.io import read_json, write_json
-from lmstack.models.checkpoint import load_torch_weights, write_model_dir, write_weights
-from lmstack.models.lora import is_adapter_dir, load_adapter_weights, save_adapter
+from lmstack.models.checkpoint import (
+    CHECKSUMS_FILE,
+    WEIGHTS_FILE,
+    load_torch_weights,
+    verify_dir,
+    write_checksums,
+    write_model_dir,
+    write_weights,
+)
+from lmstack.models.lora import ADAPTER_WEIGHTS, is_adapter_dir, load_adapter_weights, save_adapter
 from lmstack.training import distributed
 from lmstack.training.distributed import Dist
 
@@ -100,6 +112,7 @@ def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Modul
         save_file({k: v.contiguous() for k, v in optim_tensors.items()}, str(tmp / OPTIMIZER_FILE))
         groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in optim_sd["param_groups"]]
         write_json(tmp / STATE_FILE, {**trainer_state, "step": step, "world_size": d.world, "param_groups": groups})
+        write_checksums(tmp, [f.name for f in tmp.iterdir() if f.is_file() and f.name != CHECKSUMS_FILE])
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -124,6 +137,41 @@ def prune(run_dir, keep_last: int) -> None:
             shutil.rmtree(p)
 
 
+def damage(ckpt: Path) -> str | None:
+    """Why checkpoint `ckpt` cannot be resumed from, or None: a file missing, or corrupt (see
+    `models.checkpoint.verify_dir`)."""
+    try:
+        state = read_state(ckpt)
+        verify_dir(ckpt)
+    except LmstackError as e:
+        return str(e)
+    weights = ADAPTER_WEIGHTS if is_adapter_dir(ckpt) else WEIGHTS_FILE
+    ranks = state.get("world_size", 1) if isinstance(state, dict) else 1
+    for name in (weights, OPTIMIZER_FILE, *(f"rng_{r}.safetensors" for r in range(ranks))):
+        if not (ckpt / name).is_file():
+            return f"{ckpt / name}: missing"
+    return None
+
+
+def resume_point(run_dir) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest intact checkpoint (None if there is none), and each newer one with why it is not."""
+    damaged = []
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        why = damage(ckpt)
+        if why is None:
+            return ckpt, damaged
+        damaged.append((ckpt, why))
+    return None, damaged
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint out of the resume order (and out of pruning's count)."""
+    aside = ckpt.with_name(f"damaged_{ckpt.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(ckpt, aside)
+    return aside
+
+
 def read_state(ckpt: Path) -> dict:
     return read_json(ckpt / STATE_FILE, "trainer state")
 
@@ -134,7 +182,7 @@ def load_weights(ckpt: Path, objective: torch.nn.Module) -> None:
     if is_adapter_dir(ckpt):
         load_adapter_weights(objective.model, ckpt)
     else:
-        load_torch_weights(objective.model, ckpt)
+        load_torch_weights(objective.model, ckpt, verify=False)  # resume_point verified the checkpoint
     if (ckpt / OBJECTIVE_FILE).exists():
         missing, unexpected = objective.load_state_dict(load_file(str(ckpt / OBJECTIVE_FILE)), strict=False)
         if unexpected or any(not k.startswith("model.") for k in missing):

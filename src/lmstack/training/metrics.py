@@ -2,7 +2,9 @@
 
 Training records carry step, tokens, loss, lr, grad_norm, tokens_per_s and mfu (null where the
 device's peak FLOP/s is unknown); validation records carry val_loss and val_ppl. On resume the
-records after the checkpoint's step are dropped, so the file reads as one uninterrupted run.
+records after the checkpoint's step are dropped, so the file reads as one uninterrupted run; a
+fresh run (no checkpoint yet) starts the file anew, so a run restarted after a crash before its
+first checkpoint does not repeat records. A last line cut short (a kill mid-write) is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from lmstack.errors import InputError
+from lmstack.errors import FormatError, InputError
 from lmstack.io import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,10 +36,26 @@ def peak_flops(configured: float, device) -> float | None:
 
 
 def read_metrics(run_dir) -> list[dict]:
+    """The run's records. A last line without its newline is a write the run did not finish
+    (killed mid-write), so it is dropped; any other unreadable line is an error naming it."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")[:-1]  # the text after the last newline was never finished
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise FormatError(f"{path}:{number}: not a metrics record (a JSON object with a step); "
+                              "fix or delete that line")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -47,10 +65,9 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if resume_step is not None:
-            kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
-            with atomic_write(self.path) as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+        kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step] if resume_step is not None else []
+        with atomic_write(self.path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
         self.file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:

@@ -1,6 +1,8 @@
 """Pretraining, as one recipe that reads top to bottom (nanoGPT's train.py, in lmstack's terms).
 
-`train(cfg)` prepares the tokenizer and token shards (rank 0 tokenizes, the others wait),
+`train(cfg)` first checks what it can without reading the corpus (data paths, the tokenizer's
+source, the model's config: a typo costs a second, not a tokenized corpus), then prepares the
+tokenizer and token shards (rank 0 tokenizes, the others wait),
 builds the model and its objective (causal LM, masked LM, span corruption, ELECTRA), then runs
 optimizer steps over windows drawn from the shards, validating every `eval_interval` steps and
 checkpointing every `ckpt_interval`. The step itself (micro-batches, autocast, accumulation,
@@ -20,7 +22,7 @@ import torch
 from lmstack.data.batches import VAL_STREAM, BatchMaker, required_specials
 from lmstack.data.shards import MANIFEST, TokenShards, prepare_shards
 from lmstack.errors import InputError
-from lmstack.models.checkpoint import family_class
+from lmstack.models.checkpoint import FAMILIES, family_class
 from lmstack.tokenizers import EOT, load_tokenizer, registry
 from lmstack.training import distributed
 from lmstack.training.config import TrainConfig
@@ -45,22 +47,44 @@ def _shard_dir(cfg: TrainConfig, run_dir: Path) -> Path:
     return _given_shards(cfg) or (Path(cfg.data_dir) if cfg.data_dir else run_dir / "data")
 
 
-def _base_tokenizer(cfg: TrainConfig):
-    """The tokenizer named by --tokenizer (a saved one), else the one saved with prepared
-    shards given as --data, else a new one of the kind --tokenizer names, trained on the data
-    (deterministic, so cached shards made with it are reused)."""
+def _tokenizer_source(cfg: TrainConfig):
+    """Where the tokenizer comes from: the file/directory --tokenizer names, else the one saved
+    with prepared shards given as --data, else the class of the kind --tokenizer names (trained
+    on the data: deterministic, so cached shards made with it are reused)."""
     if Path(cfg.tokenizer).exists():
-        return load_tokenizer(cfg.tokenizer)
+        return Path(cfg.tokenizer)
     given = _given_shards(cfg)
     if given is not None and (given / TOKENIZER_FILE).exists():
-        return load_tokenizer(given / TOKENIZER_FILE)
+        return given / TOKENIZER_FILE
     kinds = registry()
     if cfg.tokenizer not in kinds:
         raise InputError(f"--tokenizer {cfg.tokenizer!r} is neither a tokenizer file/directory nor a kind ({', '.join(kinds)})")
+    return kinds[cfg.tokenizer]
+
+
+def _base_tokenizer(cfg: TrainConfig):
+    source = _tokenizer_source(cfg)
+    if isinstance(source, Path):
+        return load_tokenizer(source)
     from lmstack.data.corpus import corpus_files
 
     vocab = cfg.vocab_size or (8192 if cfg.tokenizer in ("bpe", "unigram") else None)
-    return kinds[cfg.tokenizer].train_files(corpus_files(cfg.data), vocab_size=vocab, special_tokens=(EOT,))
+    return source.train_files(corpus_files(cfg.data), vocab_size=vocab, special_tokens=(EOT,))
+
+
+def check(cfg: TrainConfig, resume: bool) -> None:
+    """What can be checked before the run directory exists or the corpus is read: the data
+    paths, the tokenizer's source and the model's config (no weights are built). The numbers
+    that come from the tokenizer (vocabulary, special ids) are checked once it exists."""
+    if not resume:
+        if not cfg.data:
+            raise InputError("no training data; pass --data FILE_OR_DIR (or a --config that sets data)")
+        if _given_shards(cfg) is None:
+            from lmstack.data.corpus import corpus_files
+
+            corpus_files(cfg.data)
+        _tokenizer_source(cfg)
+    model_config(cfg)
 
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, d: distributed.Dist, resume: bool):
@@ -94,14 +118,16 @@ def _stale(shard_dir: Path, cfg: TrainConfig, tok) -> bool:
         sources, cfg.val_fraction, cfg.text_field, tok.fingerprint())
 
 
-def build_model(cfg: TrainConfig, tok) -> torch.nn.Module:
-    """The family's model, sized by --preset and --model overrides, with the tokenizer's
-    vocabulary (and the training block size, for families that have one)."""
-    cls = family_class(cfg.family)
-    config_cls = typing.get_type_hints(cls.__init__)["config"]
+def model_config(cfg: TrainConfig, tok=None):
+    """The family's config, sized by --preset and --model overrides, with the tokenizer's
+    vocabulary and special ids (and the training block size, for families that have one).
+    Without a tokenizer, a check before tokenizing: the vocabulary is left at its default."""
+    if cfg.family not in FAMILIES:
+        raise InputError(f"--family {cfg.family!r}: not a model family; known: {', '.join(FAMILIES)}")
+    config_cls = typing.get_type_hints(family_class(cfg.family).__init__)["config"]
     fields = {f for f in config_cls.__dataclass_fields__}
-    overrides = {**special_overrides(cfg.family, tok), **cfg.model}
-    if overrides.setdefault("vocab_size", tok.vocab_size) < tok.vocab_size:
+    overrides = {**(special_overrides(cfg.family, tok) if tok is not None else {}), **cfg.model}
+    if tok is not None and overrides.setdefault("vocab_size", tok.vocab_size) < tok.vocab_size:
         raise InputError(f"--model vocab_size={overrides['vocab_size']} is smaller than the tokenizer's {tok.vocab_size}")
     for name in ("block_size", "max_position"):
         if name in fields:
@@ -110,10 +136,28 @@ def build_model(cfg: TrainConfig, tok) -> torch.nn.Module:
     if unknown:
         raise InputError(f"--model: {config_cls.__name__} has no fields {unknown}; known: {sorted(fields)}")
     try:
-        model_config = config_cls.preset(cfg.preset, **overrides) if cfg.preset else config_cls(**overrides)
+        return config_cls.preset(cfg.preset, **overrides) if cfg.preset else config_cls(**overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid {cfg.family} model config: {e}") from None
-    return cls(model_config)
+
+
+def build_model(cfg: TrainConfig, tok) -> torch.nn.Module:
+    """The family's model for `tok` (see `model_config`)."""
+    return family_class(cfg.family)(model_config(cfg, tok))
+
+
+def batch_rows(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(rows per optimizer step, micro-batches per process): the global batch is
+    tokens_per_step / block_size rows, split over processes and accumulation steps in
+    micro-batches of batch_size rows."""
+    per_pass = cfg.batch_size * world
+    rows = cfg.tokens_per_step // cfg.block_size if cfg.tokens_per_step else per_pass
+    if rows < per_pass or rows % per_pass:
+        raise InputError(
+            f"--tokens-per-step {cfg.tokens_per_step} must be a multiple of batch_size × block_size × processes "
+            f"= {per_pass * cfg.block_size}; change --tokens-per-step or --batch-size"
+        )
+    return rows, rows // per_pass
 
 
 @torch.no_grad()
@@ -135,27 +179,18 @@ def _sample(model, tok, n_tokens: int, device, seed: int) -> str:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Pretrain (or continue, with resume=True) the run in cfg.out_dir; returns the last metrics."""
-    if not resume and not cfg.data:
-        raise InputError("no training data; pass --data FILE_OR_DIR (or a --config that sets data)")
+    check(cfg, resume)
     with Run(cfg, resume) as run:
         d = run.d
+        rows, accum = batch_rows(cfg, d.world)
         tok, train_shards, val_shards = prepare_data(cfg, run.dir, d, resume)
+        run.keep_on_failure(train_shards.path, "the token shards")
 
         # Model and objective: the same initialisation on every rank (FSDP does not broadcast it).
         torch.manual_seed(cfg.seed)
         objective = make_objective(cfg.objective, build_model(cfg, tok), cfg.family, cfg)
         stepper = run.optimizer_step(objective)
 
-        # Batches: the global batch is tokens_per_step / block_size rows, split over ranks and
-        # accumulation steps in micro-batches of batch_size rows.
-        per_pass = cfg.batch_size * d.world
-        rows = cfg.tokens_per_step // cfg.block_size if cfg.tokens_per_step else per_pass
-        if rows < per_pass or rows % per_pass:
-            raise InputError(
-                f"--tokens-per-step {cfg.tokens_per_step} must be a multiple of batch_size × block_size × processes "
-                f"= {per_pass * cfg.block_size}; change --tokens-per-step or --batch-size"
-            )
-        accum = rows // per_pass
         mlm, span, _ = objective_options(cfg)
         common = dict(tokenizer=tok, kind=cfg.objective, block_size=cfg.block_size, seed=cfg.seed,
                       mlm_probability=mlm.probability, noise_density=span.noise_density, mean_span=span.mean_span)

@@ -14,7 +14,14 @@ A recipe reads:
             if run.checkpoint_due: run.save(stepper, tokenizer)
         return run.finish()
 
-SIGINT / SIGTERM set a flag; the run checkpoints and stops at the end of the current step. With
+The run directory is created here, after the recipe has checked what it can; until the first
+checkpoint is saved, a run that fails (or is interrupted) removes what it created there, but for
+what the recipe asked to keep (`keep_on_failure`: pretraining's token shards, which the same
+command reuses), and says so. `--resume` starts from the newest intact checkpoint, setting aside
+damaged newer ones (see `checkpoint.resume_point`).
+
+SIGINT / SIGTERM set a flag; the run checkpoints and stops at the end of the current step, and
+`finish()` reports the signal so that the command exits 128 + its number (130, 143). With
 `max_minutes`, the first steps are timed and max_steps lowered to what fits (see `budget`); the
 resolved max_steps goes back into the run's train_config.json, so a resumed run keeps the plan.
 tokens/s counts the tokens trained on (every process's, padding excluded); MFU = flops_per_token
@@ -24,13 +31,14 @@ tokens/s counts the tokens trained on (every process's, padding excluded); MFU =
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
 
-from lmstack.errors import InputError
+from lmstack.errors import CheckpointError, InputError
 from lmstack.progress import progress
 from lmstack.training import checkpoint, distributed
 from lmstack.training import config as config_mod
@@ -45,6 +53,7 @@ class _StopSignal:
 
     def __init__(self):
         self.stop = False
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -57,10 +66,46 @@ class _StopSignal:
 
     def _handle(self, signum, frame):
         self.stop = True
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def exit_code(last: dict) -> int:
+    """A command's exit status for a run's last metrics: 128 + the signal's number when a signal
+    stopped it (130 for SIGINT, 143 for SIGTERM, as a shell reports a killed process), else 0."""
+    return 128 + last["signal"] if last.get("stopped") == "signal" else 0
+
+
+class NewEntries:
+    """What a command adds to a directory, to remove if it fails: the directory itself if it did
+    not exist, else the entries it did not hold before."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = {p.name for p in path.iterdir()} if path.is_dir() else None
+
+    def new(self) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if self.before is None or p.name not in self.before]
+
+    def remove(self, keep: list[Path]) -> list[Path]:
+        """Remove the new entries but those in `keep`; returns the new entries kept."""
+        keep_names = {p.name for p in keep if p.resolve().parent == self.path.resolve()}
+        kept = []
+        for entry in self.new():
+            if entry.name in keep_names:
+                kept.append(entry)
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if self.before is None and not kept:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return kept
 
 
 class Run:
@@ -68,6 +113,9 @@ class Run:
         self.cfg, self.resume, self.command = cfg, resume, command
         self.dir = Path(cfg.out_dir)
         self.start_time = time.perf_counter()
+        self.saved = resume  # a checkpoint exists: from here on a failure keeps the run directory
+        self._kept: dict[Path, str] = {}
+        self._signals = _StopSignal()
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -82,23 +130,61 @@ class Run:
         return self
 
     def _open(self) -> None:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise InputError(f"--out-dir {self.dir}: is a file, not a directory; pick another --out-dir")
         if self.resume:
-            self.ckpt = checkpoint.latest(self.dir)
+            self.ckpt = self._resume_point()
         elif checkpoint.list_checkpoints(self.dir):
             raise InputError(f"{self.dir} already holds checkpoints; continue it with `{self.command} --resume {self.dir}` "
                              "or pick another --out-dir")
         self.state: dict = checkpoint.read_state(self.ckpt) if self.resume else {}
+        self.created = NewEntries(self.dir)
         if self.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            config_mod.save(self.cfg, self.dir)
-        self._signals = _StopSignal().__enter__()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                config_mod.save(self.cfg, self.dir)
+            except BaseException:
+                self.created.remove(keep=[])
+                raise
 
-    def __exit__(self, *exc) -> None:
-        self._signals.__exit__(*exc)
+    def _resume_point(self) -> Path:
+        """The newest intact checkpoint; damaged newer ones are named and set aside."""
+        ckpt, damaged = checkpoint.resume_point(self.dir)
+        if ckpt is None and not damaged:
+            raise CheckpointError(f"{self.dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
+                                  f"start it again with the same command (its settings are saved: `{self.command} "
+                                  f"--config {self.dir / config_mod.CONFIG_FILE}`)")
+        if ckpt is None:
+            reasons = "; ".join(why for _, why in damaged)
+            raise CheckpointError(f"{self.dir}: no intact checkpoint to resume from ({reasons}); delete "
+                                  f"{self.dir / checkpoint.CHECKPOINTS} and start the run again with the same command")
+        distributed.barrier(self.d)  # every rank has chosen before any checkpoint is renamed
+        if self.main:
+            for bad, why in damaged:
+                aside = checkpoint.set_aside(bad)
+                self.write(f"checkpoint {bad.name} is damaged ({why}); set aside as {aside.name}, resuming from {ckpt.name}")
+        distributed.barrier(self.d)
+        return ckpt
+
+    def keep_on_failure(self, path: Path, what: str) -> None:
+        """Keep `path` (inside the run directory) should the run fail before its first checkpoint."""
+        self._kept[Path(path)] = what
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._signals.__exit__()
         if getattr(self, "bar", None) is not None:
             self.bar.close()
             self.log.close()
+        if exc_type is not None and not self.saved and self.main:
+            self._discard()
         distributed.teardown(self.d)
+
+    def _discard(self) -> None:
+        """A run that failed before its first checkpoint leaves its directory as it found it, but
+        for what the recipe asked to keep."""
+        what = {p.name: w for p, w in self._kept.items()}
+        for p in self.created.remove(keep=list(self._kept)):
+            print(f"kept {what[p.name]} in {p}; the same command reuses them")
 
     def optimizer_step(self, objective: torch.nn.Module) -> OptimizerStep:
         """The objective wrapped for the processes with its optimizer; on resume its weights,
@@ -130,6 +216,7 @@ class Run:
         self.stopped: str | None = None
         self.out_of_time = self.stopping = False
         self.val_loss = None
+        self._signals.__enter__()
         if banner:
             self.write(f"{banner}, device {self.device}, {self.stepper.dtype}; run dir {self.dir}")
         self.bar = progress(total=self.cfg.max_steps, initial=self.step, desc="training", unit="step")
@@ -206,8 +293,9 @@ class Run:
                  "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, **extra_state}
         path = checkpoint.save(self.dir, self.step, s.wrapped, s.objective, s.optimizer, state, tokenizer, self.d,
                                self.device, self.cfg.keep_last, adapter_base)
+        self.saved = True
         if self.stopping:
-            self.write(f"stopped by signal at step {self.step}; checkpoint {path}; "
+            self.write(f"stopped by {self._signal().name} at step {self.step}; checkpoint {path}; "
                        f"continue with `{self.command} --resume {self.dir}`")
         elif self.out_of_time:
             self.write(f"out of time ({self.cfg.max_minutes:g} min) at step {self.step} of {self.cfg.max_steps}; checkpoint "
@@ -216,10 +304,18 @@ class Run:
         return path
 
     def finish(self) -> dict:
-        """The last metrics, with `stopped`: None, "signal" or "time"."""
+        """The last metrics, with `stopped`: None, "signal" (and `signal`, its number: see
+        `exit_code`) or "time"."""
         if self.last:
             self.last["stopped"] = self.stopped
+            if self.stopped == "signal":
+                self.last["signal"] = int(self._signal())
         return self.last
+
+    def _signal(self) -> signal.Signals:
+        """The signal that stopped the run (on a rank that did not receive it: SIGTERM, which
+        torchrun forwards)."""
+        return signal.Signals(self._signals.signum or signal.SIGTERM)
 
     def _plan(self) -> None:
         """Lower max_steps to the steps that fit the budget and save it in the run directory. Every

@@ -20,15 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lmstack.errors import InputError, LmstackError
+from lmstack.errors import DivergenceError, InputError
 from lmstack.training import distributed
 from lmstack.training.config import RunConfig
 from lmstack.training.distributed import Dist
 from lmstack.training.optim import make_optimizer
-
-
-class DivergenceError(LmstackError):
-    """The loss became NaN or infinite."""
 
 
 def autocast_for(dtype: str, device: torch.device):
