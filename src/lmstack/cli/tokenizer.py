@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lmstack.cli import add_group
 from lmstack.errors import InputError
-from lmstack.io import check_readable, iter_text_chunks
+from lmstack.io import check_output_dir, check_readable, iter_text_chunks, output_dir, read_stdin
 
 
 def register(sub) -> None:
@@ -19,9 +19,11 @@ def register(sub) -> None:
                      description="Learn a tokenizer from UTF-8 text files (streamed, so files may be larger than memory).")
     p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
     p.add_argument("--kind", choices=["bpe", "unigram", "char", "word"], default="bpe",
-                   help="byte-level BPE (GPT-2 style), Unigram LM (SentencePiece style), characters, or whitespace words (default: bpe)")
+                   help="byte-level BPE (GPT-2 style), Unigram LM (SentencePiece style), characters, or whitespace words "
+                   "(default: bpe)")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="target vocabulary size including specials (default: 8192 for bpe/unigram; every symbol seen for char/word)")
+                   help="target vocabulary size including specials (default: 8192 for bpe/unigram; every symbol seen for "
+                   "char/word)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; gets tokenizer.json")
     p.add_argument("--special", action="append", default=None, metavar="TOKEN",
                    help="register a special token (repeatable; default: <|endoftext|>)")
@@ -70,7 +72,25 @@ def register(sub) -> None:
 def _load(path: str):
     from lmstack.tokenizers import load_tokenizer
 
+    if not Path(path).exists():
+        raise InputError(f"--tokenizer {path}: no such tokenizer folder or tokenizer.json; check the path, or make "
+                         "one with `lmstack tokenizer train`")
     return load_tokenizer(path)
+
+
+def _save(tok, out: str) -> Path:
+    """Write `tok` to --out: a .json file as it is (atomically), else a folder that appears only
+    complete, so a failed write leaves nothing behind."""
+    if Path(out).suffix == ".json":
+        return tok.save(out)
+    with output_dir(out, "--out") as d:
+        tok.save(d)
+    return Path(out) / "tokenizer.json"
+
+
+def _check_out(out: str) -> None:
+    """Before any work: --out must be able to become the tokenizer's folder (or its .json file)."""
+    check_output_dir(Path(out).parent if Path(out).suffix == ".json" else out, "--out")
 
 
 def cmd_train(args) -> int:
@@ -78,6 +98,7 @@ def cmd_train(args) -> int:
 
     for f in args.files:  # fail before any work, naming the bad file
         next(iter_text_chunks(f))
+    _check_out(args.out)
     kinds = registry()
     cls = kinds[args.kind]
     vocab_size = args.vocab_size
@@ -90,7 +111,7 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     tok = cls.train_files(args.files, vocab_size=vocab_size, special_tokens=specials, **opts)
     seconds = time.perf_counter() - t0
-    path = tok.save(args.out)
+    path = _save(tok, args.out)
     print(f"trained {args.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) "
           f"in {seconds:.1f} s -> {path}")
     return 0
@@ -101,7 +122,7 @@ def _read_input(args) -> str:
         return args.text
     if args.file:
         return "".join(iter_text_chunks(args.file))
-    return sys.stdin.read()
+    return read_stdin()
 
 
 def cmd_encode(args) -> int:
@@ -119,12 +140,10 @@ def cmd_decode(args) -> int:
     ids = args.ids
     if not ids:
         try:
-            ids = [int(x) for x in sys.stdin.read().split()]
+            ids = [int(x) for x in read_stdin().split()]
         except ValueError as e:
             raise InputError(f"standard input must hold whitespace-separated integer ids ({e})") from None
-    sys.stdout.write(tok.decode(ids))
-    if sys.stdout.isatty():
-        sys.stdout.write("\n")
+    sys.stdout.write(tok.decode(ids) + "\n")  # a line, like every other output, so a pipeline's next output starts afresh
     return 0
 
 
@@ -132,6 +151,7 @@ def cmd_import(args) -> int:
     from lmstack.tokenizers.gpt2 import load_gpt2
 
     src = check_readable(args.source) if not Path(args.source).is_dir() else Path(args.source)
+    _check_out(args.out)
     if src.is_dir():
         pairs = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")]
         found = next(((src / a, src / b) for a, b in pairs if (src / a).exists() and (src / b).exists()), None)
@@ -143,7 +163,7 @@ def cmd_import(args) -> int:
             raise InputError(f"{src}: no tokenizer.json, encoder.json + vocab.bpe, or vocab.json + merges.txt in this folder")
     else:
         tok = _import_hf(src)
-    path = tok.save(args.out)
+    path = _save(tok, args.out)
     print(f"imported {tok.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) -> {path}")
     return 0
 
