@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmstack.errors import InputError
+from lmstack.io import check_output_dir, output_dir
 
 
 def register(sub) -> None:
@@ -34,6 +35,7 @@ def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise InputError(f"{src}: no such checkpoint directory; check the path")
+    check_output_dir(dst, "DST_DIR")
     if (dst / "config.json").exists() and not args.force:
         raise InputError(f"{dst}: already holds a checkpoint; pass --force to overwrite it or pick another DST_DIR")
     if src.resolve() == dst.resolve():
@@ -45,15 +47,17 @@ def cmd_convert(args) -> int:
             raise InputError(f"{src}: not a Hugging Face model directory (no model_type in config.json); "
                              "it is already lmstack's format or not a checkpoint")
         model, tokenizer = from_hf(src)
-        _drop_stale_tokenizer(dst)
-        model.save(dst, tokenizer)
+    elif from_hf_format:
+        raise InputError(f"{src}: already a Hugging Face model directory; use --to lmstack to import it")
     else:
-        if from_hf_format:
-            raise InputError(f"{src}: already a Hugging Face model directory; use --to lmstack to import it")
         model, tokenizer = lmstack.load(src)
-        _drop_stale_tokenizer(dst)
-        to_hf(model, dst, tokenizer)
-    note = "" if (dst / "tokenizer.json").exists() else _weights_only_note(src, to)
+    with output_dir(dst, "DST_DIR") as out:
+        _drop_stale_tokenizer(out)
+        if to == "lmstack":
+            model.save(out, tokenizer)
+        else:
+            to_hf(model, out, tokenizer)
+        note = "" if (out / "tokenizer.json").exists() else _weights_only_note(src, to)
     print(f"wrote {to} checkpoint to {dst}{note}")
     return 0
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lmstack.cli import add_group
 from lmstack.errors import InputError
+from lmstack.io import check_output_dir, output_dir
 
 
 def register(sub) -> None:
@@ -44,8 +45,10 @@ def cmd_merge(args) -> int:
         raise InputError(f"{out}: that is the adapter directory; pick another --out")
     if (out / "config.json").exists() and not args.force:
         raise InputError(f"{out}: already holds a checkpoint; pass --force to overwrite it or pick another --out")
+    check_output_dir(out, "--out")
     model, tokenizer = load_adapter_dir(src)
-    merge_and_unload(model).save(out, tokenizer)
+    with output_dir(out, "--out") as d:
+        merge_and_unload(model).save(d, tokenizer)
     print(f"wrote merged checkpoint to {out}")
     return 0
 

@@ -45,8 +45,10 @@ def register(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from lmstack.io import check_output_dir, output_dir
     from lmstack.models.ngram import NGramLM
 
+    check_output_dir(args.out, "--out")
     tokenizer = None
     if args.tokenizer:
         from lmstack.tokenizers import load_tokenizer
@@ -56,10 +58,11 @@ def cmd_train(args) -> int:
     model = NGramLM.train(args.files, order=args.order, smoothing=args.smoothing, k=args.k,
                           discount_fallback=args.discount_fallback, boundary=args.boundary, tokenizer=tokenizer)
     seconds = time.perf_counter() - t0
-    path = model.save(args.out)
+    with output_dir(args.out, "--out") as out:
+        model.save(out)
     sizes = " ".join(f"{n}-grams={len(t.keys)}" for n, t in enumerate(model.tables, 1))
     print(f"trained {args.order}-gram ({args.smoothing}) on {model.config.train_tokens} tokens in {seconds:.1f} s: "
-          f"{sizes} -> {path}")
+          f"{sizes} -> {args.out}")
     return 0
 
 
