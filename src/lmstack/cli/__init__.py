@@ -15,7 +15,7 @@ from lmstack.errors import InputError, LmstackError
 
 # Command modules, in the order `lmstack --help` lists them.
 COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "align", "lora",
-            "scaling", "verify")
+            "embed", "scaling", "verify")
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,10 +8,13 @@ similarities divided by a temperature τ (0.05), in both directions:
     L = ½ [CE(S, I) + CE(Sᵀ, I)],  S_ij = cos(z¹_i, z²_j) / τ.
 Negatives are the rows of one process's micro-batch (no gathering across processes).
 
-A sentence vector pools the encoder's last states (`[embed] pooling=`): BERT `cls` (the [CLS]
-state as it leaves the encoder, without the pooler: SimCSE's test-time choice), GPT `mean` (the
-average over the real tokens: a causal model's early states have not seen the whole sentence);
-`mean` and `last` (the state at the last real token) work for both. BERT rows are
+A sentence vector pools the encoder's last states (`[embed] pooling=`): `mean` (the default, for
+both families) averages them over the real tokens; `cls` takes the first position (BERT's [CLS],
+without the pooler: SimCSE's test-time choice), `last` the last real token. Mean is the default
+because it works from any start: a BERT pretrained by masked LM alone has never trained its
+[CLS] state, and SimCSE from such a [CLS] collapses every sentence to one vector (the loss stalls
+at log batch_size), while from the mean it learns; a causal model's early states have not seen
+the whole sentence, and its mean still reads every token. BERT rows are
 `[CLS] text [SEP]`, GPT rows the text's tokens; rows are right-padded, so a causal model's real
 tokens never attend to padding. A model saved with dropout 0 (the GPT default) would make the
 two views identical: it trains with `[embed] dropout=` (0.1) in every dropout layer, while the
@@ -46,7 +49,7 @@ from lmstack.training.run import Run
 
 ENCODERS = ("bert", "gpt")
 POOLINGS = ("cls", "mean", "last")
-DEFAULT_POOLING = {"bert": "cls", "gpt": "mean"}
+DEFAULT_POOLING = "mean"
 STATE_FILE = "trainer_state.json"
 
 
@@ -55,13 +58,13 @@ class EmbedOptions:
     """[embed]: the contrastive objective's settings."""
 
     temperature: float = 0.05
-    pooling: str = ""  # cls | mean | last; "" = the family's default (BERT cls, GPT mean)
+    pooling: str = DEFAULT_POOLING  # cls | mean | last
     dropout: float = 0.1  # for the two views, when the model has none
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.pooling not in ("", *POOLINGS):
+        if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if not 0 < self.dropout < 1:
             raise ValueError(f"dropout must be in (0, 1), got {self.dropout}")
@@ -183,9 +186,10 @@ class RowBatches:
         return batch
 
     def in_order(self) -> list[dict[str, torch.Tensor]]:
-        """Every row once, in order, in batches of `batch_size` (held-out evaluation)."""
-        n = len(self.rows)
-        return [self.collate(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+        """Every row once, in order, in batches of `batch_size` to 2 × `batch_size` - 1 rows (held-out
+        evaluation: no short last batch, which would give contrastive metrics few negatives)."""
+        parts = np.array_split(np.arange(len(self.rows)), max(1, len(self.rows) // self.batch_size))
+        return [self.collate(part.tolist()) for part in parts]
 
 
 # --- the objective ------------------------------------------------------------------------
@@ -310,28 +314,27 @@ def embed(cfg: FinetuneConfig, resume: bool = False) -> dict:
     opts = embed_options(cfg)
     torch.manual_seed(cfg.seed)
     model, tok, length, grew = load_encoder(cfg)
-    pooling = opts.pooling or DEFAULT_POOLING[model.family]
     model = with_dropout(model, opts.dropout)
     texts = list(dict.fromkeys(t for f in cfg.data for t, _ in read_texts(f)))
     rows = [text_ids(model, tok, t, length) for t in texts]
     cut = sum(c for _, c in rows)
     train_rows, val_rows = split([r for r, _ in rows], cfg.val_fraction, cfg.seed)
-    if len(train_rows) < 2:
-        raise InputError(f"{len(train_rows)} training sentence(s) after holding out validation; contrastive training "
-                         "needs at least 2 (and really hundreds); add data")
-    freeze_unused(model, *LM_HEADS[model.family], *(("pooler.",) if model.family == "bert" else ()))
+    if len(train_rows) < 2 or len(val_rows) == 1:
+        raise InputError(f"{len(texts)} distinct sentences give {len(train_rows)} to train on and {len(val_rows)} held out; "
+                         "contrastive training and validation each need 2 or more (really hundreds): add data")
+    freeze_unused(model, *LM_HEADS[model.family], *(("pooler.",) if model.family == "bert" else ()))  # [CLS] pooler unused
     trains = apply_lora(model, cfg, grew)
 
     with Run(cfg, resume, command="lmstack finetune") as run:
         d = run.d
-        objective = SimCSE(model, pooling, opts.temperature)
+        objective = SimCSE(model, opts.pooling, opts.temperature)
         stepper = run.optimizer_step(objective)
         per_step = cfg.batch_size * d.world * cfg.grad_accum
         train_batches = RowBatches(train_rows, None, cfg.batch_size, cfg.seed, per_step)
         val_batches = RowBatches(val_rows, None, cfg.batch_size, cfg.seed, per_step).in_order() if val_rows else []
         run.begin(encoder_flops(model, length), eval_cost=2 * len(val_batches) / (3 * cfg.grad_accum), banner=(
             f"SimCSE on a {model.family} from {cfg.init_from}; {trains}; {len(train_rows)} train / {len(val_rows)} held-out "
-            f"sentences ({len(texts)} distinct, {cut} cut to {length} tokens); {pooling} pooling, temperature "
+            f"sentences ({len(texts)} distinct, {cut} cut to {length} tokens); {opts.pooling} pooling, temperature "
             f"{opts.temperature:g}, dropout {model.drop.p:g}; {per_step} sentences per step, two views each"))
         if val_batches and run.step == 0:
             run.log_eval(contrastive_metrics(objective, val_batches, stepper, cfg.seed))
@@ -352,7 +355,7 @@ def embed(cfg: FinetuneConfig, resume: bool = False) -> dict:
                 run.log_eval(contrastive_metrics(objective, val_batches, stepper, cfg.seed))
             if run.checkpoint_due:
                 path = run.save(tok, adapter_base=cfg.init_from if cfg.lora else None,
-                                embed={"pooling": pooling, "max_length": length})
+                                embed={"pooling": opts.pooling, "max_length": length})
         return {**run.finish(), "checkpoint": str(path) if path else None}
 
 
@@ -376,7 +379,7 @@ class SentenceEncoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike, pooling: str = "", device: str = "cpu") -> "SentenceEncoder":
-        """`pooling` "" = the one the checkpoint was trained with, else the family's default."""
+        """`pooling` "" = the one the checkpoint was trained with, else mean."""
         from lmstack.models.checkpoint import load_for_text
 
         if pooling not in ("", *POOLINGS):
@@ -385,7 +388,7 @@ class SentenceEncoder:
         check_encoder(model, str(path), "sentence embedding")
         saved = saved_task(path, "embed")
         context = min(model.max_context or 1024, 1024)
-        return cls(model, tok, pooling or saved.get("pooling") or DEFAULT_POOLING[model.family],
+        return cls(model, tok, pooling or saved.get("pooling") or DEFAULT_POOLING,
                    saved.get("max_length", context))
 
     @torch.no_grad()
