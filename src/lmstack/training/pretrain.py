@@ -13,6 +13,7 @@ one (`training.finetune`), built on the same two pieces.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import typing
 from pathlib import Path
@@ -125,7 +126,7 @@ def model_config(cfg: TrainConfig, tok=None):
     if cfg.family not in FAMILIES:
         raise InputError(f"--family {cfg.family!r}: not a model family; known: {', '.join(FAMILIES)}")
     config_cls = typing.get_type_hints(family_class(cfg.family).__init__)["config"]
-    fields = {f for f in config_cls.__dataclass_fields__}
+    fields = {f.name for f in dataclasses.fields(config_cls)}  # not the ClassVars FAMILY and PRESETS
     overrides = {**(special_overrides(cfg.family, tok) if tok is not None else {}), **cfg.model}
     if tok is not None and overrides.setdefault("vocab_size", tok.vocab_size) < tok.vocab_size:
         raise InputError(f"--model vocab_size={overrides['vocab_size']} is smaller than the tokenizer's {tok.vocab_size}")
