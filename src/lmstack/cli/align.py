@@ -4,6 +4,8 @@
     lmstack align score-reward --reward-model runs/rm/checkpoints/step_0000200 --prompt "Hi" --continuation "Hello!"
     lmstack align dpo --init-from SFT --data pairs.jsonl --loss ipo --beta 0.1 --lora r=16
     lmstack align ppo --init-from SFT --reward-model RM --prompts prompts.jsonl
+    lmstack align tasks --out arith.jsonl --n 2000 --lang mix --format sft
+    lmstack align grpo --init-from SFT --task arithmetic --group 8 --advantage grpo --kl 0.0
 
 Each recipe is one block: `add_recipe(sub, name, module, config class, recipe function, help,
 description)` gives it every field of its config as a flag, `--config FILE.toml` and `--resume RUN_DIR`.
@@ -45,7 +47,8 @@ def _run(args, cls, recipe, name: str) -> int:
 
 
 def register(sub) -> None:
-    group = add_group(sub, "align", help="align a model with preferences: reward models, DPO (IPO, SimPO, hinge), PPO")
+    group = add_group(sub, "align", help="align a model with preferences: reward models, DPO (IPO, SimPO, hinge), PPO, "
+                      "and RL on verifiable answers (GRPO)")
     add_recipe(
         group, "reward", "lmstack.training.reward", "RewardConfig", "train_reward",
         help="train a reward model on preference pairs (Bradley-Terry)",
@@ -64,6 +67,31 @@ def register(sub) -> None:
         description="Classic RLHF on the model given by --init-from: replies to --prompts sampled through lmstack's "
         "decoding engine, scored by --reward-model (a checkpoint of `lmstack align reward`) minus a KL penalty to the "
         "starting model, advantages by GAE from a value head, clipped policy and value losses.")
+    add_recipe(
+        group, "grpo", "lmstack.training.grpo", "GRPOConfig", "grpo",
+        help="RL on verifiable answers with GRPO (groups of sampled replies, exact-answer rewards)",
+        description="Group Relative Policy Optimization on the model given by --init-from: --group replies sampled to each "
+        "problem of --task (arithmetic, gsm8k, svamp or a JSONL file of {question, answer} rows), the prompt read once and "
+        "its decoding state forked; reward 1 for the right number (+ --format-reward for reasoning before the answer line); "
+        "advantages within each group (--advantage grpo | dr_grpo | rloo); PPO's clipped ratio loss, aggregated per reply, "
+        "per token or by a constant (--loss-agg); optional k3 KL to the starting model (--kl). Logs reward mean/std, the "
+        "fraction of groups with zero reward variance, accuracy and reply length; held-out exact match every "
+        "--eval-interval steps.")
+    t = group.add_parser("tasks", help="write arithmetic word problems: task rows, SFT rows or pretraining text",
+                         description="Multi-step arithmetic word problems (levels = steps, 1-4) with worked solutions, in "
+                         "English or Chinese, deterministic by --seed; the held-out split is fixed by a hash of each "
+                         "problem's arithmetic. --format task: {question, solution, answer, lang, level, paraphrases}; "
+                         "sft: {prompt, response} with the steps then 'Answer: N' (for `lmstack finetune`); text: question "
+                         "and response as plain text (for `lmstack train`).")
+    t.add_argument("--out", required=True, metavar="FILE", help="the file to write (replaced atomically)")
+    t.add_argument("--n", type=int, default=1000, metavar="N", help="problems to write (default: 1000)")
+    t.add_argument("--lang", choices=("en", "zh", "mix"), default="en", help="language (default: en)")
+    t.add_argument("--level", type=int, nargs="+", default=[1, 2, 3, 4], metavar="K",
+                   help="steps per problem, one or more of 1 2 3 4 (default: all)")
+    t.add_argument("--split", choices=("train", "test", "all"), default="train", help="split (default: train)")
+    t.add_argument("--format", choices=("task", "sft", "text"), default="task", help="row format (default: task)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.set_defaults(func=cmd_tasks)
     p = group.add_parser("score-reward", help="print a reward model's score of a reply to a prompt",
                          description="The reward a checkpoint of `lmstack align reward` gives CONTINUATION as the reply to "
                          "PROMPT (a user message, or an hh-rlhf transcript '\\n\\nHuman: ...\\n\\nAssistant:').")
@@ -84,4 +112,13 @@ def cmd_score_reward(args) -> int:
     for reply, score in zip(args.continuation, scores):
         print(json.dumps({"prompt": args.prompt, "continuation": reply, "reward": score}, ensure_ascii=False)
               if args.json else f"{score:.4f}\t{reply}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from lmstack.data.arithmetic import generate, write
+
+    problems = generate(args.n, seed=args.seed, lang=args.lang, levels=args.level, split=args.split)
+    write(args.out, problems, args.format)
+    print(f"wrote {len(problems)} {args.split} problems ({args.lang}, levels {args.level}) as {args.format} to {args.out}")
     return 0
