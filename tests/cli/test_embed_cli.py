@@ -98,3 +98,19 @@ def test_bad_input_exits_2_with_one_line(base, tmp_path, capsys):
                        capsys=capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not list(tmp_path.glob("v.*")) and not list(tmp_path.glob(".v.*"))
+
+
+def test_pooling_comes_from_the_flag_then_the_checkpoint(base, tmp_path, capsys):
+    """A `--task embed` checkpoint keeps its pooling in trainer_state.json; --pooling overrides it."""
+    import shutil
+
+    shutil.copytree(base / "base", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "trainer_state.json").write_text(json.dumps({"step": 1, "embed": {"pooling": "last"}}))
+    model, tok = load(base / "base")
+    with torch.no_grad():
+        states = [model.hidden_states(torch.tensor([tok.encode(t)]))[0] for t in LINES if t]
+    for flag, want in [([], [s[-1] for s in states]), (["--pooling", "cls"], [s[0] for s in states])]:
+        code, out, _ = run("embed", "--model", tmp_path / "ckpt", "--file", base / "lines.txt", "--out", tmp_path / "v.npy",
+                           *flag, capsys=capsys)
+        assert code == 0 and f"({'cls' if flag else 'last'} pooling)" in out
+        assert np.abs(np.load(tmp_path / "v.npy") - torch.stack(want).numpy()).max() < 1e-5

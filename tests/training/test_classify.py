@@ -176,3 +176,12 @@ def test_bad_input_fails_before_the_run_directory_exists(setup, tmp_path):
     with pytest.raises(InputError, match="no such checkpoint directory"):
         classify(config(root, data, tmp_path / "run", family="missing"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_finetune_command_trains_a_classifier(setup, tmp_path, lmstack_cli):
+    root, data, _ = setup
+    out = lmstack_cli("finetune", "--task", "classify", "--init-from", root / "bert", "--data", data, "--out-dir", tmp_path,
+                      "--max-steps", 2, "--batch-size", 8, "--device", "cpu")
+    done = out.strip().splitlines()[-1]
+    assert done.startswith("done: step 2") and "val_accuracy" in done and "val_macro_f1" in done
+    assert load_classifier(done.rsplit("checkpoint ", 1)[1]).labels == ["neg", "pos"]
