@@ -71,6 +71,24 @@ def register(sub) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object with every item's result")
     t.set_defaults(func=cmd_tasks)
 
+    ct = g.add_parser(
+        "cot", help="what reasoning buys: log P(A|Q) vs log P(A|Q,T), accuracy with and without reasoning",
+        description="For each problem of --task (arithmetic: held-out generated problems; gsm8k, svamp: the shared files; "
+        "or a JSONL file of {question, answer[, paraphrases]} rows): log P(A | Q) of the answer line 'Answer: N' right "
+        "after the question, against log P(A | Q, T) after the model's own sampled reasoning T; the fraction of problems "
+        "where T helps; greedy accuracy answering at once and with reasoning; how often a trace mixes languages; and "
+        "prompt sensitivity, |log P(A | Q1) - log P(A | Q2)| over the paraphrases in the file.")
+    ct.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
+    ct.add_argument("--task", required=True, metavar="TASK", help="arithmetic | gsm8k | svamp | FILE.jsonl")
+    ct.add_argument("--limit", type=int, default=200, metavar="N", help="problems to evaluate (default: 200)")
+    ct.add_argument("--lang", choices=("en", "zh", "mix"), default="mix", help="arithmetic: language (default: mix)")
+    ct.add_argument("--max-tokens", type=int, default=128, metavar="N", help="longest reasoning sampled (default: 128)")
+    ct.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the traces (default: 1.0)")
+    ct.add_argument("--seed", type=int, default=0, help="seeds the problems and the traces (default: 0)")
+    ct.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    ct.add_argument("--json", action="store_true", help="print one JSON object with every problem's result")
+    ct.set_defaults(func=cmd_cot)
+
     h = g.add_parser(
         "harness", help="EleutherAI lm-evaluation-harness tasks on an lmstack checkpoint",
         description="Run lm-evaluation-harness tasks (its own, or YAML tasks of yours with --include-path) on any "
@@ -179,6 +197,27 @@ def cmd_tasks(args) -> int:
     else:
         cut = f"; {res['truncated']} prompts kept only their end to fit the context" if res["truncated"] else ""
         print(f"exact_match {res['exact_match']:.4f}  ({res['n']} problems{cut})")
+    return 0
+
+
+def cmd_cot(args) -> int:
+    from lmstack.evaluation.cot import chain_of_thought, load_task
+    from lmstack.models.checkpoint import load_for_text
+
+    for name in ("limit", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        raise InputError(f"--temperature must be > 0 (the traces are sampled), got {args.temperature}")
+    items = load_task(args.task, "test", args.limit, args.seed, args.lang)
+    model, tokenizer = load_for_text(args.model, args.device)
+    res = chain_of_thought(model, tokenizer, items, args.max_tokens, args.temperature, args.seed)
+    if args.json:
+        print(json.dumps({"model": args.model, "task": args.task, **res}, ensure_ascii=False))
+        return 0
+    for key, value in res.items():
+        if key != "items":
+            print(f"{key}\t{value:.4f}" if isinstance(value, float) else f"{key}\t{value}")
     return 0
 
 
