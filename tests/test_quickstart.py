@@ -88,9 +88,9 @@ def test_failed_run_leaves_the_old_output(small_corpus, tmp_path, capsys):
     """Everything is staged beside --out, so a failed run leaves an earlier output as it was."""
     out = tmp_path / "qs"
     out.mkdir()
-    (out / "keep.txt").write_text("old run", encoding="utf-8")
+    (out / "results.json").write_text("{}", encoding="utf-8")  # an earlier quickstart's, which a success replaces
     assert main(["quickstart", "--corpus", str(tmp_path / "missing.txt"), "--out", str(out)]) == 2
-    assert (out / "keep.txt").read_text(encoding="utf-8") == "old run"
+    assert (out / "results.json").read_text(encoding="utf-8") == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["qs"]
 
 

@@ -16,9 +16,7 @@ the held-out text as one stream through a sliding window of their context.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 
 from lmstack.errors import InputError
-from lmstack.io import atomic_write, read_text, write_json
+from lmstack.io import atomic_write, check_output_dir, output_dir, read_text, write_json
 
 CORPUS_NAME = "tinyshakespeare.txt"
 MIN_LINES = 20  # enough to hold out a tenth and still train on something
@@ -272,22 +270,13 @@ def write_report(out: Path, corpus: Path, rows: list[Row], best: str, prompt: st
 # --- the run -----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _staging(out: Path):
-    """A hidden directory beside `out` that replaces it on success and vanishes on failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.parent / f"{tmp.name}.old"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_out(out: Path) -> None:
+    """Before any work: --out is new, empty or an earlier quickstart's output, the only folder a
+    run may replace (never a file, never a folder of the user's own)."""
+    check_output_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").exists():
+        raise InputError(f"--out {out}: a folder that holds other files, not an earlier quickstart's output; "
+                         "pick a new or empty folder (quickstart replaces its --out)")
 
 
 def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", minutes: float = 10.0,
@@ -302,7 +291,8 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
     corpus = Path(corpus) if corpus else shipped_corpus()
     out = Path(out)
     budget = 60.0 * minutes
-    with tempfile.TemporaryDirectory() as scratch, _staging(out) as stage:
+    check_out(out)
+    with tempfile.TemporaryDirectory() as scratch, output_dir(out, "--out", replace=True) as stage:
         work = Path(scratch)
         _stage(1, f"splitting {corpus}")
         files = split_corpus(corpus, work)

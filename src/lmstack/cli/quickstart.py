@@ -13,7 +13,9 @@ def register(sub) -> None:
     )
     p.add_argument("--corpus", metavar="FILE", default=None,
                    help="a UTF-8 text file, one sentence or verse per line, any language (default: the shipped Tiny Shakespeare)")
-    p.add_argument("--out", metavar="DIR", default="runs/quickstart", help="output directory, replaced on success (default: runs/quickstart)")
+    p.add_argument("--out", metavar="DIR", default="runs/quickstart",
+                   help="output directory: new, empty or an earlier quickstart's, replaced on success "
+                   "(default: runs/quickstart)")
     p.add_argument("--minutes", type=float, default=10.0,
                    help="wall-clock budget; the LSTM and the GPT get most of it (default: 10)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda (default: auto)")
