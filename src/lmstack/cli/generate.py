@@ -62,7 +62,9 @@ def cmd_generate(args) -> int:
         if not prompts:
             raise InputError(f"{args.prompts_file}: no prompts in the file (one per line)")
     if not prompts:
-        prompts = [sys.stdin.read()]
+        from lmstack.io import read_stdin
+
+        prompts = [read_stdin()]
     if args.beams > 1 and (args.stream or args.stop):
         raise InputError("--beams cannot be combined with --stream or --stop; drop one of them")
     if args.stream and (args.json or len(prompts) > 1):
