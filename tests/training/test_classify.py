@@ -18,8 +18,8 @@ from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.lora import lora_modules
 from lmstack.tokenizers.char import CharTokenizer
 from lmstack.training import checkpoint
-from lmstack.training.classify import SequenceClassifier, classify, load_classifier, macro_f1
-from lmstack.training.embed import pad_rows, text_ids
+from lmstack.training.classify import classify, load_classifier, macro_f1
+from lmstack.training.embed import pad_rows, sequence_features, text_ids
 from lmstack.training.finetune import FinetuneConfig
 
 FILLER = "the movie was plot actor really quite very film story".split()
@@ -105,11 +105,10 @@ def test_padded_rows_read_the_same_feature_as_each_row_alone(setup, family):
     pooled [CLS] state, padding masked."""
     root, _, tok = setup
     model, _ = load(root / family)
-    clf = SequenceClassifier(model, 3).eval()
     texts = ["good", "the movie was really quite bad", "film story"]
     rows = [text_ids(model, tok, t, 64)[0] for t in texts]
     with torch.no_grad():
-        batched = clf.features(pad_rows(rows))
+        batched = sequence_features(model, **pad_rows(rows))
         for i, row in enumerate(rows):
             alone = torch.tensor([row])
             if family == "gpt":

@@ -40,12 +40,11 @@ from lmstack.training.embed import (
     encoder_flops,
     freeze_unused,
     json_row,
-    last_states,
     load_encoder,
     pad_rows,
-    pool,
     row_text,
     saved_task,
+    sequence_features,
     text_ids,
     width,
 )
@@ -66,14 +65,8 @@ class SequenceClassifier(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def features(self, batch: dict) -> torch.Tensor:
-        idx, mask = batch["idx"], batch["mask"]
-        if self.model.family == "bert":
-            return self.model.pooled(idx, mask)
-        return pool(last_states(self.model, idx, mask), mask, "last")
-
     def logits(self, batch: dict) -> torch.Tensor:
-        return self.head(self.features(batch))
+        return self.head(sequence_features(self.model, batch["idx"], batch["mask"]))
 
     def forward(self, batch: dict) -> torch.Tensor:
         return F.cross_entropy(self.logits(batch).float(), batch["labels"])
@@ -184,7 +177,8 @@ def classify(cfg: FinetuneConfig, resume: bool = False) -> dict:
         val_batches = batches(val_rows, per_step).in_order() if val_rows else []
         cut = sum(c for _, c in encoded.values())
         run.begin(encoder_flops(model, length), eval_cost=len(val_batches) / (3 * cfg.grad_accum), banner=(
-            f"{model.family} classifier from {cfg.init_from}; {trains}; {len(labels)} classes "
+            f"{model.family} classifier from {cfg.init_from}; {trains}, and the head's "
+            f"{sum(p.numel() for p in objective.head.parameters()):,}; {len(labels)} classes "
             f"{labels if len(labels) <= 10 else labels[:10] + ['...']}; {len(train_rows)} train / {len(val_rows)} "
             f"held-out rows ({cut} cut to {length} tokens); {per_step} rows per step"))
         if val_batches and run.step == 0:

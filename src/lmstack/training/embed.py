@@ -130,6 +130,15 @@ def pool(states: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return states[torch.arange(states.shape[0], device=states.device), mask.sum(1) - 1]
 
 
+def sequence_features(model, idx: torch.Tensor, mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+    """[B, width]: what a sequence-level head (classifier, reward) reads: BERT's pooled [CLS],
+    tanh(W h_[CLS] + b), as `BertForSequenceClassification`; a GPT's state at the last real token,
+    the only one that has read the whole row."""
+    if model.family == "bert":
+        return model.pooled(idx, mask, token_type_ids)
+    return pool(last_states(model, idx, mask), mask, "last")
+
+
 def freeze_unused(model, *prefixes: str) -> None:
     """Freeze the parameters a task head never reaches (the LM heads; names by prefix): they stay
     as they were in the checkpoint, get no optimizer state, and DDP waits for no gradient of
