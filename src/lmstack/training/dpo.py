@@ -7,7 +7,9 @@ likelihood of the pairs becomes a loss on the policy itself. With
     h = [log π(y_c|x) − log π_ref(y_c|x)] − [log π(y_r|x) − log π_ref(y_r|x)]
 (log-probabilities summed over the response tokens, end-of-turn included), `--loss`:
 - sigmoid (DPO):  −log σ(β h)             (ln 2 when the policy is the reference)
-- ipo (IPO, Azar et al. 2023):  (h − 1/(2β))²   (on summed log-probs, as the paper; TRL averages per token)
+- ipo (IPO, Azar et al. 2023):  (h̄ − 1/(2β))², with h̄ the same difference of log-ratios averaged per
+  response token (the form the paper's results use, as TRL computes it; summed log-probs would make
+  the squared loss grow with the length)
 - hinge (SLiC, Zhao et al. 2023):  max(0, 1 − β h)
 - simpo (SimPO, Meng et al. 2024), reference-free, on per-token averages:
       −log σ(β [log π(y_c|x)/|y_c| − log π(y_r|x)/|y_r|] − γ)
@@ -73,7 +75,7 @@ def preference_loss(kind: str, beta: float, chosen: torch.Tensor, rejected: torc
     if kind == "sigmoid":
         losses = -F.logsigmoid(beta * h)
     elif kind == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
+        losses = ((chosen - ref_chosen) / chosen_len - (rejected - ref_rejected) / rejected_len - 1 / (2 * beta)) ** 2
     elif kind == "hinge":
         losses = torch.relu(1 - beta * h)
     else:

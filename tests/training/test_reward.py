@@ -1,0 +1,80 @@
+"""Reward models: the reward is transformers' sequence-classification score at the last token, the
+loss is Bradley–Terry's, a run learns a held-out preference, the checkpoint scores text from
+Python and the command line, and wrong checkpoints get one clear error."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_dpo import rule_rows, tiny_chat_gpt, write_jsonl
+
+from lmstack.cli import main
+from lmstack.data.pairs import collate_pairs, read_pairs
+from lmstack.errors import CheckpointError, InputError
+from lmstack.models.checkpoint import load
+from lmstack.training.metrics import read_metrics
+from lmstack.training.reward import RewardConfig, RewardModel, load_reward_model, train_reward
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_chat_gpt(tmp_path / "tiny")
+
+
+def test_gpt_reward_is_transformers_sequence_classification_score_and_the_loss_is_bradley_terry(tiny, tmp_path):
+    from transformers import GPT2ForSequenceClassification
+
+    from lmstack.models.hf import to_hf
+
+    model, tok = load(tiny)
+    objective = RewardModel(model).eval()
+    torch.nn.init.normal_(objective.head.weight)
+    pairs, _ = read_pairs(write_jsonl(tmp_path / "p.jsonl", rule_rows(4, 0, "pairs")), tok, 96)
+    batch = collate_pairs(pairs)
+    real = batch["segments"] > 0
+    pad = max(set(range(tok.vocab_size)) - set(batch["idx"][real].tolist()))  # an id no row uses
+    to_hf(model, tmp_path / "hf")
+    hf = GPT2ForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=1, pad_token_id=pad).eval()
+    hf.score.weight.data.copy_(objective.head.weight)  # HF's score has no bias; ours starts at 0
+    with torch.no_grad():
+        theirs = hf(batch["idx"].masked_fill(~real, pad)).logits[:, 0]
+        ours = objective.rewards(batch)
+        loss = objective(batch)
+    assert ours.tolist() == pytest.approx(theirs.tolist(), abs=1e-5)
+    chosen, rejected = theirs.chunk(2)
+    assert float(loss) == pytest.approx(float(-F.logsigmoid(chosen - rejected).mean()), abs=1e-6)
+
+
+def test_a_reward_model_learns_a_held_out_preference_and_scores_text(tiny, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(80, 1, "pairs"))
+    last = train_reward(RewardConfig(init_from=str(tiny), data=[str(data)], out_dir=str(tmp_path / "rm"), max_length=96,
+                                     batch_size=8, max_steps=25, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=0,
+                                     val_fraction=0.2))
+    evals = [r for r in read_metrics(tmp_path / "rm") if "val_accuracy" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 25
+    assert evals[-1]["val_accuracy"] == 1.0 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    scorer = load_reward_model(last["checkpoint"])
+    held_out = rule_rows(10, 7, "pairs")
+    chosen = scorer.score([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
+    rejected = scorer.score([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
+    assert bool((chosen > rejected).all())
+    capsys.readouterr()
+    assert main(["align", "score-reward", "--reward-model", last["checkpoint"], "--prompt", "Say lemon",
+                 "--continuation", "Answer: LEMON.", "--continuation", "Answer: lemon.", "--json"]) == 0
+    import json
+
+    up, low = [json.loads(line)["reward"] for line in capsys.readouterr().out.splitlines()]
+    assert up > low
+    assert up == pytest.approx(float(scorer.score(["Say lemon"], ["Answer: LEMON."])[0]), abs=1e-5)
+
+
+def test_wrong_checkpoints_and_empty_replies_get_one_clear_error(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="not a reward model.*lmstack align reward"):
+        load_reward_model(tiny)
+    assert main(["align", "score-reward", "--reward-model", str(tiny), "--prompt", "a", "--continuation", "b"]) != 0
+    with pytest.raises(InputError, match="no preference pairs"):
+        train_reward(RewardConfig(init_from=str(tiny), out_dir=str(tmp_path / "rm")))
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(10, 1, "pairs"))
+    last = train_reward(RewardConfig(init_from=str(tiny), data=[str(data)], out_dir=str(tmp_path / "rm"), max_length=96,
+                                     batch_size=2, max_steps=1, warmup_steps=0, eval_interval=0))
+    with pytest.raises(InputError, match="response 1 is empty"):
+        load_reward_model(last["checkpoint"]).score(["a", "b"], ["fine", " "])
