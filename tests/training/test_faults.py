@@ -178,8 +178,8 @@ def test_resume_falls_back_past_a_damaged_checkpoint_bit_for_bit(shards, tmp_pat
         capsys.readouterr()
         train(config(run, shards, max_steps=10), resume=True)
         said = capsys.readouterr().out
-        assert f"checkpoint step_0000006 is damaged ({run / 'checkpoints' / 'step_0000006' / file}" in said, name
-        assert "set aside as damaged_step_0000006, resuming from step_0000004" in said, name
+        assert (f"checkpoint step_0000006 is damaged, so the run resumes from step_0000004 (step_0000006 is set aside as "
+                f"damaged_step_0000006): {run / 'checkpoints' / 'step_0000006' / file}") in said, name
         assert losses(run) == losses(tmp_path / "ref"), name  # steps 5..10 retrained from step 4, bit for bit
         assert (run / checkpoint.CHECKPOINTS / "damaged_step_0000006").is_dir(), name  # kept for a look, out of the way
 

@@ -162,7 +162,8 @@ class Run:
         if self.main:
             for bad, why in damaged:
                 aside = checkpoint.set_aside(bad)
-                self.write(f"checkpoint {bad.name} is damaged ({why}); set aside as {aside.name}, resuming from {ckpt.name}")
+                self.write(f"checkpoint {bad.name} is damaged, so the run resumes from {ckpt.name} ({bad.name} is set aside "
+                           f"as {aside.name}): {why}")
         distributed.barrier(self.d)
         return ckpt
 
@@ -246,9 +247,10 @@ class Run:
     def checkpoint_due(self) -> bool:
         return self.at_end or self.stopping or bool(self.cfg.ckpt_interval and self.step % self.cfg.ckpt_interval == 0)
 
-    def end_step(self, result: StepResult, lr: float, tokens: int, **extra) -> None:
-        """Count the step (`tokens` trained on, all processes), log it, and decide whether the
-        run stops here (schedule done, out of time, or a signal)."""
+    def end_step(self, result: StepResult, lr: float, tokens: int | None = None, **extra) -> None:
+        """Count the step (`tokens` trained on, all processes; default: the step's own count), log
+        it, and decide whether the run stops here (schedule done, out of time, or a signal)."""
+        tokens = result.tokens if tokens is None else tokens
         self.step += 1
         self.tokens += tokens
         dt = time.perf_counter() - self._t0
