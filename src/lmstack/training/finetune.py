@@ -35,24 +35,22 @@ CAUSAL = ("gpt", "rnn", "ffn")
 
 
 @dataclass
-class FinetuneConfig(RunConfig):
-    """Fine-tuning (`lmstack finetune`)."""
+class AdaptConfig(RunConfig):
+    """What every recipe that starts from a pretrained model shares (fine-tuning, reward models,
+    preference and RL training): the model, the data, the held-out split, LoRA, short-run defaults."""
 
     out_dir: str = _field("runs/finetune", "run directory: config, metrics, checkpoints")
     init_from: str = _field("", "the model to start from: an lmstack checkpoint, an adapter directory or a "
                                 "Hugging Face model directory (imported on the fly)")
-    data: list[str] = _field([], "JSONL files ({prompt, response} or {messages}; classify: {text, label}; "
-                                 "embed: {text}) or plain text files for continued pretraining")
-    task: str = _field("sft", "sft (loss on the answers) | classify (a label head) | embed (contrastive sentence vectors)")
-    max_length: int = _field(0, "tokens per row (packed) and the longest example kept; 0 = the model's context, at most 1024")
-    pack: bool = _field(True, "pack short examples into full rows (each attends only to itself); --no-pack: one per row")
+    data: list[str] = _field([], "the data files")
+    max_length: int = _field(0, "tokens per row and the longest example kept; 0 = the model's context, at most 1024")
     val_fraction: float = _field(0.1, "fraction of the examples held out for validation (seeded)")
     grad_accum: int = _field(1, "micro-batches per optimizer step on each process")
-    lora: dict = _field({}, "LoRA adapters instead of full fine-tuning: r (16), alpha (32), dropout (0.0), "
+    lora: dict = _field({}, "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), "
                             "targets (attn,mlp or module-name patterns), rslora (false)")
-    # the recipe's own defaults: a short run at a small learning rate
+    # short runs at a small learning rate
     max_steps: int = _field(300, "optimizer steps to train for")
-    lr: float = _field(1e-4, "peak learning rate (LoRA usually wants ~10x more than full fine-tuning)")
+    lr: float = _field(1e-4, "peak learning rate (LoRA usually wants ~10x more than full training)")
     min_lr: float = _field(1e-5, "learning rate at the end of the schedule")
     warmup_steps: int = _field(20, "")
     weight_decay: float = _field(0.0, "applied to matrices and embeddings, never to biases and norms")
@@ -67,19 +65,31 @@ class FinetuneConfig(RunConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
-            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
             (self.max_length >= 0, "max_length must be >= 0 (0 = the model's context)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
         ]
 
     def lora_config(self):
-        """The LoRA settings, or None for full fine-tuning (an empty [lora] table)."""
+        """The LoRA settings, or None for full training (an empty [lora] table)."""
         if not self.lora:
             return None
         from lmstack.models.lora import LoraConfig
 
         return table(LoraConfig, self.lora, "lora")
+
+
+@dataclass
+class FinetuneConfig(AdaptConfig):
+    """Fine-tuning (`lmstack finetune`)."""
+
+    data: list[str] = _field([], "JSONL files ({prompt, response} or {messages}; classify: {text, label}; "
+                                 "embed: {text}) or plain text files for continued pretraining")
+    task: str = _field("sft", "sft (loss on the answers) | classify (a label head) | embed (contrastive sentence vectors)")
+    pack: bool = _field(True, "pack short examples into full rows (each attends only to itself); --no-pack: one per row")
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return super().checks() + [(self.task in TASKS, f"task must be one of {', '.join(TASKS)}")]
 
 
 # --- shared by the fine-tuning recipes ------------------------------------------------------
@@ -118,7 +128,7 @@ def fit_vocab(model: nn.Module, tokenizer) -> tuple[nn.Module, bool]:
     return grow_vocab(model, tokenizer.vocab_size), True
 
 
-def apply_lora(model: nn.Module, cfg: FinetuneConfig, grew: bool) -> str:
+def apply_lora(model: nn.Module, cfg: AdaptConfig, grew: bool) -> str:
     """Attach the [lora] adapters (when asked) and say what trains."""
     total = sum(p.numel() for p in model.parameters())
     lora = cfg.lora_config()
@@ -133,12 +143,12 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig, grew: bool) -> str:
     return f"{how}: {trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)"
 
 
-def save_model(run: Run, tokenizer, cfg: FinetuneConfig) -> Path:
+def save_model(run: Run, tokenizer, cfg: AdaptConfig) -> Path:
     """The run's checkpoint: a model directory, or a PEFT adapter directory naming its base."""
     return run.save(tokenizer, adapter_base=cfg.init_from if cfg.lora else None)
 
 
-def max_length(cfg: FinetuneConfig, model) -> int:
+def max_length(cfg: AdaptConfig, model) -> int:
     context = model.max_context
     if cfg.max_length:
         if context is not None and cfg.max_length > context:
@@ -263,16 +273,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         path = None
         while not run.done:
             lr = lr_at(run.step, run.cfg)
-            step, trained = run.step, torch.zeros((), dtype=torch.long)
-
-            def batch(micro):
-                b = train_batches.make(step, micro * d.world + d.rank)
-                trained.add_((b["segments"] > 0).sum())
-                return b
-
-            result = stepper(batch, cfg.grad_accum, lr, step)
-            tokens = int(distributed.sum_(trained.to(run.device), d))
-            run.end_step(result, lr, tokens, epoch=round(train_batches.epoch(run.step + 1), 3))
+            step = run.step
+            result = stepper(lambda micro: train_batches.make(step, micro * d.world + d.rank), cfg.grad_accum, lr, step,
+                             count=lambda b: (b["segments"] > 0).sum())
+            run.end_step(result, lr, epoch=round(train_batches.epoch(run.step + 1), 3))
             if val_batches and run.eval_due:
                 run.log_eval(answer_logprobs(objective, val_batches, stepper))
             if run.checkpoint_due:

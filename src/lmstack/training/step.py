@@ -41,6 +41,7 @@ class StepResult:
     loss: float  # mean over micro-batches and processes
     grad_norm: float
     finite: bool  # False: the step was skipped (--skip-nonfinite)
+    tokens: int | None = None  # tokens trained on, all processes (when the step was given `count`)
 
 
 class OptimizerStep:
@@ -65,11 +66,14 @@ class OptimizerStep:
         with self.autocast:
             return self.wrapped(self.to_device(batch))
 
-    def __call__(self, batch: Callable[[int], dict], accum: int, lr: float, step: int) -> StepResult:
-        """One optimizer step over micro-batches `batch(0) .. batch(accum - 1)`."""
+    def __call__(self, batch: Callable[[int], dict], accum: int, lr: float, step: int,
+                 count: Callable[[dict], torch.Tensor] | None = None) -> StepResult:
+        """One optimizer step over micro-batches `batch(0) .. batch(accum - 1)`; `count(batch)`
+        gives the tokens a micro-batch trains on (padding excluded), summed into `tokens`."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
+        trained = torch.zeros((), dtype=torch.long)
         shape = "?"
         try:
             for micro in range(accum):
@@ -78,6 +82,8 @@ class OptimizerStep:
                     self.wrapped.set_requires_gradient_sync(sync)
                 no_sync = self.wrapped.no_sync() if self.d.enabled and not self.fsdp and not sync else contextlib.nullcontext()
                 micro_batch = batch(micro)
+                if count is not None:
+                    trained += count(micro_batch)
                 shape = " × ".join(map(str, next(v for v in micro_batch.values() if torch.is_tensor(v)).shape))
                 with no_sync:
                     loss = self.loss(micro_batch)
@@ -101,7 +107,8 @@ class OptimizerStep:
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_val, norm, finite)
+        tokens = int(distributed.sum_(trained.to(self.device), self.d)) if count is not None else None
+        return StepResult(loss_val, norm, finite, tokens)
 
     @torch.no_grad()
     def mean_loss(self, batch: Callable[[int], dict], n: int) -> float:
