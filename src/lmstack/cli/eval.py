@@ -129,8 +129,8 @@ def _documents(paths):
 
 
 def cmd_perplexity(args) -> int:
-    from lmstack.models.checkpoint import load_for_text
     from lmstack.evaluation.perplexity import PROGRESS_UNITS, default_mode, measure
+    from lmstack.models.checkpoint import load_for_text
     from lmstack.progress import progress
 
     if args.batch_tokens < 1:
@@ -176,8 +176,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    from lmstack.models.checkpoint import load_for_text
     from lmstack.evaluation.tasks import run
+    from lmstack.models.checkpoint import load_for_text
 
     check_readable(args.file)
     if args.shots < 0:
@@ -222,7 +222,8 @@ def cmd_cot(args) -> int:
 
 
 def cmd_harness(args) -> int:
-    from lmstack.evaluation.harness import LmstackLM  # needs lm-eval: a one-line error without it
+    _offline_unless_hub_reachable()  # before lm-eval (and the Hub client it imports) reads the setting
+    from lmstack.evaluation.harness import LmstackLM  # noqa: I001 (first: without lm-eval, a one-line error)
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -241,10 +242,27 @@ def cmd_harness(args) -> int:
         raise InputError(f"lm-eval knows no task {unknown[0]!r}; see `lm_eval --tasks list`, or point "
                          "--include-path at the folder of its YAML file")
     lm = LmstackLM(path=args.model, batch_size=args.batch_size, device=args.device)
-    out = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=tasks)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                      task_manager=tasks)
+    except OSError as e:  # the datasets library's ConnectionError, the Hub's offline errors
+        raise InputError(f"the task's data could not be fetched ({e}); run it once where huggingface.co is "
+                         "reachable (the data is then cached), or point --include-path at local task files") from e
     if args.json:
         print(json.dumps({"model": args.model, "results": out["results"]}, ensure_ascii=False, default=str))
     else:
         print(make_table(out))
     return 0
+
+
+def _offline_unless_hub_reachable(timeout: float = 3.0) -> None:
+    """Without a network, tell the Hugging Face clients to stay offline: cached task data still
+    loads, and missing data fails at once instead of after a retry loop of half a minute."""
+    import os
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
