@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import lmstack
 from lmstack.cli import main
-from lmstack.errors import CheckpointError, FormatError
+from lmstack.errors import CheckpointError, ConfigError, FormatError, InputError
+from lmstack.models.checkpoint import family_class
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.tokenizers import load_tokenizer
 from lmstack.tokenizers.char import CharTokenizer
@@ -164,6 +165,21 @@ def test_corrupt_or_missing_files(ckpt):
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="missing config.json"):
         lmstack.load(ckpt)
+
+
+BAD_CONFIGS = {"gpt": ({"n_embd": 64, "n_head": 3}, "must be divisible by n_head"), "rnn": ({"cell": "xyz"}, "cell must be"),
+               "ffn": ({"order": 1}, "order must be >= 2"), "bert": ({"d_model": 30, "n_heads": 4}, "must be divisible"),
+               "t5": ({"activation": "swish"}, "activation must be")}
+
+
+@pytest.mark.parametrize("family", BAD_CONFIGS)
+def test_an_invalid_model_config_is_an_input_error(family):
+    """One exception family: the CLI prints a bad size as one line (InputError); code that caught
+    the ValueError these configs raised before still catches it."""
+    values, message = BAD_CONFIGS[family]
+    with pytest.raises(ConfigError, match=message) as raised:
+        family_class(family).config_class(**values)
+    assert isinstance(raised.value, InputError) and isinstance(raised.value, ValueError)
 
 
 def test_a_hugging_face_directory_points_to_convert(tmp_path):

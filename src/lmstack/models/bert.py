@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.errors import CheckpointError, ContextLengthError, InputError
+from lmstack.errors import CheckpointError, ConfigError, ContextLengthError, InputError
 from lmstack.models.checkpoint import TorchCheckpoint, assign_weights
 from lmstack.models.hf_dir import read_hf_dir, take_tensors
 from lmstack.models.sizes import Presets
@@ -57,9 +57,9 @@ class BERTConfig(Presets):
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
     @classmethod
     def sized(cls, dial: int, **overrides) -> "BERTConfig":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.errors import InputError
+from lmstack.errors import ConfigError, InputError
 from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
@@ -45,9 +45,9 @@ class FeedForwardConfig(Presets):
 
     def __post_init__(self):
         if self.order < 2:
-            raise ValueError(f"order must be >= 2 (an n-gram conditions on n-1 >= 1 tokens), got {self.order}")
+            raise ConfigError(f"order must be >= 2 (an n-gram conditions on n-1 >= 1 tokens), got {self.order}")
         if min(self.vocab_size, self.d_embed, self.d_hidden) < 1 or self.n_hidden_layers < 1:
-            raise ValueError("vocab_size, d_embed, d_hidden and n_hidden_layers must be positive")
+            raise ConfigError("vocab_size, d_embed, d_hidden and n_hidden_layers must be positive")
 
     @classmethod
     def sized(cls, dial: int, **overrides) -> "FeedForwardConfig":

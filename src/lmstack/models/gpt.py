@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.errors import ContextLengthError, InputError
+from lmstack.errors import ConfigError, ContextLengthError, InputError
 from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
@@ -92,27 +92,27 @@ class GPTConfig(Presets):
     def __post_init__(self):
         for name, value, allowed in (("norm", self.norm, NORMS), ("pos", self.pos, POSITIONS), ("mlp", self.mlp, MLPS)):
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
-            raise ValueError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
+            raise ConfigError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
         if self.head_dim is None:
             if self.n_embd % self.n_head:
-                raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
+                raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or set head_dim")
             self.head_dim = self.n_embd // self.n_head
         if self.head_dim < 1 or (self.sliding_window is not None and self.sliding_window < 1):
-            raise ValueError(f"head_dim and sliding_window must be positive, got {self.head_dim} and {self.sliding_window}")
+            raise ConfigError(f"head_dim and sliding_window must be positive, got {self.head_dim} and {self.sliding_window}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+            raise ConfigError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head size, got head_dim = {self.head_dim}")
+            raise ConfigError(f"RoPE needs an even head size, got head_dim = {self.head_dim}")
         if self.rope_scaling is not None and (self.pos != "rope" or set(self.rope_scaling) != set(LLAMA3_SCALING)):
-            raise ValueError(f"rope_scaling needs pos='rope' and exactly the keys {LLAMA3_SCALING}")
+            raise ConfigError(f"rope_scaling needs pos='rope' and exactly the keys {LLAMA3_SCALING}")
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
     def sized(cls, depth: int, **overrides) -> "GPTConfig":

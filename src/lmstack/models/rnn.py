@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.errors import InputError
+from lmstack.errors import ConfigError, InputError
 from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
@@ -51,11 +51,11 @@ class RNNConfig(Presets):
 
     def __post_init__(self):
         if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
+            raise ConfigError(f"cell must be one of {sorted(CELLS)}, got {self.cell!r}")
         if min(self.vocab_size, self.d_embed, self.d_hidden, self.n_layers) < 1:
-            raise ValueError("vocab_size, d_embed, d_hidden and n_layers must be positive")
+            raise ConfigError("vocab_size, d_embed, d_hidden and n_layers must be positive")
         if self.tie_weights and self.d_embed != self.d_hidden:
-            raise ValueError(f"tie_weights needs d_embed == d_hidden (got {self.d_embed} and {self.d_hidden})")
+            raise ConfigError(f"tie_weights needs d_embed == d_hidden (got {self.d_embed} and {self.d_hidden})")
 
     @classmethod
     def sized(cls, dial: int, **overrides) -> "RNNConfig":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.errors import CheckpointError, InputError
+from lmstack.errors import CheckpointError, ConfigError, InputError
 from lmstack.models.base import padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint, assign_weights
 from lmstack.models.hf_dir import read_hf_dir, take_tensors
@@ -69,9 +69,9 @@ class T5Config(Presets):
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.num_buckets < 4 or self.max_distance <= self.num_buckets // 4:
-            raise ValueError("need num_buckets >= 4 and max_distance > num_buckets / 4 for relative position buckets")
+            raise ConfigError("need num_buckets >= 4 and max_distance > num_buckets / 4 for relative position buckets")
 
     @classmethod
     def sized(cls, dial: int, **overrides) -> "T5Config":
