@@ -214,11 +214,24 @@ def output_dir(path: str | os.PathLike, flag: str, replace: bool = False) -> Ite
         stage.rename(p)
         if old:
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+        named = _in_place_of(e, stage, p)
+        if named is not None:
+            raise named from e
         raise
+
+
+def _in_place_of(e: BaseException, stage: Path, final: Path) -> OSError | None:
+    """A failed write inside the hidden staging folder, as the OSError it is for the user: naming
+    the output path they gave, not a temp name that is already gone."""
+    if type(e).__name__ == "SafetensorError":
+        e = safetensors_os_error(e) or e
+    if not isinstance(e, OSError) or not str(e.filename or "").startswith(str(stage)):
+        return None
+    return OSError(e.errno, e.strerror, str(final) + str(e.filename)[len(str(stage)):])
 
 
 def _remove(path: Path) -> None:
@@ -250,12 +263,13 @@ def os_error_message(e: OSError) -> str:
     """One line naming what failed on the machine (disk full, permissions, read-only disk, no
     network) and the fix: these are never lmstack bugs, so never an "internal error"."""
     reason = (e.strerror or str(e) or type(e).__name__).rstrip(".")
+    reason = reason[0].lower() + reason[1:]
     if _is_network(e):
         return (f"a network connection failed ({reason}); check the connection, or use local files "
                 "(lmstack itself never needs the network)")
     verb, fix = _FIXES.get(e.errno, ("cannot use", "check the path, its permissions and the free space"))
     where = f" {e.filename}" if e.filename else ""
-    return f"{verb}{where}: {reason[0].lower() + reason[1:]}; {fix}"
+    return f"{verb}{where}: {reason}; {fix}"
 
 
 def _is_network(e: OSError) -> bool:
