@@ -71,6 +71,7 @@ class EmbedOptions:
 
 
 def embed_options(cfg: FinetuneConfig) -> EmbedOptions:
+    """The [embed] table, checked (defaults where the config has no such table)."""
     from lmstack.training.config import table
 
     return table(EmbedOptions, getattr(cfg, "embed", {}), "embed")
@@ -103,9 +104,9 @@ def width(model) -> int:
 
 def pad_rows(rows: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
     """`idx` [B, T] right-padded with 0 to the longest row, `mask` [B, T] True on real tokens."""
-    width = max(len(r) for r in rows)
-    idx = np.zeros((len(rows), width), dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=bool)
+    longest = max(len(r) for r in rows)
+    idx = np.zeros((len(rows), longest), dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=bool)
     for i, r in enumerate(rows):
         idx[i, : len(r)] = r
         mask[i, : len(r)] = True
