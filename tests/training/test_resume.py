@@ -10,8 +10,9 @@ import time
 import pytest
 
 from lmstack.training import checkpoint
-from lmstack.training.pretrain import train
 from lmstack.training.metrics import read_metrics
+from lmstack.training.pretrain import train
+
 
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
