@@ -48,7 +48,7 @@ from lmstack.training.embed import (
     text_ids,
     width,
 )
-from lmstack.training.finetune import FinetuneConfig, apply_lora
+from lmstack.training.finetune import FinetuneConfig, apply_lora, save_model
 from lmstack.training.optim import lr_at
 from lmstack.training.run import Run
 
@@ -193,8 +193,7 @@ def classify(cfg: FinetuneConfig, resume: bool = False) -> dict:
             if val_batches and run.eval_due:
                 run.log_eval(classification_metrics(objective, val_batches, stepper))
             if run.checkpoint_due:
-                path = run.save(tok, adapter_base=cfg.init_from if cfg.lora else None,
-                                classify={"labels": labels, "max_length": length})
+                path = save_model(run, tok, cfg, classify={"labels": labels, "max_length": length})
         return {**run.finish(), "checkpoint": str(path) if path else None}
 
 

@@ -43,7 +43,7 @@ from torch import nn
 from lmstack.errors import InputError
 from lmstack.io import check_readable, iter_lines, read_json
 from lmstack.training import distributed
-from lmstack.training.finetune import FinetuneConfig, apply_lora, fit_vocab, load_base, max_length
+from lmstack.training.finetune import FinetuneConfig, apply_lora, fit_vocab, load_base, max_length, save_model
 from lmstack.training.optim import lr_at
 from lmstack.training.run import Run
 
@@ -74,7 +74,7 @@ def embed_options(cfg: FinetuneConfig) -> EmbedOptions:
     """The [embed] table, checked (defaults where the config has no such table)."""
     from lmstack.training.config import table
 
-    return table(EmbedOptions, getattr(cfg, "embed", {}), "embed")
+    return table(EmbedOptions, cfg.embed, "embed")
 
 
 # --- sentences to vectors (shared with training.classify and `lmstack embed`) ----------------
@@ -358,8 +358,7 @@ def embed(cfg: FinetuneConfig, resume: bool = False) -> dict:
             if val_batches and run.eval_due:
                 run.log_eval(contrastive_metrics(objective, val_batches, stepper, cfg.seed))
             if run.checkpoint_due:
-                path = run.save(tok, adapter_base=cfg.init_from if cfg.lora else None,
-                                embed={"pooling": opts.pooling, "max_length": length})
+                path = save_model(run, tok, cfg, embed={"pooling": opts.pooling, "max_length": length})
         return {**run.finish(), "checkpoint": str(path) if path else None}
 
 

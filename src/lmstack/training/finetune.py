@@ -68,6 +68,7 @@ class AdaptConfig(RunConfig):
             (self.max_length >= 0, "max_length must be >= 0 (0 = the model's context)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.parallel == "ddp", "recipes from a pretrained model run under DDP (--parallel ddp); FSDP is for pretraining"),
         ]
 
     def lora_config(self):
@@ -87,6 +88,14 @@ class FinetuneConfig(AdaptConfig):
                                  "embed: {text}) or plain text files for continued pretraining")
     task: str = _field("sft", "sft (loss on the answers) | classify (a label head) | embed (contrastive sentence vectors)")
     pack: bool = _field(True, "pack short examples into full rows (each attends only to itself); --no-pack: one per row")
+    embed: dict = _field({}, "--task embed: temperature (0.05), pooling (mean | cls | last), dropout (0.1, when the "
+                             "model has none)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        from lmstack.training.embed import embed_options
+
+        embed_options(self)  # the [embed] table, checked
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [(self.task in TASKS, f"task must be one of {', '.join(TASKS)}")]
@@ -143,9 +152,10 @@ def apply_lora(model: nn.Module, cfg: AdaptConfig, grew: bool) -> str:
     return f"{how}: {trained:,} of {total:,} parameters train ({100 * trained / total:.2f}%)"
 
 
-def save_model(run: Run, tokenizer, cfg: AdaptConfig) -> Path:
-    """The run's checkpoint: a model directory, or a PEFT adapter directory naming its base."""
-    return run.save(tokenizer, adapter_base=cfg.init_from if cfg.lora else None)
+def save_model(run: Run, tokenizer, cfg: AdaptConfig, **extra_state) -> Path:
+    """The run's checkpoint: a model directory, or a PEFT adapter directory naming its base;
+    `extra_state` (a recipe's own, e.g. a classifier's labels) goes into trainer_state.json."""
+    return run.save(tokenizer, adapter_base=cfg.init_from if cfg.lora else None, **extra_state)
 
 
 def max_length(cfg: AdaptConfig, model) -> int:
