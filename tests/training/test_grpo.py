@@ -17,7 +17,6 @@ from lmstack.training.grpo import GRPOConfig, advantages, grpo, grpo_loss, k3
 from lmstack.training.metrics import read_metrics
 from lmstack.training.pretrain import train
 
-
 # --- advantages ---------------------------------------------------------------------------------
 
 
