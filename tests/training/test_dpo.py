@@ -39,24 +39,24 @@ def write_jsonl(path, rows):
 
 
 def rule_rows(n: int, seed: int, kind: str) -> list[dict]:
-    """Requests to say a word. The preferred reply writes it in capitals ("Answer: APPLE."), the
-    other in lower case ("Answer: apple."). kind: "pairs" (chosen capitals), "sft" (either, half
+    """Requests to say a word. The preferred reply ends with an exclamation mark ("Answer: apple!"),
+    the other with a full stop ("Answer: apple."). kind: "pairs" (chosen "!"), "sft" (either, half
     and half), "prompts" (the request only)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         w = rng.choice(WORDS)
         prompt = f"{rng.choice(['Shout', 'Say', 'Spell'])} {w}"
-        upper, lower = f"Answer: {w.upper()}.", f"Answer: {w}."
-        rows.append({"pairs": {"prompt": prompt, "chosen": upper, "rejected": lower},
-                     "sft": {"prompt": prompt, "response": upper if rng.random() < 0.5 else lower},
+        liked, other = f"Answer: {w}!", f"Answer: {w}."
+        rows.append({"pairs": {"prompt": prompt, "chosen": liked, "rejected": other},
+                     "sft": {"prompt": prompt, "response": liked if rng.random() < 0.5 else other},
                      "prompts": {"prompt": prompt}}[kind])
     return rows
 
 
 def tiny_chat_gpt(path, block_size: int = 96, seed: int = 0):
     """An untrained one-layer character GPT with the chat tokens, saved at `path`."""
-    tok = CharTokenizer.train([" ".join(WORDS + [w.upper() for w in WORDS]) + "AnswerSyShoutSpell:."], special_tokens=(EOT,))
+    tok = CharTokenizer.train([" ".join(WORDS) + "AnswerSyShoutSpell:.!"], special_tokens=(EOT,))
     add_chat_tokens(tok)
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32))
@@ -66,7 +66,7 @@ def tiny_chat_gpt(path, block_size: int = 96, seed: int = 0):
 
 def sft_model(tmp_path_factory, small_text) -> str:
     """A one-layer character GPT pretrained on Shakespeare, then fine-tuned to answer the rule's
-    requests in either style (half capitals, half lower case)."""
+    requests in either form (half end with "!", half with ".")."""
     from lmstack.training.config import TrainConfig
     from lmstack.training.finetune import FinetuneConfig, finetune
     from lmstack.training.pretrain import train
@@ -90,10 +90,10 @@ def greedy_replies(ckpt, rows) -> list[str]:
     return [tok.decode(o.tokens[: o.tokens.index(end)] if end in o.tokens else o.tokens) for o in outs]
 
 
-def capitals_rate(ckpt, rows) -> float:
-    """How often the greedy reply to a request is the preferred one, 'Answer: WORD.' in capitals."""
+def preferred_rate(ckpt, rows) -> float:
+    """How often the greedy reply to a request has the preferred form, "Answer: ...!"."""
     replies = greedy_replies(ckpt, rows)
-    return sum(r == f"Answer: {row['prompt'].split()[-1].upper()}." for r, row in zip(replies, rows)) / len(rows)
+    return sum(r.startswith("Answer: ") and r.endswith("!") for r in replies) / len(rows)
 
 
 # --- the losses -----------------------------------------------------------------------------
@@ -272,9 +272,9 @@ def sft(tmp_path_factory, small_text):
 def test_dpo_raises_the_held_out_rate_of_the_preferred_behaviour(sft, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(200, 3, "pairs"))
     held_out = rule_rows(40, 99, "prompts")
-    before = capitals_rate(sft, held_out)
+    before = preferred_rate(sft, held_out)
     last = dpo(DPOConfig(init_from=sft, data=[str(data)], out_dir=str(tmp_path / "dpo"), max_length=64, batch_size=8,
-                         max_steps=30, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_interval=10))
-    after = capitals_rate(last["checkpoint"], held_out)
+                         max_steps=30, lr=3e-4, min_lr=3e-5, warmup_steps=3, eval_interval=10))
+    after = preferred_rate(last["checkpoint"], held_out)
     assert last["val_reward_accuracy"] == 1.0
     assert after >= before + 0.3 and after >= 0.8, (before, after)

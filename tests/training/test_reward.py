@@ -59,12 +59,12 @@ def test_a_reward_model_learns_a_held_out_preference_and_scores_text(tiny, tmp_p
     assert bool((chosen > rejected).all())
     capsys.readouterr()
     assert main(["align", "score-reward", "--reward-model", last["checkpoint"], "--prompt", "Say lemon",
-                 "--continuation", "Answer: LEMON.", "--continuation", "Answer: lemon.", "--json"]) == 0
+                 "--continuation", "Answer: lemon!", "--continuation", "Answer: lemon.", "--json"]) == 0
     import json
 
-    up, low = [json.loads(line)["reward"] for line in capsys.readouterr().out.splitlines()]
-    assert up > low
-    assert up == pytest.approx(float(scorer.score(["Say lemon"], ["Answer: LEMON."])[0]), abs=1e-5)
+    liked, other = [json.loads(line)["reward"] for line in capsys.readouterr().out.splitlines()]
+    assert liked > other
+    assert liked == pytest.approx(float(scorer.score(["Say lemon"], ["Answer: lemon!"])[0]), abs=1e-5)
 
 
 def test_wrong_checkpoints_and_empty_replies_get_one_clear_error(tiny, tmp_path):
