@@ -78,3 +78,49 @@ def test_wrong_checkpoints_and_empty_replies_get_one_clear_error(tiny, tmp_path)
                                      batch_size=2, max_steps=1, warmup_steps=0, eval_interval=0))
     with pytest.raises(InputError, match="response 1 is empty"):
         load_reward_model(last["checkpoint"]).score(["a", "b"], ["fine", " "])
+
+
+def test_bert_reward_is_transformers_sequence_classification_score_of_the_pooled_cls(tmp_path):
+    from transformers import BertConfig, BertForPreTraining, BertForSequenceClassification
+
+    from lmstack.data.pairs import Pair
+    from lmstack.models.bert import from_hf_bert
+
+    torch.manual_seed(0)
+    hf_cfg = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    BertForPreTraining(hf_cfg).save_pretrained(tmp_path / "bert")  # with a pooler
+    model, _ = from_hf_bert(tmp_path / "bert")
+    objective = RewardModel(model).eval()
+    torch.nn.init.normal_(objective.head.weight)
+    torch.nn.init.normal_(objective.head.bias)
+    hf = BertForSequenceClassification.from_pretrained(tmp_path / "bert", num_labels=1).eval()
+    hf.classifier.load_state_dict(objective.head.state_dict())
+    cls, sep = [1], [2]
+    pairs = [Pair(cls + [5, 6, 7] + sep, [8, 9] + sep, [10] + sep, "a"),
+             Pair(cls + [11] + sep, [12, 13, 14] + sep, [15] + sep, "b")]
+    batch = collate_pairs(pairs)
+    types = torch.zeros_like(batch["idx"])
+    for i, p in enumerate(pairs + pairs):
+        types[i, len(p.prompt):] = 1  # [CLS] prompt [SEP] is segment 0, the reply and its [SEP] segment 1
+    with torch.no_grad():
+        theirs = hf(batch["idx"], attention_mask=(batch["segments"] > 0).long(), token_type_ids=types).logits[:, 0]
+        ours = objective.rewards(batch)
+    assert ours.tolist() == pytest.approx(theirs.tolist(), abs=1e-5)
+
+
+def test_a_bert_reward_model_trains_on_pairs_and_scores_text(tmp_path):
+    from lmstack.models.bert import BERT, BERTConfig
+    from lmstack.tokenizers.char import CharTokenizer
+
+    tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyzASY :.!"], special_tokens=("[CLS]", "[SEP]", "[MASK]"))
+    ids = tok.special_tokens
+    torch.manual_seed(0)
+    BERT(BERTConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_position=64, dropout=0.0,
+                    cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], mask_token_id=ids["[MASK]"])).save(tmp_path / "b", tok)
+    data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(60, 1, "pairs"))
+    last = train_reward(RewardConfig(init_from=str(tmp_path / "b"), data=[str(data)], out_dir=str(tmp_path / "rm"),
+                                     batch_size=8, max_steps=20, lr=3e-3, warmup_steps=2, eval_interval=0, val_fraction=0.2))
+    assert last["val_accuracy"] >= 0.9
+    scorer = load_reward_model(last["checkpoint"])
+    assert float(scorer.score(["Say lemon"], ["Answer: lemon!"])[0]) > float(scorer.score(["Say lemon"], ["Answer: lemon."])[0])
