@@ -8,7 +8,7 @@ embeddings — with full weights or LoRA, from a TOML config with any field over
 
 from __future__ import annotations
 
-from lmstack.cli.train import resolve_config, shipped_configs
+from lmstack.cli.train import finish, resolve_config, shipped_configs
 from lmstack.io import check_output_dir
 
 
@@ -35,15 +35,9 @@ def register(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
-    import os
-
     from lmstack.training.finetune import FinetuneConfig, recipe
 
     cfg = resolve_config(args, FinetuneConfig)
     check_output_dir(cfg.out_dir, "--out-dir")  # before the base model is loaded
     last = recipe(cfg.task)(cfg, resume=bool(args.resume))
-    if last and os.environ.get("RANK", "0") == "0":
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") and isinstance(v, float))
-        print(f"done: step {last.get('step', 0)}, loss {last.get('loss', float('nan')):.4f}"
-              f"{', ' + shown if shown else ''}; checkpoint {last.get('checkpoint')}")
-    return 0
+    return finish(last, f"checkpoint {last.get('checkpoint')}")

@@ -106,10 +106,16 @@ def cmd_train(args) -> int:
     if args.prepare_only:
         return prepare_only(cfg)
     from lmstack.training.pretrain import train
+
+    return finish(train(cfg, resume=bool(args.resume)), f"run dir {cfg.out_dir}")
+
+
+def finish(last: dict, where: str, name: str = "") -> int:
+    """Print a finished run's summary (its last loss and validation figures) and return the
+    command's exit code: 130 / 143 when a signal stopped it (its last line said how to resume)."""
     from lmstack.training.run import exit_code
 
-    last = train(cfg, resume=bool(args.resume))
     if last and last.get("stopped") != "signal" and os.environ.get("RANK", "0") == "0":
-        summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if last.get(k) is not None)
-        print(f"done: step {last['step']}, {summary}; run dir {cfg.out_dir}")
-    return exit_code(last)  # stopped by a signal: the run's last line said how to resume
+        shown = [f"{k} {v:.4f}" for k, v in last.items() if (k == "loss" or k.startswith("val_")) and isinstance(v, float)]
+        print(f"done: {name + ' ' if name else ''}step {last.get('step', 0)}, {', '.join(shown)}; {where}")
+    return exit_code(last)

@@ -162,11 +162,15 @@ def generator_config(disc_config, overrides: dict):
         raise InputError(f"invalid generator config ({e}); check --generator KEY=VALUE") from None
 
 
-def make_objective(kind: str, model: nn.Module, family: str, cfg) -> nn.Module:
-    _, span, rtd = objective_options(cfg)
+def check_family(kind: str, family: str) -> None:
     if family not in FAMILIES[kind]:
         raise InputError(f"objective {kind!r} trains {'/'.join(FAMILIES[kind])} models, not {family!r}; "
                          f"set --family {FAMILIES[kind][0]} or pick another --objective")
+
+
+def make_objective(kind: str, model: nn.Module, family: str, cfg) -> nn.Module:
+    _, span, rtd = objective_options(cfg)
+    check_family(kind, family)
     if kind == "clm":
         return CausalLM(model)
     if kind == "mlm":

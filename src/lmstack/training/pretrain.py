@@ -27,7 +27,7 @@ from lmstack.models.checkpoint import FAMILIES, family_class
 from lmstack.tokenizers import EOT, load_tokenizer, registry
 from lmstack.training import distributed
 from lmstack.training.config import TrainConfig
-from lmstack.training.objectives import make_objective, objective_options, special_overrides
+from lmstack.training.objectives import check_family, make_objective, objective_options, special_overrides
 from lmstack.training.optim import lr_at
 from lmstack.training.run import Run
 
@@ -85,6 +85,7 @@ def check(cfg: TrainConfig, resume: bool) -> None:
 
             corpus_files(cfg.data)
         _tokenizer_source(cfg)
+    check_family(cfg.objective, cfg.family)
     model_config(cfg)
 
 
