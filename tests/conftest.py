@@ -4,6 +4,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests explore new random inputs on every local run, but in CI (CI=true, as GitHub Actions and
+# .ci/run set it) they replay a fixed sequence, so CI never fails by chance; a failure found locally
+# becomes an explicit example in the test.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LMSTACK_SHARED", REPO.parent / "shared"))

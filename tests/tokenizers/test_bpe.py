@@ -3,6 +3,7 @@ from collections import Counter
 
 import pytest
 import regex
+import tiktoken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -11,6 +12,7 @@ from lmstack.errors import FormatError, InputError
 from lmstack.tokenizers import EOT, load_tokenizer
 from lmstack.tokenizers import bpe as bpe_module
 from lmstack.tokenizers.bpe import PATTERNS, BPETokenizer, count_file_chunks, to_bytelevel
+from lmstack.tokenizers.pretokenize import PinnedRegex, _odd_chars, _ranges, pin_pattern
 
 CORPORA = {"shakespeare": "tinyshakespeare.txt", "tang": "zh_tang_poems.txt"}
 
@@ -87,7 +89,9 @@ def test_tiktoken_and_python_paths_give_identical_ids_on_corpora(trained, texts,
 
 
 SNIPPETS = ["世界", "唐詩。", "😀", "👨‍👩‍👧", "e\u0301", "n\u0303\u0327", "\x00", "\x1c", "\x7f", "\u200b", " ", "   ",
-            "\n", "\r\n", "\t\t", "\n\n\n ", "'s", "'LL", "123456", "Hello", " world", EOT, "\ufeff", "\U0010ffff"]
+            "\n", "\r\n", "\t\t", "\n\n\n ", "'s", "'LL", "123456", "Hello", " world", EOT, "\ufeff", "\U0010ffff",
+            # Letters and digits new in Unicode 17 (the regex module knows them, tiktoken does not).
+            "\U00010940's", " \U000107bb\U000107bc", "\U00011de07", "x\U00016ff2"]
 messy_text = st.lists(st.one_of(st.text(), st.sampled_from(SNIPPETS)), max_size=12).map("".join)
 
 
@@ -100,6 +104,46 @@ def test_roundtrip_and_engines_agree_on_any_string(trained, s):
         assert fast.encode(s) == ids
         assert slow.decode(ids) == s
         assert not set(ids) & set(tok.special_tokens.values())
+
+
+EVERY_CHAR = "".join(map(chr, [*range(0xD800), *range(0xE000, 0x110000)]))  # all but surrogates
+
+
+def tiktoken_reference(tok):
+    """tiktoken on the tokenizer's own pattern, read with tiktoken's own Unicode tables."""
+    return tiktoken.Encoding("reference", pat_str=tok.pattern, mergeable_ranks=tok._ranks, special_tokens={})
+
+
+def test_engines_split_like_tiktoken_where_unicode_versions_differ(trained):
+    """U+10940 is a letter to the regex module (Unicode 17) but not to tiktoken (Unicode 16):
+    once the Python engine split "\U00010940's" as letter + "'s", tiktoken as "\U00010940'" + "s"."""
+    odd = "".join(sorted(_odd_chars()))
+    assert "\U00010940" in odd  # the regex module installed here is ahead of tiktoken
+    texts = ["\U00010940's", f"a{odd[::97]}'ll 12{odd[5::301]}3 {odd[-40:]}!", " \U00011de0\U00011de1 x\U000107bb'"]
+    for tok in trained.values():
+        fast, slow = engines(tok)
+        for text in texts:
+            assert fast.encode(text) == slow.encode(text) == tiktoken_reference(tok).encode_ordinary(text)
+    gpt2 = engines(trained["gpt2"])[1]
+    assert [gpt2.decode([i]) for i in gpt2.encode("\U00010940's")][-1] == "s"  # tiktoken's split
+
+
+@pytest.mark.parametrize("prop", ["L", "N"])
+def test_letters_and_numbers_are_tiktokens_on_every_code_point(prop):
+    pattern = rf"\p{{{prop}}}"
+    enc = tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+    native = enc.decode_bytes(enc.encode_ordinary(EVERY_CHAR)).decode()  # tiktoken skips what does not match
+    assert native == "".join(chr(c) for a, b in _ranges(prop) for c in range(a, b + 1))
+    odd = "".join(sorted(_odd_chars()))  # where the regex module's own tables differ
+    members = set(native)
+    assert "".join(PinnedRegex(pattern).findall(odd)) == "".join(c for c in odd if c in members)
+
+
+@pytest.mark.parametrize("pattern", [r"\P{L}+", r"[^\P{N}]", r"[\pL\p{^N}]", r"[]\p{L}]+", r"[^]\s\p{L}]"])
+def test_spelled_out_classes_keep_the_meaning_of_the_pattern(pattern):
+    """pin_pattern only swaps tables: on text without Unicode 17 characters nothing changes."""
+    text = "Hello, wörld! 12³ ½ ]]] 世界\n\t٣ x"
+    assert regex.findall(pin_pattern(pattern), text) == regex.findall(pattern, text)
 
 
 def test_special_tokens_only_when_allowed(trained):
@@ -138,7 +182,8 @@ def test_training_is_deterministic_and_files_match_texts(tmp_path, shared, texts
         paths.append(tmp_path / f"{name}.txt")
         paths[-1].write_text(text[:60_000], encoding="utf-8")
     reference = BPETokenizer.train([p.read_text(encoding="utf-8") for p in paths], 700, pattern="gpt4")
-    assert BPETokenizer.train([p.read_text(encoding="utf-8") for p in paths], 700, pattern="gpt4").to_dict() == reference.to_dict()
+    again = BPETokenizer.train([p.read_text(encoding="utf-8") for p in paths], 700, pattern="gpt4")
+    assert again.to_dict() == reference.to_dict()
     monkeypatch.setattr(bpe_module, "_BLOCK", 4096)  # many blocks and byte ranges per file
     assert BPETokenizer.train_files(paths, 700, pattern="gpt4", workers=1).to_dict() == reference.to_dict()
     assert BPETokenizer.train_files(paths, 700, pattern="gpt4", workers=2).to_dict() == reference.to_dict()
@@ -197,6 +242,6 @@ def test_cli_train_encode_decode(cli, tmp_path, shared):
     assert tok.kind == "bpe" and tok.vocab_size == 600
     ids = cli("tokenizer", "encode", "--tokenizer", out, "Thou art 世界", check=True).stdout.split()
     assert [int(i) for i in ids] == tok.encode("Thou art 世界")
-    assert cli("tokenizer", "decode", "--tokenizer", out, *ids, check=True).stdout == "Thou art 世界"
+    assert cli("tokenizer", "decode", "--tokenizer", out, *ids, check=True).stdout == "Thou art 世界\n"  # a line
     r = cli("tokenizer", "train", shared / "data" / "tinyshakespeare.txt", "--vocab-size", "100", "--out", tmp_path / "x")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "at least 257" in r.stderr

@@ -1,10 +1,14 @@
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmstack.errors import FormatError, InputError
 from lmstack.tokenizers import EOT, load_tokenizer
+from lmstack.tokenizers.bpe import BPETokenizer
 from lmstack.tokenizers.char import CharTokenizer
+from lmstack.tokenizers.unigram import UnigramTokenizer
 from lmstack.tokenizers.word import WordTokenizer
 
 CHAR = CharTokenizer.train(["hello world\n"], special_tokens=(EOT,))
@@ -66,3 +70,32 @@ def test_corrupt_tokenizer_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"kind": "char"}')
     with pytest.raises(FormatError, match="corrupt char tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("change,problem", [
+    (dict(lmstack_tokenizer=99), "format version 99, but this lmstack reads version 1"),
+    (dict(lmstack_tokenizer="1"), "format version '1'"),
+    (dict(special_tokens=["<|endoftext|>"]), "'special_tokens' must map"),
+    (dict(special_tokens={"": 40}), "'special_tokens' must map"),
+])
+def test_tokenizer_files_this_version_cannot_read_are_named(tmp_path, change, problem):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**CHAR.to_dict(), **change}))
+    with pytest.raises(FormatError, match=problem):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", [CharTokenizer, WordTokenizer, BPETokenizer, UnigramTokenizer])
+def test_an_empty_special_token_is_refused(kind):
+    """"" would match between every two characters of a text encoded with specials allowed."""
+    with pytest.raises(InputError, match="special tokens must be non-empty strings, got ''"):
+        kind.train(["abc\n"], special_tokens=(EOT, ""))
+    with pytest.raises(InputError, match="non-empty"):
+        CHAR.add_special_tokens([""])
+    assert "" not in CHAR.special_tokens
+
+
+def test_cli_special_empty_is_one_clear_line(cli, tmp_path):
+    (tmp_path / "t.txt").write_text("hello world\n")
+    r = cli("tokenizer", "train", tmp_path / "t.txt", "--kind", "char", "--special", "", "--out", tmp_path / "tok")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "non-empty" in r.stderr
+    assert not (tmp_path / "tok").exists()

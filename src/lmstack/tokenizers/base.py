@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Collection, Iterable, Literal
+from typing import Literal
 
 import regex
 
@@ -87,6 +88,7 @@ class Tokenizer(ABC):
         return max(self.base_vocab_size, max(self.special_tokens.values(), default=-1) + 1)
 
     def add_special_tokens(self, tokens: Iterable[str]) -> None:
+        tokens = check_special_tokens(tokens)
         for t in tokens:
             if t not in self.special_tokens:
                 self.special_tokens[t] = self.vocab_size
@@ -181,6 +183,16 @@ class Tokenizer(ABC):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def check_special_tokens(tokens: Iterable[str]) -> list[str]:
+    """The special-token strings, each checked to be a non-empty string: an empty one would match
+    between every two characters of a text encoded with specials allowed."""
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    bad = [t for t in tokens if not isinstance(t, str) or not t]
+    if bad:
+        raise InputError(f"special tokens must be non-empty strings, got {bad[0]!r}; drop it or give it a name")
+    return tokens
+
+
 def tokenizer_kinds() -> dict[str, type[Tokenizer]]:
     from lmstack.tokenizers import registry
 
@@ -193,7 +205,13 @@ def from_dict(d: dict, source: str = "tokenizer") -> Tokenizer:
     kinds = tokenizer_kinds()
     if d["kind"] not in kinds:
         raise FormatError(f"{source}: unknown tokenizer kind {d['kind']!r}; known: {sorted(kinds)}")
+    version = d.get("lmstack_tokenizer", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{source}: tokenizer format version {version!r}, but this lmstack reads version {FORMAT_VERSION}; "
+                          "upgrade lmstack, or retrain the tokenizer with this one")
     specials = d.get("special_tokens", {})
+    if not isinstance(specials, dict) or not all(isinstance(k, str) and k for k in specials):
+        raise FormatError(f"{source}: 'special_tokens' must map non-empty strings to ids; fix the file or retrain it")
     template = d.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise FormatError(f"{source}: 'chat_template' is not a string; fix or remove it from the file")

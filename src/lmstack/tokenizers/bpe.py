@@ -12,7 +12,9 @@ merge only the words that held the pair are rewritten, with pair counts updated 
 
 Encoding merges, inside each pre-tokenized chunk, the adjacent pair whose concatenation has
 the lowest rank, the way tiktoken does; a chunk that is itself a token encodes to that token.
-That makes the pure-Python path and the tiktoken fast path give identical ids.
+That makes the pure-Python path and the tiktoken fast path give identical ids; both read the
+pattern's \\p{L} and \\p{N} as Unicode 16.0, tiktoken's tables (see `pretokenize`), so the two
+regex engines split every text alike whatever Unicode version each was built with.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import heapq
 import multiprocessing
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import regex
 
 from lmstack.errors import InputError
 from lmstack.io import check_readable
 from lmstack.progress import progress
-from lmstack.tokenizers.base import DEFAULT_SPECIALS, Tokenizer
+from lmstack.tokenizers.base import DEFAULT_SPECIALS, Tokenizer, check_special_tokens
+from lmstack.tokenizers.pretokenize import PinnedRegex, pin_pattern
 
 PATTERNS = {
     # GPT-2's pattern, also what Hugging Face's ByteLevel pre-tokenizer uses.
@@ -78,7 +81,8 @@ def resolve_pattern(pattern: str) -> str:
     try:
         regex.compile(pat)
     except regex.error as e:
-        raise InputError(f"pre-tokenization pattern {pattern!r} does not compile ({e}); use gpt2, gpt4 or a valid regex") from None
+        raise InputError(f"pre-tokenization pattern {pattern!r} does not compile ({e}); "
+                         "use gpt2, gpt4 or a valid regex") from None
     return pat
 
 
@@ -98,7 +102,7 @@ class BPETokenizer(Tokenizer):
         self.engine = engine  # auto: tiktoken when installed, else python
         self._ranks = {t: i for i, t in enumerate(self.tokens) if t is not None}
         self._check()
-        self._regex = regex.compile(self.pattern)
+        self._regex = PinnedRegex(self.pattern)
         self._cache: dict[str, list[int]] = {}
         self._tiktoken = None
 
@@ -123,7 +127,7 @@ class BPETokenizer(Tokenizer):
         specials included, has `vocab_size` tokens or no pair occurs `min_frequency` times."""
         pat = resolve_pattern(pattern)
         vocab_size = _check_vocab_size(vocab_size, special_tokens)
-        split = regex.compile(pat).findall
+        split = PinnedRegex(pat).findall
         counts: Counter[str] = Counter()
         for t in [texts] if isinstance(texts, str) else texts:
             counts.update(split(t))
@@ -209,7 +213,8 @@ class BPETokenizer(Tokenizer):
                     raise InputError("engine='tiktoken' needs tiktoken; `pip install tiktoken` or use engine='auto'") from None
                 return None
             self._tiktoken = tiktoken.Encoding(
-                f"lmstack-bpe-{len(self.tokens)}", pat_str=self.pattern, mergeable_ranks=self._ranks, special_tokens={}
+                f"lmstack-bpe-{len(self.tokens)}", pat_str=pin_pattern(self.pattern), mergeable_ranks=self._ranks,
+                special_tokens={},
             )
         return self._tiktoken
 
@@ -238,7 +243,7 @@ class BPETokenizer(Tokenizer):
 
 def _check_vocab_size(vocab_size: int | None, special_tokens) -> int:
     vocab_size = DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
-    floor = 256 + len(set(special_tokens))
+    floor = 256 + len(set(check_special_tokens(special_tokens)))
     if vocab_size < floor:
         raise InputError(
             f"vocab size {vocab_size} is smaller than the 256 byte tokens plus {len(set(special_tokens))} "
@@ -251,7 +256,8 @@ def _check_vocab_size(vocab_size: int | None, special_tokens) -> int:
 _PAIR = 1 << 22  # pair key = left * _PAIR + right; ids stay below 4M
 
 
-def learn_merges(chunk_counts: dict[str, int], n_tokens: int, min_frequency: int = 0) -> tuple[list[bytes], list[tuple[int, int]]]:
+def learn_merges(chunk_counts: dict[str, int], n_tokens: int,
+                 min_frequency: int = 0) -> tuple[list[bytes], list[tuple[int, int]]]:
     """Tokens (bytes by id) and merges learned from pre-tokenized chunk counts.
 
     Mirrors Hugging Face's BpeTrainer: a max-heap of (count, smallest pair) with stale entries
@@ -337,9 +343,9 @@ def learn_merges(chunk_counts: dict[str, int], n_tokens: int, min_frequency: int
 # GPT-4 patterns that covers that letter ends right there, and neither pattern looks back, so
 # a cut text pre-tokenizes exactly like the whole: results do not depend on block size or on
 # the number of workers. (A custom pattern whose matches run on past a letter could differ
-# slightly at the cuts.)
-_CUT = regex.compile(r"(?r)\p{L}(?=\P{L})")
-_FIRST_CUT = regex.compile(r"\p{L}(?=\P{L})")
+# slightly at the cuts.) Letters are Unicode 16.0's here too, as in the patterns.
+_CUT = PinnedRegex(r"(?r)\p{L}(?=\P{L})")
+_FIRST_CUT = PinnedRegex(r"\p{L}(?=\P{L})")
 
 
 def _file_ranges(path: Path, workers: int) -> list[tuple[int, int]]:
@@ -391,7 +397,7 @@ def _map(fn, jobs: list, workers: int):
 def _count_range(job: tuple[str, int, int, str]) -> tuple[Counter, int]:
     """Chunk counts of bytes [start, end) of a file (run in a worker process)."""
     path, start, end, pattern = job
-    split = regex.compile(pattern).findall
+    split = PinnedRegex(pattern).findall
     counts: Counter[str] = Counter()
     decoder = codecs.getincrementaldecoder("utf-8")()
     pending = ""

@@ -6,7 +6,8 @@ keep the ids they were trained on. Ids are HF's, special tokens included; the en
 (`eot_id`) is the model's end-of-sequence token (`</s>`, or `[SEP]` for BERT).
 
 Encoding never adds the post-processor's tokens ([CLS] ... [SEP], a final </s>): lmstack
-places its own, except in `prompt_ids`, the form a prompt (or a T5 source) is given to the model. Special-token strings in plain text are text, except that a Unigram
+places its own, except in `prompt_ids`, the form a prompt (or a T5 source) is given to the model.
+Special-token strings in plain text are text, except that a Unigram
 vocabulary holds its specials as pieces, which text can spell (as in HF). Like the word
 tokenizer this kind is lossy: normalisation (NFKC, lower-casing, accent stripping) and <unk>
 change the text, so decode(encode(s)) need not be s. Decoding is HF's, with special tokens
@@ -21,8 +22,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from lmstack.errors import FormatError, InputError
 from lmstack.io import read_json

@@ -20,13 +20,13 @@ import random
 import re
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from lmstack.errors import InputError
 from lmstack.progress import progress
-from lmstack.tokenizers.base import DEFAULT_SPECIALS, Tokenizer
+from lmstack.tokenizers.base import DEFAULT_SPECIALS, Tokenizer, check_special_tokens
 
 N_BYTES = 256
 MAX_PIECE_LEN = 16  # characters, as SentencePiece's max_sentencepiece_length
@@ -142,7 +142,7 @@ class UnigramTokenizer(Tokenizer):
             path, end = [], len(w)
             while end > 0:
                 r, acc = rng.random(), 0.0
-                for start, i, s in ends[end]:
+                for start, i, s in ends[end]:  # noqa: B007 (i is used after the loop)
                     acc += math.exp(fwd[start] + alpha * s - fwd[end])
                     if acc > r:
                         break
@@ -190,6 +190,7 @@ class UnigramTokenizer(Tokenizer):
         """Learn pieces so that `vocab_size` counts the 256 byte pieces, the pieces and the
         specials. Deterministic: the same texts give the same tokenizer."""
         vocab_size = 8192 if vocab_size is None else vocab_size
+        special_tokens = check_special_tokens(special_tokens)
         if not 0 < shrinking_factor < 1 or em_iterations < 1 or not 1 <= max_piece_len <= MAX_TRAIN_WORD:
             raise InputError(
                 f"need 0 < shrinking_factor < 1, em_iterations >= 1 and 1 <= max_piece_len <= {MAX_TRAIN_WORD}; "

@@ -9,7 +9,7 @@ whitespace runs), unlike the subword kinds.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import regex
 
