@@ -56,16 +56,17 @@ def _shared_file(name: str, split: str) -> Path:
                      "instead (--task PATH.jsonl) or set LMSTACK_SHARED to the folder holding data/")
 
 
-def load_task(task: str, split: str = "test", n: int | None = None, seed: int = 0, lang: str = "mix") -> list[Item]:
-    """The problems of `task`: "arithmetic" (n generated problems of the split), "gsm8k", "svamp"
-    or a JSONL file; at most `n` of them."""
+def load_task(task: str, split: str = "test", n: int | None = None, seed: int = 0, lang: str = "mix",
+              levels=(1, 2, 3, 4)) -> list[Item]:
+    """The problems of `task`: "arithmetic" (n generated problems of the split, in `lang`, with
+    `levels` steps), "gsm8k", "svamp" or a JSONL file; at most `n` of them."""
     if n is not None and n < 1:
         raise InputError(f"the number of problems must be >= 1, got {n}")
     if task == "arithmetic":
         from lmstack.data.arithmetic import generate
 
         return [Item(p.question, float(p.answer), list(p.paraphrases))
-                for p in generate(n or 200, seed=seed, lang=lang, split=split)]
+                for p in generate(n or 200, seed=seed, lang=lang, levels=levels, split=split)]
     if task in NAMED:
         path = _shared_file(task, split)
     elif task.endswith(".jsonl"):

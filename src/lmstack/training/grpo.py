@@ -62,6 +62,7 @@ class GRPOConfig(RunConfig):
     n_train: int = _field(2000, "problems drawn from the task (arithmetic: generated; files: the first N)")
     n_eval: int = _field(200, "held-out problems scored every eval_interval steps")
     lang: str = _field("mix", "arithmetic: en | zh | mix")
+    levels: str = _field("1,2,3,4", "arithmetic: steps per problem, comma-separated (1 to 4)")
     group: int = _field(8, "replies sampled per problem (G)")
     advantage: str = _field("grpo", "grpo ((r-mean)/std) | dr_grpo (r-mean) | rloo (leave-one-out baseline)")
     loss_agg: str = _field("auto", "sequence | token | constant | auto (constant for dr_grpo, else sequence)")
@@ -243,11 +244,15 @@ def held_out_accuracy(model, tok, items, cfg: GRPOConfig, batch_size: int = 32) 
 
 def _tasks(cfg: GRPOConfig):
     """(training problems, held-out problems or [])."""
-    train = load_task(cfg.task, "train", cfg.n_train, cfg.seed, cfg.lang)
+    try:
+        levels = tuple(int(k) for k in cfg.levels.split(","))
+    except ValueError:
+        raise InputError(f"--levels takes comma-separated steps per problem (e.g. 1,2,3); got {cfg.levels!r}") from None
+    train = load_task(cfg.task, "train", cfg.n_train, cfg.seed, cfg.lang, levels)
     if cfg.eval_task:
-        held = load_task(cfg.eval_task, "test", cfg.n_eval, cfg.seed + 1, cfg.lang)
+        held = load_task(cfg.eval_task, "test", cfg.n_eval, cfg.seed + 1, cfg.lang, levels)
     elif cfg.task in ("arithmetic", "gsm8k"):  # the tasks with a test split of their own
-        held = load_task(cfg.task, "test", cfg.n_eval, cfg.seed + 1, cfg.lang)
+        held = load_task(cfg.task, "test", cfg.n_eval, cfg.seed + 1, cfg.lang, levels)
     else:
         held = []
     return train, held
