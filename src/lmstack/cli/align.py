@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 
 from lmstack.cli import add_group
-from lmstack.cli.train import resolve_config
+from lmstack.cli.train import finish, resolve_config
 
 
 def add_recipe(sub, name: str, module: str, config: str, recipe: str, help: str, description: str) -> None:
@@ -39,11 +38,7 @@ def add_recipe(sub, name: str, module: str, config: str, recipe: str, help: str,
 def _run(args, cls, recipe, name: str) -> int:
     cfg = resolve_config(args, cls)
     last = recipe(cfg, resume=bool(args.resume))
-    if last and os.environ.get("RANK", "0") == "0":
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_") and isinstance(v, float))
-        print(f"done: {name} step {last.get('step', 0)}, loss {last.get('loss', float('nan')):.4f}"
-              f"{', ' + shown if shown else ''}; checkpoint {last.get('checkpoint')}")
-    return 0
+    return finish(last, f"checkpoint {last.get('checkpoint')}", name)
 
 
 def register(sub) -> None:
