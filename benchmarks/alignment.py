@@ -11,7 +11,8 @@ has both forms half and half, so the fine-tuned model answers in the format with
 the behaviour measured is the share of greedy replies to 60 held-out requests of the form
 "Answer: ...!". hh-rlhf: `shared/data/hh_rlhf_helpful_base_test.jsonl` (2,354 rows, 4 with an
 empty side skipped), transcripts split into chat turns, prompts cut to their last 192 characters,
-rows to 256; 10% held out.
+rows to 256, on a base of its own (the same shape, 150 steps at a 256-character context, no SFT);
+10% held out.
 """
 
 from __future__ import annotations
@@ -137,9 +138,14 @@ def main() -> None:
     evals = [r for r in read_metrics(out / "ppo") if "val_reward" in r]
     numbers["ppo_val_reward"] = [(e["step"], round(e["val_reward"], 3), round(e["val_kl"], 2)) for e in evals]
     numbers["ppo_max_rollout_kl"] = max(r["kl"] for r in read_metrics(out / "ppo") if "kl" in r)
-    hh = train_reward(RewardConfig(init_from=sft, data=[str(shared / "hh_rlhf_helpful_base_test.jsonl")], skip_bad_pairs=True,
-                                   out_dir=str(out / "rm_hh"), max_length=256, max_prompt_length=192, batch_size=8,
-                                   max_steps=250, lr=3e-4, min_lr=3e-5, warmup_steps=10, eval_interval=50))
+    # hh-rlhf needs a longer context than the rule's model has: a base of its own, 256 characters
+    train(TrainConfig(out_dir=str(out / "hh_base"), data=[str(text)], block_size=256, batch_size=8, max_steps=150,
+                      warmup_steps=10, lr=3e-3, eval_interval=50, ckpt_interval=0,
+                      model={"n_layer": 2, "n_head": 4, "n_embd": 64}))
+    hh = train_reward(RewardConfig(init_from=str(checkpoint.latest(out / "hh_base")), skip_bad_pairs=True,
+                                   data=[str(shared / "hh_rlhf_helpful_base_test.jsonl")], out_dir=str(out / "rm_hh"),
+                                   max_length=256, max_prompt_length=192, batch_size=8, max_steps=150, lr=3e-4, min_lr=3e-5,
+                                   warmup_steps=10, eval_interval=50))
     lap("reward_hh")
     numbers["hh_rm_val_accuracy"] = [(r["step"], round(r["val_accuracy"], 3)) for r in read_metrics(out / "rm_hh")
                                      if "val_accuracy" in r]
