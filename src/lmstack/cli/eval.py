@@ -82,6 +82,8 @@ def register(sub) -> None:
     ct.add_argument("--task", required=True, metavar="TASK", help="arithmetic | gsm8k | svamp | FILE.jsonl")
     ct.add_argument("--limit", type=int, default=200, metavar="N", help="problems to evaluate (default: 200)")
     ct.add_argument("--lang", choices=("en", "zh", "mix"), default="mix", help="arithmetic: language (default: mix)")
+    ct.add_argument("--level", type=int, nargs="+", default=[1, 2, 3, 4], metavar="K",
+                    help="arithmetic: steps per problem, one or more of 1 2 3 4 (default: all)")
     ct.add_argument("--max-tokens", type=int, default=128, metavar="N", help="longest reasoning sampled (default: 128)")
     ct.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the traces (default: 1.0)")
     ct.add_argument("--seed", type=int, default=0, help="seeds the problems and the traces (default: 0)")
@@ -209,7 +211,7 @@ def cmd_cot(args) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.temperature <= 0:
         raise InputError(f"--temperature must be > 0 (the traces are sampled), got {args.temperature}")
-    items = load_task(args.task, "test", args.limit, args.seed, args.lang)
+    items = load_task(args.task, "test", args.limit, args.seed, args.lang, args.level)
     model, tokenizer = load_for_text(args.model, args.device)
     res = chain_of_thought(model, tokenizer, items, args.max_tokens, args.temperature, args.seed)
     if args.json:
