@@ -176,7 +176,7 @@ def chain_of_thought(model, tokenizer, items: list[Item], max_new_tokens: int = 
         requests += [(p + tokenizer.encode(t), a) for p, t, a in zip(prompts, traces, answers)]
         paras = [(k, q) for k, it in enumerate(batch) for q in it.paraphrases]
         requests += [(question_ids(tokenizer, q), answers[k]) for k, q in paras]
-        scores = [lp for lp, _ in loglikelihoods(model, requests)]
+        scores = [lp for lp, _ in loglikelihoods(model, [_fit(model, c, a) for c, a in requests])]
         n = len(batch)
         for k, it in enumerate(batch):
             results.append({
@@ -188,6 +188,14 @@ def chain_of_thought(model, tokenizer, items: list[Item], max_new_tokens: int = 
                 "logp_paraphrases": [scores[2 * n + j] for j, (kk, _) in enumerate(paras) if kk == k],
             })
     return summarize(results)
+
+
+def _fit(model, context: list[int], answer: list[int]) -> tuple[list[int], list[int]]:
+    """A scoring request within the model's context: a trace that runs to the limit loses its start."""
+    limit = getattr(model, "max_context", None)
+    if limit is None or len(context) + len(answer) <= limit:
+        return context, answer
+    return context[-(limit - len(answer)) :], answer
 
 
 def summarize(results: list[dict]) -> dict:
