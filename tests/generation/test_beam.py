@@ -85,3 +85,7 @@ def test_bad_beam_settings_are_one_clear_error():
         beam_search(model, [1], num_beams=2, n=3)
     with pytest.raises(InputError, match="at least one token"):
         beam_search(model, [], num_beams=2)
+    with pytest.raises(InputError, match="need num_beams >= 1"):
+        beam_search(model, [1], num_beams=0)
+    with pytest.raises(InputError, match="length_penalty must be a finite number; got nan"):
+        beam_search(model, [1], num_beams=2, length_penalty=float("nan"))

@@ -54,6 +54,9 @@ def test_beam_search_prints_the_n_best(cli, checkpoint):
     (("--top-p", "0"), "top_p must be in"),
     (("--beams", "2", "--stream"), "--beams cannot be combined"),
     (("--beams", "2", "--num-return", "3"), "num_beams"),
+    (("--beams", "0"), "need num_beams >= 1 (--beams; 1 turns beam search off)"),
+    (("--temperature", "inf"), "temperature must be a finite number; got inf"),
+    (("--beams", "2", "--length-penalty", "nan"), "length_penalty must be a finite number; got nan"),
 ])
 def test_bad_flags_are_one_line_errors(cli, checkpoint, args, message):
     proc = cli("generate", "--model", checkpoint, "--prompt", "x", *args)
@@ -93,7 +96,7 @@ def test_compiled_decoding_prints_what_eager_decoding_does(cli, checkpoint):
 
 
 def test_compile_is_refused_for_a_model_without_a_static_cache(cli, tmp_path):
-    from lmstack.models.rnn import RNNConfig, RNNLM
+    from lmstack.models.rnn import RNNLM, RNNConfig
 
     tok = CharTokenizer.train(["abc"], special_tokens=("<|endoftext|>",))
     RNNLM(RNNConfig(vocab_size=tok.vocab_size, d_embed=4, d_hidden=4, n_layers=1)).save(tmp_path, tok)
@@ -118,6 +121,33 @@ def test_prompts_file_is_one_batch_after_the_prompt_flags(lmstack_cli, checkpoin
     f.write_text("the cat\n\nhello\n", encoding="utf-8")
     args = ("generate", "--model", checkpoint, "--temperature", "0", "--max-tokens", "6", "--json")
     from_file = [json.loads(x) for x in lmstack_cli(*args, "--prompt", "world", "--prompts-file", f).splitlines()]
-    flags = [json.loads(x) for x in lmstack_cli(*args, "--prompt", "world", "--prompt", "the cat", "--prompt", "hello").splitlines()]
+    out = lmstack_cli(*args, "--prompt", "world", "--prompt", "the cat", "--prompt", "hello")
+    flags = [json.loads(x) for x in out.splitlines()]
     assert [r["prompt"] for r in from_file] == ["world", "the cat", "hello"]
     assert from_file == flags
+
+
+@pytest.mark.parametrize("beams", ["1", "2"])
+def test_max_tokens_past_the_context_warns_once_and_stops_there(cli, checkpoint, beams):
+    limit = GPTConfig.preset("tiny", vocab_size=10).block_size
+    proc = cli("generate", "--model", checkpoint, "--prompt", "the", "--prompt", "cat", "--temperature", "0",
+               "--ignore-eot", "--beams", beams, "--max-tokens", "1000000", "--json", check=True)
+    warning = f"warning: max_new_tokens=1000000 goes past the model's context of {limit} tokens"
+    assert proc.stderr.startswith(warning) and proc.stderr.count("\n") == 1  # one line, once for the batch
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    if beams == "1":
+        assert [(len(r["tokens"]), r["finish_reason"]) for r in rows] == [(limit - 3, "length")] * 2
+    else:
+        assert [len(b["tokens"]) for r in rows for b in r["beams"]] == [limit - 3] * 2
+
+
+@pytest.mark.parametrize("config", ["null", "[1, 2]", "42"])
+def test_a_config_json_that_is_not_an_object_is_named(cli, checkpoint, tmp_path, config):
+    import shutil
+
+    broken = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, broken)
+    (broken / "config.json").write_text(config)
+    proc = cli("generate", "--model", broken, "--prompt", "x")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "config.json: must be a JSON object of model settings" in proc.stderr

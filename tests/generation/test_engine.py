@@ -1,6 +1,8 @@
 """Batched and streaming generation on the contract: per-row settings, stopping, incremental
 decoding, and the same API for every model family."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import BigramLM, random_bigram
@@ -79,10 +81,16 @@ def test_stops_at_end_of_text_stop_strings_and_max_tokens(chars):
     assert ignore.text.startswith("bc xyz<|endoftext|>")
 
 
-def test_generation_stops_at_the_models_context():
+def test_generation_stops_at_the_models_context_and_says_so_once():
     model = random_bigram(12, max_context=10)
-    out = generate_tokens(model, [[1, 2, 3, 4]], GenerationConfig(max_new_tokens=50, temperature=0))[0]
-    assert (len(out.tokens), out.finish_reason) == (6, "length")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own setting: a message shows once per place
+        outs = generate_tokens(model, [[1, 2, 3, 4], [5]], GenerationConfig(max_new_tokens=50, temperature=0))
+    assert [str(w.message)[:60] for w in caught] == ["max_new_tokens=50 goes past the model's context of 10 tokens"]
+    assert [(len(o.tokens), o.finish_reason) for o in outs] == [(6, "length"), (9, "length")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a request that fits says nothing
+        generate_tokens(model, [[1, 2, 3, 4]], GenerationConfig(max_new_tokens=6, temperature=0))
     with pytest.raises(ContextLengthError):
         generate_tokens(model, [list(range(11))], GREEDY)
 
@@ -127,7 +135,7 @@ def families():
     from lmstack.models.feedforward import FeedForwardConfig, FeedForwardLM
     from lmstack.models.gpt import GPT, GPTConfig
     from lmstack.models.ngram import NGramLM
-    from lmstack.models.rnn import RNNConfig, RNNLM
+    from lmstack.models.rnn import RNNLM, RNNConfig
 
     torch.manual_seed(0)
     words = [" ".join(f"w{(i * j) % 7}" for j in range(6)) for i in range(30)]

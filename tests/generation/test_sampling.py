@@ -131,7 +131,10 @@ def test_repetition_penalty_breaks_a_greedy_loop():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(min_p=2), dict(repetition_penalty=0), dict(max_new_tokens=-1), dict(stop=[""])])
+                                 dict(min_p=2), dict(repetition_penalty=0), dict(max_new_tokens=-1), dict(stop=[""]),
+                                 dict(temperature=float("inf")), dict(top_p=float("nan")),
+                                 dict(repetition_penalty=float("inf")), dict(frequency_penalty=float("nan")),
+                                 dict(presence_penalty=float("-inf"))])
 def test_invalid_settings_are_one_clear_error(bad):
     with pytest.raises(InputError, match=next(iter(bad))):
         GenerationConfig(**bad)

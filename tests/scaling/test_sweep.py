@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -212,3 +213,33 @@ def test_fit_command_can_use_non_embedding_parameters(tmp_path, cli):
     # Halving every N leaves the exponent and rescales A by 2^-alpha: A/N^alpha is unchanged.
     assert fits["non_embedding"]["alpha"] == pytest.approx(fits["total"]["alpha"], rel=1e-3)
     assert fits["non_embedding"]["A"] == pytest.approx(fits["total"]["A"] * 2 ** -fits["total"]["alpha"], rel=1e-2)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda rows: rows.__setitem__(2, list(rows[2].values())), ":3: a run must be a JSON object of named columns, got list"),
+    (lambda rows: rows[4].__setitem__("tokens", "lots"), ":5: tokens is 'lots', not a number"),
+    (lambda rows: rows[0].__setitem__("val_loss", [2.5]), ":1: val_loss is [2.5], not a number"),
+    (lambda rows: rows.__setitem__(1, None), ":2: a run must be a JSON object of named columns, got NoneType"),
+])
+def test_malformed_table_rows_are_named_by_line(tmp_path, damage, problem):
+    table = _synthetic_table(tmp_path / "runs.jsonl")
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    damage(rows)
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=re.escape(f"{table}{problem}")):
+        sweep_mod.load_runs([table])
+
+
+def test_a_csv_cell_that_is_not_a_number_is_named(tmp_path):
+    table = tmp_path / "runs.csv"
+    table.write_text("name,n_params,tokens,val_loss\na,1e6,2e6,3.1\nb,1e6,two million,3.0\n")
+    with pytest.raises(InputError, match=r"runs.csv:3: tokens is 'two million', not a number"):
+        sweep_mod.load_runs([table])
+
+
+def test_fit_command_on_a_binary_file_is_one_clear_line(tmp_path, cli):
+    blob = tmp_path / "weights.bin"
+    blob.write_bytes(bytes(range(256)) * 4)
+    proc = cli("scaling", "fit", blob, "--out", tmp_path / "fit.json")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "looks binary" in proc.stderr and not (tmp_path / "fit.json").exists()

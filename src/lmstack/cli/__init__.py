@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 import lmstack
 from lmstack.errors import InputError, LmstackError
@@ -47,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     real_stdout = sys.stdout
     sys.stdout = _NamedStream(real_stdout)
     try:
-        return _run(argv, debug)
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _show_warning
+            return _run(argv, debug)
     finally:
         sys.stdout = real_stdout
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line, like an error (its source file and line mean nothing to a user)."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _run(argv: list[str], debug: bool) -> int:

@@ -51,6 +51,7 @@ def register(sub) -> None:
 
 def cmd_generate(args) -> int:
     from lmstack.generation import GenerationConfig, beam_search, generate, stream
+    from lmstack.generation.beam import check_beam_settings
     from lmstack.generation.engine import encode_prompt
     from lmstack.models.checkpoint import load_for_text
 
@@ -65,6 +66,7 @@ def cmd_generate(args) -> int:
         from lmstack.io import read_stdin
 
         prompts = [read_stdin()]
+    check_beam_settings(args.beams, args.num_return, args.length_penalty)
     if args.beams > 1 and (args.stream or args.stop):
         raise InputError("--beams cannot be combined with --stream or --stop; drop one of them")
     if args.stream and (args.json or len(prompts) > 1):

@@ -36,8 +36,8 @@ import itertools
 import math
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -249,6 +249,8 @@ def stream_perplexity(
                            mode="stream", context=context, stride=stride)
     parts = [[eot]]
     for doc in documents:
+        if progress_bar is not None:  # tokenizing a large text takes a while too: say what is happening
+            progress_bar.set_description_str(f"tokenizing ({res.bytes / 1e6:.1f} MB read)")
         parts.append(encode(doc))
         parts.append([eot])
         lines = split_lines(doc)
@@ -259,6 +261,7 @@ def stream_perplexity(
     if len(ids) < 2:
         raise InputError("no text to score; pass at least one non-empty file")
     if progress_bar is not None:
+        progress_bar.set_description_str("scoring")
         progress_bar.reset(total=len(ids) - 1)
     lp = window_logprobs(model, ids, context, stride, max_batch_tokens, progress_bar)
     res.tokens = len(lp)

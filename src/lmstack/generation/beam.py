@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from lmstack.errors import InputError
-from lmstack.generation.engine import check_generative, model_device
+from lmstack.generation.config import check_finite
+from lmstack.generation.engine import cap_to_context, check_generative, model_device
 from lmstack.models.base import LanguageModel
 
 
@@ -41,11 +42,18 @@ def _follow(model, state, index: list[int], tokens: list[int], sequences: list[l
         return model.step(state, torch.tensor(tokens, device=device))
 
 
+def check_beam_settings(num_beams: int, n: int = 1, length_penalty: float = 1.0) -> None:
+    """The checks `beam_search` makes, for a caller that wants them before loading a model."""
+    if num_beams < 1 or not 1 <= n <= num_beams:
+        raise InputError(f"need num_beams >= 1 (--beams; 1 turns beam search off) and 1 <= n <= num_beams (--num-return); "
+                         f"got num_beams={num_beams}, n={n}")
+    check_finite("length_penalty", length_penalty)
+
+
 def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: int = 32, length_penalty: float = 1.0,
                 n: int = 1, eos_id: int | None = None) -> list[Beam]:
     """The `n` best continuations of `prompt` (ids), best first."""
-    if num_beams < 1 or not 1 <= n <= num_beams:
-        raise InputError(f"need num_beams >= 1 and 1 <= n <= num_beams; got num_beams={num_beams}, n={n}")
+    check_beam_settings(num_beams, n, length_penalty)
     if not prompt:
         raise InputError("beam search needs a prompt of at least one token (e.g. <|endoftext|>)")
     check_generative(model)
@@ -55,7 +63,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     limit = getattr(model, "max_context", None)
     if limit is not None:
         model.check_context(len(prompt))
-        max_new_tokens = min(max_new_tokens, limit - len(prompt))
+        max_new_tokens = cap_to_context(model, len(prompt), max_new_tokens)
     device = model_device(model)
 
     def score(logprob: float, length: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmstack.errors import InputError
@@ -32,6 +33,8 @@ class GenerationConfig:
 
     def __post_init__(self):
         self.stop = tuple(self.stop)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            check_finite(name, getattr(self, name))
         checks = (
             ("max_new_tokens", self.max_new_tokens >= 0, ">= 0"),
             ("temperature", self.temperature >= 0, ">= 0 (0 is greedy)"),
@@ -48,3 +51,9 @@ class GenerationConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_finite(name: str, value) -> None:
+    """inf and nan pass every comparison check or fail it with a confusing rule, so name them first."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number; got {value!r}")

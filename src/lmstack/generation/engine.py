@@ -9,8 +9,9 @@ encoder-decoder (T5) takes the same `start`, reading the prompts as its sources.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -69,6 +70,19 @@ def keep_end(model, ids: list[int], max_new_tokens: int) -> list[int]:
         raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
                          f"{limit} tokens; lower it")
     return ids[-(limit - max_new_tokens) :]
+
+
+def cap_to_context(model, prompt_length: int, max_new_tokens: int) -> int:
+    """How many tokens fit after a prompt of `prompt_length`: `max_new_tokens`, or less where the
+    model's context ends first, which a Python warning says (one per message and place, so a batch
+    or a run of calls with the same settings warns once); the output then ends with "length"."""
+    limit = getattr(model, "max_context", None)
+    if limit is None or prompt_length + max_new_tokens <= limit:
+        return max_new_tokens
+    warnings.warn(f"max_new_tokens={max_new_tokens} goes past the model's context of {limit} tokens: generation "
+                  f"stops when prompt + output reach {limit} (finish_reason 'length'); ask for fewer tokens "
+                  "or use a model with a longer context", stacklevel=3)
+    return max(0, limit - prompt_length)
 
 
 class _Row:
@@ -155,8 +169,7 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
     for prompt, config in zip(prompts, configs):
         if limit is not None:
             model.check_context(len(prompt))
-        room = limit - len(prompt) if limit is not None else config.max_new_tokens
-        rows.append(_Row(prompt, config, min(config.max_new_tokens, room), tokenizer))
+        rows.append(_Row(prompt, config, cap_to_context(model, len(prompt), config.max_new_tokens), tokenizer))
     if not rows or all(r.done for r in rows):
         yield rows
         return
@@ -214,7 +227,8 @@ def _fits_context(model, prompts: list[list[int]], configs: list[GenerationConfi
     return all(width + min(c.max_new_tokens, limit - len(p)) <= limit + 1 for p, c in zip(prompts, configs))
 
 
-def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None, show_progress: bool = False) -> list[Generation]:
+def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None,
+                    show_progress: bool = False) -> list[Generation]:
     """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row.
     `show_progress`: a progress bar of decoding steps (on a terminal)."""
     configs = _per_row(config, len(prompts))
@@ -228,7 +242,7 @@ def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None
     rows: list[_Row] = []
     steps = max((c.max_new_tokens for c in configs), default=0)
     bar = progress(total=steps, desc="decoding", unit="step") if show_progress else None
-    for rows in decode_steps(model, prompts, configs, tokenizer):
+    for rows in decode_steps(model, prompts, configs, tokenizer):  # noqa: B007 (the last rows are the result)
         if bar is not None:
             bar.update(1)
     if bar is not None:

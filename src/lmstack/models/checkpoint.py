@@ -65,6 +65,9 @@ def read_config(path: str | os.PathLike) -> dict:
     if not (p / CONFIG_FILE).exists():
         raise CheckpointError(f"{p}: missing {CONFIG_FILE}; is this an lmstack checkpoint? (`lmstack convert` imports HF ones)")
     cfg = read_json(p / CONFIG_FILE, "checkpoint config")
+    if not isinstance(cfg, dict):  # valid JSON, but `null`, a list or a number
+        raise CheckpointError(f"{p / CONFIG_FILE}: must be a JSON object of model settings, got {type(cfg).__name__}; "
+                              "restore it from a copy, or retrain / reconvert the checkpoint")
     if "family" not in cfg:
         if "model_type" in cfg:
             raise CheckpointError(f"{p}: a Hugging Face {cfg['model_type']!r} checkpoint, not an lmstack one; "

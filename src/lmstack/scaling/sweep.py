@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmstack.errors import InputError
-from lmstack.io import atomic_write, check_readable, read_json
+from lmstack.io import atomic_write, check_readable, read_json, read_text
 
 RUNS_FILE = "runs.jsonl"
 CSV_FILE = "runs.csv"
@@ -161,18 +161,50 @@ def write_table(rows: list[dict], root: Path) -> None:
         writer.writerows(rows)
 
 
+NUMBER_COLUMNS = ("n_params", "n_params_non_embedding", "tokens", "compute", "val_loss")
+
+
+_FIX = "fix that line, or rerun the sweep to rewrite the table"
+
+
 def _read_table(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    """The rows of a runs table (.jsonl or .csv), each checked to be a table with numbers where
+    numbers belong; a missing, binary or non-UTF-8 file is an InputError like any text input."""
+    rows = []
+    for where, row in _table_lines(path, read_text(path)):
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: a run must be a JSON object of named columns, got {type(row).__name__}; {_FIX}")
+        for k in NUMBER_COLUMNS:
+            v = row.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InputError(f"{where}: {k} is {v!r}, not a number; {_FIX}")
+        rows.append(row)
+    return rows
+
+
+def _table_lines(path: Path, text: str):
+    """("FILE:LINE", row) pairs: JSONL lines decoded, CSV rows with their number cells parsed."""
+    if path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        for row in reader:
+            yield f"{path}:{reader.line_num}", {k: _parse_cell(v) if k in NUMBER_COLUMNS else v for k, v in row.items()}
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not JSON ({e}); {_FIX}") from None
+
+
+def _parse_cell(cell: str | None):
+    """A CSV cell of a number column: a float, None when empty, the text itself when not a number."""
+    if cell in (None, ""):
+        return None
     try:
-        if path.suffix == ".csv":
-            rows = list(csv.DictReader(io.StringIO(text)))
-            for r in rows:
-                for k in ("n_params", "n_params_non_embedding", "tokens", "compute", "val_loss"):
-                    r[k] = float(r[k]) if r.get(k) not in (None, "") else None
-            return rows
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (ValueError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt runs table ({e}); rerun the sweep to rewrite it") from None
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def load_runs(paths: list[str | os.PathLike]) -> list[dict]:
