@@ -148,8 +148,11 @@ class LoraLinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        z = F.linear(F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (z * self.scaling).to(y.dtype)
+        z = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # [..., r]
+        if z.dtype != y.dtype:  # a half-precision base with float32 adapters
+            return y + (F.linear(z, self.lora_B) * self.scaling).to(y.dtype)
+        # y + z (s·B)ᵀ in one matrix product that accumulates into y
+        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.t(), alpha=self.scaling).view_as(y)
 
     def delta(self) -> torch.Tensor:
         """The update to `weight` that the adapter computes: scaling · B A."""

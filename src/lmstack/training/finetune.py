@@ -199,8 +199,14 @@ class AnswerLoss(nn.Module):
         return self.model(batch["idx"])
 
     def forward(self, batch: dict) -> torch.Tensor:
-        logits = self.logits(batch)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+        targets = batch["targets"]
+        if not self.packs:
+            return F.cross_entropy(self.logits(batch).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        # The head and softmax span the vocabulary, the largest single cost of a small model's step;
+        # only positions with a target (the answers, a fraction of each row) need them.
+        keep = targets != -100
+        hidden = self.model.hidden_states(batch["idx"], segments=batch["segments"])[keep]
+        return F.cross_entropy(self.model.lm_head(hidden).float(), targets[keep])
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.flops_per_token(seq_len)
