@@ -121,7 +121,7 @@ def main() -> None:
     numbers["sft_preferred_rate"], numbers["sft_replies"] = preferred_rate(sft, held)
     pairs = write_jsonl(out / "pairs.jsonl", rule_rows(300, 3, "pairs"))
     common = dict(max_length=64, batch_size=8, warmup_steps=3, eval_interval=5)
-    last = dpo(DPOConfig(init_from=sft, data=[pairs], out_dir=str(out / "dpo"), max_steps=40, lr=3e-4, min_lr=3e-5, **common))
+    last = dpo(DPOConfig(init_from=sft, data=[pairs], out_dir=str(out / "dpo"), max_steps=40, lr=3e-5, min_lr=3e-6, **common))
     lap("dpo")
     numbers["dpo_preferred_rate"], numbers["dpo_replies"] = preferred_rate(last["checkpoint"], held)
     numbers["dpo_val_reward_accuracy"] = last["val_reward_accuracy"]
