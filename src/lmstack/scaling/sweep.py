@@ -116,7 +116,7 @@ def read_run(run_dir: str | os.PathLike) -> dict | None:
     """The table row of a finished `lmstack train` run directory, or None while it is unfinished."""
     import torch
 
-    from lmstack.models.checkpoint import config_from_dict, family_class, read_config
+    from lmstack.models.checkpoint import TOKENIZER_FILE, config_from_dict, family_class, read_config
     from lmstack.tokenizers import load_tokenizer
     from lmstack.training import checkpoint
     from lmstack.training import config as config_mod
@@ -146,7 +146,7 @@ def read_run(run_dir: str | os.PathLike) -> dict | None:
         "n_layer": model_cfg.get("n_layer"), "n_embd": model_cfg.get("n_embd"), "n_head": model_cfg.get("n_head"),
         "n_params": n, "n_params_non_embedding": n_ne, "tokens": state["tokens"], "compute": 6.0 * n * state["tokens"],
         "val_loss": val_loss,  # None if the run had no validation split
-        "tokenizer": load_tokenizer(found[-1] / checkpoint.TOKENIZER_FILE).fingerprint(),
+        "tokenizer": load_tokenizer(found[-1] / TOKENIZER_FILE).fingerprint(),
         "run_dir": str(run_dir),
     }
 
@@ -169,7 +169,10 @@ _FIX = "fix that line, or rerun the sweep to rewrite the table"
 
 def _read_table(path: Path) -> list[dict]:
     """The rows of a runs table (.jsonl or .csv), each checked to be a table with numbers where
-    numbers belong; a missing, binary or non-UTF-8 file is an InputError like any text input."""
+    numbers belong; a missing, binary or non-UTF-8 file is an InputError like any text input. An
+    empty table (a sweep that has finished no run yet) has no rows."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        return []
     rows = []
     for where, row in _table_lines(path, read_text(path)):
         if not isinstance(row, dict):
