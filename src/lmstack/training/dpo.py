@@ -37,7 +37,7 @@ from lmstack.data.pairs import PairBatches
 from lmstack.errors import InputError
 from lmstack.training import distributed
 from lmstack.training.config import _field
-from lmstack.training.finetune import CAUSAL, apply_lora
+from lmstack.training.finetune import CAUSAL, apply_lora, save_model
 from lmstack.training.optim import lr_at
 from lmstack.training.reward import PreferenceConfig, load_pairs, pair_tokens
 from lmstack.training.run import Run
@@ -186,5 +186,5 @@ def dpo(cfg: DPOConfig, resume: bool = False) -> dict:
             if val_batches and run.eval_due:
                 run.log_eval(held_out(objective, val_batches, stepper))
             if run.checkpoint_due:
-                path = run.save(tok, adapter_base=cfg.init_from if cfg.lora else None)
+                path = save_model(run, tok, cfg)
         return {**run.finish(), "checkpoint": str(path) if path else None}

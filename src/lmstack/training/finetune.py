@@ -42,8 +42,6 @@ class AdaptConfig(RunConfig):
     out_dir: str = _field("runs/finetune", "run directory: config, metrics, checkpoints")
     init_from: str = _field("", "the model to start from: an lmstack checkpoint, an adapter directory or a "
                                 "Hugging Face model directory (imported on the fly)")
-    data: list[str] = _field([], "the data files")
-    max_length: int = _field(0, "tokens per row and the longest example kept; 0 = the model's context, at most 1024")
     val_fraction: float = _field(0.1, "fraction of the examples held out for validation (seeded)")
     grad_accum: int = _field(1, "micro-batches per optimizer step on each process")
     lora: dict = _field({}, "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), "
@@ -65,7 +63,6 @@ class AdaptConfig(RunConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
-            (self.max_length >= 0, "max_length must be >= 0 (0 = the model's context)"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.grad_accum >= 1, "grad_accum must be >= 1"),
             (self.parallel == "ddp", "recipes from a pretrained model run under DDP (--parallel ddp); FSDP is for pretraining"),
@@ -86,6 +83,7 @@ class FinetuneConfig(AdaptConfig):
 
     data: list[str] = _field([], "JSONL files ({prompt, response} or {messages}; classify: {text, label}; "
                                  "embed: {text}) or plain text files for continued pretraining")
+    max_length: int = _field(0, "tokens per row (packed) and the longest example kept; 0 = the model's context, at most 1024")
     task: str = _field("sft", "sft (loss on the answers) | classify (a label head) | embed (contrastive sentence vectors)")
     pack: bool = _field(True, "pack short examples into full rows (each attends only to itself); --no-pack: one per row")
     embed: dict = _field({}, "--task embed: temperature (0.05), pooling (mean | cls | last), dropout (0.1, when the "
@@ -98,7 +96,10 @@ class FinetuneConfig(AdaptConfig):
         embed_options(self)  # the [embed] table, checked
 
     def checks(self) -> list[tuple[bool, str]]:
-        return super().checks() + [(self.task in TASKS, f"task must be one of {', '.join(TASKS)}")]
+        return super().checks() + [
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}"),
+            (self.max_length >= 0, "max_length must be >= 0 (0 = the model's context)"),
+        ]
 
 
 # --- shared by the fine-tuning recipes ------------------------------------------------------
@@ -158,7 +159,8 @@ def save_model(run: Run, tokenizer, cfg: AdaptConfig, **extra_state) -> Path:
     return run.save(tokenizer, adapter_base=cfg.init_from if cfg.lora else None, **extra_state)
 
 
-def max_length(cfg: AdaptConfig, model) -> int:
+def max_length(cfg, model) -> int:
+    """The config's `max_length`, checked against the model's context (0: the context, at most 1024)."""
     context = model.max_context
     if cfg.max_length:
         if context is not None and cfg.max_length > context:

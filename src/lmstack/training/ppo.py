@@ -49,8 +49,8 @@ from lmstack.data.sft import Example, collate
 from lmstack.errors import InputError
 from lmstack.io import check_readable, iter_lines
 from lmstack.training import distributed
-from lmstack.training.config import RunConfig, _field
-from lmstack.training.finetune import FinetuneConfig, apply_lora, fit_vocab, load_base
+from lmstack.training.config import _field
+from lmstack.training.finetune import AdaptConfig, apply_lora, fit_vocab, load_base, save_model
 from lmstack.training.optim import lr_at
 from lmstack.training.run import Run
 
@@ -58,7 +58,7 @@ STATS = ("pg_loss", "vf_loss", "clipfrac")
 
 
 @dataclass
-class PPOConfig(RunConfig):
+class PPOConfig(AdaptConfig):
     """RLHF with PPO (`lmstack align ppo`)."""
 
     out_dir: str = _field("runs/ppo", "run directory: config, metrics, checkpoints")
@@ -77,34 +77,21 @@ class PPOConfig(RunConfig):
     lam: float = _field(0.95, "GAE's λ")
     kl_coef: float = _field(0.05, "the KL penalty's weight in the per-token reward")
     whiten_rewards: bool = _field(True, "whiten the reward model's scores over each rollout")
-    val_fraction: float = _field(0.1, "fraction of the prompts held out for evaluation (seeded)")
-    grad_accum: int = _field(1, "micro-batches per rollout on each process")
-    lora: dict = _field({}, "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), targets, rslora")
     max_steps: int = _field(100, "optimizer steps to train for")
     lr: float = _field(1e-5, "peak learning rate")
     min_lr: float = _field(1e-6, "learning rate at the end of the schedule")
     warmup_steps: int = _field(5, "")
-    weight_decay: float = _field(0.0, "applied to matrices and embeddings, never to biases and norms")
     batch_size: int = _field(8, "prompts per micro-batch on each process")
     eval_interval: int = _field(20, "evaluate on held-out prompts every N steps (and before the first and at the end)")
-    ckpt_interval: int = _field(0, "save every N steps (and at the end); 0 = only at the end")
-    keep_last: int = _field(1, "checkpoints kept besides the best one")
-
-    lora_config = FinetuneConfig.lora_config
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.lora_config()
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (self.temperature > 0, "temperature must be > 0 (PPO samples its rollouts)"),
-            (self.ppo_epochs >= 1 and self.grad_accum >= 1, "ppo_epochs and grad_accum must be >= 1"),
+            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (self.clip > 0 and self.value_clip > 0 and self.vf_coef >= 0, "need clip > 0, value_clip > 0, vf_coef >= 0"),
             (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]"),
             (self.kl_coef >= 0, "kl_coef must be >= 0"),
-            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
         ]
 
 
@@ -381,5 +368,5 @@ def ppo(cfg: PPOConfig, resume: bool = False) -> dict:
             if val_idx and run.eval_due:
                 run.log_eval(evaluate(objective, reference, scorer, tok, val, cfg, end, run.device))
             if run.checkpoint_due:
-                path = run.save(tok, adapter_base=cfg.init_from if cfg.lora else None)
+                path = save_model(run, tok, cfg)
         return {**run.finish(), "checkpoint": str(path) if path else None}

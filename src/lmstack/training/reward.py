@@ -37,51 +37,33 @@ from lmstack.data.pairs import PairBatches, PairRow, encode_pair, pair_examples,
 from lmstack.errors import CheckpointError, InputError
 from lmstack.training import distributed
 from lmstack.training.checkpoint import OBJECTIVE_FILE
-from lmstack.training.config import RunConfig, _field
+from lmstack.training.config import _field
 from lmstack.training.embed import LM_HEADS, check_encoder, encoder_flops, freeze_unused, last_states, pool, saved_task, width
-from lmstack.training.finetune import FinetuneConfig, apply_lora, fit_vocab, load_base, max_length
+from lmstack.training.finetune import AdaptConfig, apply_lora, fit_vocab, load_base, max_length, save_model
 from lmstack.training.optim import lr_at
 from lmstack.training.run import Run
 
 
 @dataclass
-class PreferenceConfig(RunConfig):
+class PreferenceConfig(AdaptConfig):
     """What the recipes on preference pairs share (`lmstack align reward`, `lmstack align dpo`)."""
 
     out_dir: str = _field("runs/align", "run directory: config, metrics, checkpoints")
-    init_from: str = _field("", "the model to start from: an lmstack checkpoint, an adapter directory or a "
-                                "Hugging Face model directory (imported on the fly)")
     data: list[str] = _field([], "JSONL files of {prompt, chosen, rejected} rows (prompt: a string, an hh-rlhf "
                                  "transcript or a list of chat messages)")
     max_length: int = _field(0, "tokens per row (prompt plus response); 0 = the model's context, at most 1024")
     max_prompt_length: int = _field(0, "keep the last N tokens of longer prompts; 0 = a prompt that leaves no room "
                                        "for a response is an error")
     skip_bad_pairs: bool = _field(False, "skip (and count) rows with an empty or missing side instead of stopping")
-    val_fraction: float = _field(0.1, "fraction of the pairs held out for validation (seeded)")
-    grad_accum: int = _field(1, "micro-batches per optimizer step on each process")
-    lora: dict = _field({}, "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), "
-                            "targets (attn,mlp or module-name patterns), rslora (false)")
     max_steps: int = _field(200, "optimizer steps to train for")
     lr: float = _field(1e-5, "peak learning rate")
     min_lr: float = _field(1e-6, "learning rate at the end of the schedule")
     warmup_steps: int = _field(10, "")
-    weight_decay: float = _field(0.0, "applied to matrices and embeddings, never to biases and norms")
     batch_size: int = _field(8, "pairs per micro-batch on each process (2x rows): lower it on out-of-memory")
-    eval_interval: int = _field(50, "validate every N steps (and before the first and at the end); 0 = start and end")
-    ckpt_interval: int = _field(0, "save every N steps (and at the end); 0 = only at the end")
-    keep_last: int = _field(1, "checkpoints kept besides the best one")
-
-    lora_config = FinetuneConfig.lora_config
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.lora_config()
 
     def checks(self) -> list[tuple[bool, str]]:
         return super().checks() + [
             (self.max_length >= 0 and self.max_prompt_length >= 0, "max_length and max_prompt_length must be >= 0"),
-            (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
-            (self.grad_accum >= 1, "grad_accum must be >= 1"),
         ]
 
 
@@ -218,8 +200,7 @@ def train_reward(cfg: RewardConfig, resume: bool = False) -> dict:
             if val_batches and run.eval_due:
                 run.log_eval(pair_metrics(objective, val_batches, stepper))
             if run.checkpoint_due:
-                path = run.save(tok, adapter_base=cfg.init_from if cfg.lora else None,
-                                reward={"max_length": length, "max_prompt_length": cfg.max_prompt_length})
+                path = save_model(run, tok, cfg, reward={"max_length": length, "max_prompt_length": cfg.max_prompt_length})
         return {**run.finish(), "checkpoint": str(path) if path else None}
 
 
