@@ -16,7 +16,7 @@ from lmstack.errors import InputError, LmstackError
 
 # Command modules, in the order `lmstack --help` lists them.
 COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "align", "lora",
-            "embed", "scaling", "verify")
+            "embed", "scaling", "serve", "verify")
 
 
 class Parser(argparse.ArgumentParser):
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="lmstack",
         description="The whole language-model stack: tokenizers, n-grams to Transformers, "
-        "training, fine-tuning, decoding and evaluation. Run `lmstack COMMAND --help` for details.",
+        "training, fine-tuning, decoding, evaluation and serving. Run `lmstack COMMAND --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"lmstack {lmstack.__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (accepted anywhere)")
