@@ -66,7 +66,7 @@ def cmd_serve(args) -> int:
     scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch)
     name = args.name or Path(args.model).resolve().name
     app = create_app(model, tokenizer, scheduler, name=name, cards=cards, cards_dir=args.cards_dir,
-                     api_key=args.api_key, max_batch=args.max_batch, max_queue=args.max_queue)
+                     api_key=args.api_key, max_queue=args.max_queue)
     print(f"serving {name} ({len(cards)} cards) on http://{args.host}:{args.port}/ (API at /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

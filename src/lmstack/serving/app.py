@@ -76,6 +76,7 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=64)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
+    ignore_eos: bool = False  # vLLM's: keep generating past <|endoftext|>
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -87,7 +88,8 @@ class _Sampling(_Body):
             max_new_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_k=max(0, self.top_k or 0), top_p=self.top_p or 1.0, min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0, stop=stop + extra_stop, seed=self.seed)
+            presence_penalty=self.presence_penalty or 0.0, stop=stop + extra_stop, stop_at_eot=not self.ignore_eos,
+            seed=self.seed)
 
 
 class CompletionRequest(_Sampling):
@@ -141,7 +143,6 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.batch_size = 0
         self.histograms = {name: [0] * (len(self.BUCKETS) + 1) + [0.0]
                            for name in ("time_to_first_token_seconds", "request_latency_seconds")}
 
@@ -160,16 +161,16 @@ class Metrics:
             h[bisect.bisect_left(self.BUCKETS, seconds)] += 1
             h[-1] += seconds
 
-    def render(self, running: int, waiting: int) -> str:
+    def render(self, rows: int, waiting: int) -> str:
+        """The metrics now; `rows`: sequences in the decoding batch, `waiting`: requests queued for it."""
         with self.lock:
             lines = ["# TYPE lmstack_requests_total counter"]
             lines += [f'lmstack_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
             lines += ["# TYPE lmstack_prompt_tokens_total counter", f"lmstack_prompt_tokens_total {self.prompt_tokens}",
                       "# TYPE lmstack_generation_tokens_total counter",
                       f"lmstack_generation_tokens_total {self.generation_tokens}",
-                      "# TYPE lmstack_requests_running gauge", f"lmstack_requests_running {running}",
-                      "# TYPE lmstack_requests_waiting gauge", f"lmstack_requests_waiting {waiting}",
-                      "# TYPE lmstack_batch_size gauge", f"lmstack_batch_size {self.batch_size}"]
+                      "# TYPE lmstack_batch_size gauge", f"lmstack_batch_size {rows}",
+                      "# TYPE lmstack_requests_waiting gauge", f"lmstack_requests_waiting {waiting}"]
             for name, h in self.histograms.items():
                 lines.append(f"# TYPE lmstack_{name} histogram")
                 total = 0
@@ -185,12 +186,14 @@ class Metrics:
 
 class Engine:
     """Owns the scheduler: one worker thread steps it while it is busy; handlers add and cancel
-    requests (all scheduler calls hold one lock) and receive each step's events on an asyncio queue."""
+    requests and receive each step's events on an asyncio queue. `lock` guards the listeners (a
+    request is added and its listener registered at once, so no event is missed); `model_lock` is
+    held around every model call (a step, or scoring a prompt for echo), which never overlap."""
 
-    def __init__(self, scheduler, max_batch: int, max_queue: int, metrics: Metrics):
-        self.scheduler, self.metrics = scheduler, metrics
-        self.max_batch, self.max_queue = max_batch, max_queue
+    def __init__(self, scheduler, max_queue: int):
+        self.scheduler, self.max_queue = scheduler, max_queue
         self.lock = threading.Condition()
+        self.model_lock = threading.Lock()
         self.listeners: dict[Any, tuple[asyncio.AbstractEventLoop, asyncio.Queue, set[int]]] = {}
         self.closed = False
         self.thread = threading.Thread(target=self._work, name="lmstack-scheduler", daemon=True)
@@ -202,25 +205,19 @@ class Engine:
         (or an exception if decoding failed)."""
         queue: asyncio.Queue = asyncio.Queue()
         with self.lock:
-            if len(self.listeners) >= self.max_batch + self.max_queue:
-                raise ApiError(429, f"the server is full ({len(self.listeners)} requests running or waiting); retry "
-                               "shortly, or start it with a larger --max-queue", code="queue_full")
+            if self.scheduler.queued >= self.max_queue:
+                raise ApiError(429, f"the server is full ({self.scheduler.queued} requests waiting for a batch row); "
+                               "retry shortly, or start it with a larger --max-queue", code="queue_full")
             rid = self.scheduler.add(prompt, config, n=n, adapter=adapter, logprobs=logprobs)
             self.listeners[rid] = (asyncio.get_running_loop(), queue, set(range(n)))
             self.lock.notify()
         return rid, queue
 
     def cancel(self, rid) -> None:
-        """Stop a request (its client left): its batch rows are freed at once."""
+        """Stop a request (its client left): its batch rows are freed at the next step."""
         with self.lock:
             if self.listeners.pop(rid, None) is not None:
                 self.scheduler.cancel(rid)
-
-    def counts(self) -> tuple[int, int]:
-        """(requests running, requests waiting for a batch row)."""
-        with self.lock:
-            n = len(self.listeners)
-        return min(n, self.max_batch), max(0, n - self.max_batch)
 
     def close(self) -> None:
         with self.lock:
@@ -235,18 +232,20 @@ class Engine:
                     self.lock.wait()
                 if self.closed:
                     return
-                try:
+            try:
+                with self.model_lock:
                     events = self.scheduler.step()
-                except Exception as e:  # a failed step fails its requests, never the server
+            except Exception as e:  # a failed step fails its requests, never the server
+                with self.lock:
                     self._fail_all(e)
-                    continue
+                continue
+            with self.lock:
                 self._deliver(events)
 
     def _deliver(self, events) -> None:
         by_request = defaultdict(list)
         for e in events:
             by_request[e.request].append(e)
-        self.metrics.batch_size = len(events)
         for rid, evs in by_request.items():
             if rid not in self.listeners:
                 continue  # cancelled while it stepped
@@ -280,12 +279,12 @@ class Server:
     """The model, its tokenizer, the engine and the loaded cards: what the endpoints share."""
 
     def __init__(self, model, tokenizer, scheduler, name: str, cards_dir: Path | None, api_key: str | None,
-                 max_batch: int, max_queue: int):
+                 max_queue: int):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.cards_dir = cards_dir.resolve() if cards_dir is not None else None
         self.api_key = api_key
         self.metrics = Metrics()
-        self.engine = Engine(scheduler, max_batch, max_queue, self.metrics)
+        self.engine = Engine(scheduler, max_queue)
         self.cards: dict[str, Card] = {}
         self.created = int(time.time())
 
@@ -300,8 +299,7 @@ class Server:
             info = read_card(path, self.model)
         except LmstackError as e:
             raise ApiError(400, str(e), "lora_path") from None
-        with self.engine.lock:
-            self.engine.scheduler.load_adapter(name, path)
+        self.engine.scheduler.load_adapter(name, path)
         card = Card(name, path, info.description, info.system, info.language)
         self.cards[name] = card
         return card
@@ -309,8 +307,7 @@ class Server:
     def unload_card(self, name: str) -> None:
         if name not in self.cards:
             raise ApiError(404, f"no card named {name!r} is loaded; see /v1/models", "lora_name", "model_not_found")
-        with self.engine.lock:
-            self.engine.scheduler.unload_adapter(name)
+        self.engine.scheduler.unload_adapter(name)
         del self.cards[name]
 
     def inside_cards_dir(self, lora_path: str) -> Path:
@@ -389,7 +386,7 @@ def _echo_logprobs(server: Server, ids: list[int], top: int) -> list[tuple[float
 
     if len(ids) < 2:
         return [(None, [])]
-    with server.engine.lock:  # the worker shares the model
+    with server.engine.model_lock:  # the worker shares the model
         scores = token_scores(server.model, ids, start=1, top=max(top, 1))
     return [(None, []), *((s.logprob, s.top[:top]) for s in scores)]
 
@@ -455,13 +452,11 @@ def _submit(server: Server, prompt: list[int], config: GenerationConfig, n: int,
 
 
 def create_app(model, tokenizer, scheduler, name: str = "lmstack", cards: dict[str, Path] | None = None,
-               cards_dir: str | Path | None = None, api_key: str | None = None, max_batch: int = 32,
-               max_queue: int = 256) -> FastAPI:
+               cards_dir: str | Path | None = None, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
     """The server for `model` (served as `name`) on `scheduler` (a `generation.scheduler.Scheduler`
     over the same model), with `cards` ({name: card directory}) loaded and more loadable from inside
     `cards_dir`; `api_key` (if set) is required as a bearer token on /v1 and the tokenizer endpoints."""
-    server = Server(model, tokenizer, scheduler, name, Path(cards_dir) if cards_dir else None, api_key, max_batch,
-                    max_queue)
+    server = Server(model, tokenizer, scheduler, name, Path(cards_dir) if cards_dir else None, api_key, max_queue)
     for card_name, path in (cards or {}).items():
         try:
             server.load_card(card_name, Path(path))
@@ -529,7 +524,8 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(server.metrics.render(*server.engine.counts()), media_type="text/plain; version=0.0.4")
+        sched = server.engine.scheduler
+        return PlainTextResponse(server.metrics.render(sched.running, sched.queued), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
