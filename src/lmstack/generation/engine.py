@@ -1,25 +1,24 @@
-"""Batched generation on the model contract: one `start`, then one `step` per token, for every family.
+"""Batched and streaming generation on the model contract, run by the scheduler.
 
-All rows advance in lockstep through one decoding state, so the prefix is never recomputed.
-Prompts of different lengths are left-padded into one `start` (the contract's `lengths`), so every
-prompt is read in one pass and all rows generate from the first step. A row that has finished
-keeps being fed its last token until the whole batch is done; its output is frozen. An
+Every prompt becomes a request of the `Scheduler` (`generation.scheduler`): prompts of different
+lengths are read in one left-padded `start`, all rows generate from the first step, a row that has
+finished leaves the batch (or, in a family without `reorder`, keeps being fed its last token with
+its output frozen), and `generate_groups` forks each prompt's state into its samples. An
 encoder-decoder (T5) takes the same `start`, reading the prompts as its sources.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from lmstack.errors import InputError
 from lmstack.generation.config import GenerationConfig
-from lmstack.generation.detok import StreamDecoder
-from lmstack.generation.processors import Sampler
+from lmstack.generation.scheduler import Scheduler, _Row, cap_to_context, check_generative, model_device
 from lmstack.progress import progress
+
+__all__ = ["Generation", "cap_to_context", "check_generative", "decode_steps", "encode_prompt", "generate",
+           "generate_groups", "generate_tokens", "keep_end", "model_device", "stream"]
 
 
 @dataclass
@@ -28,14 +27,6 @@ class Generation:
     text: str | None  # their text, cut before a stop string; None without a tokenizer
     finish_reason: str  # "stop" (end-of-text or a stop string) or "length" (max_new_tokens or the context)
     logprob: float  # sum of the model's log p of the new tokens (before any transform)
-
-
-def model_device(model) -> torch.device:
-    """Where the model's weights live (CPU for families without parameters, like the n-gram)."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -51,14 +42,6 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return [tokenizer.eot_id]
 
 
-def check_generative(model) -> None:
-    """Generation needs the contract's incremental view (`start`, `step`), which a masked LM lacks."""
-    if not (hasattr(model, "start") and hasattr(model, "step")):
-        raise InputError(f"a {getattr(model, 'family', type(model).__name__)} model does not generate text left to right "
-                         "(it has no start/step decoding); score it with `lmstack eval perplexity` (pseudo-perplexity "
-                         "for a masked LM), or generate with a causal model (n-gram, RNN, GPT) or T5")
-
-
 def keep_end(model, ids: list[int], max_new_tokens: int) -> list[int]:
     """The end of a prompt that leaves room for `max_new_tokens` in the model's context (all of
     it for a model without a limit): how lm-evaluation-harness cuts a few-shot prompt, which loses
@@ -72,76 +55,6 @@ def keep_end(model, ids: list[int], max_new_tokens: int) -> list[int]:
     return ids[-(limit - max_new_tokens) :]
 
 
-def cap_to_context(model, prompt_length: int, max_new_tokens: int) -> int:
-    """How many tokens fit after a prompt of `prompt_length`: `max_new_tokens`, or less where the
-    model's context ends first, which a Python warning says (one per message and place, so a batch
-    or a run of calls with the same settings warns once); the output then ends with "length"."""
-    limit = getattr(model, "max_context", None)
-    if limit is None or prompt_length + max_new_tokens <= limit:
-        return max_new_tokens
-    warnings.warn(f"max_new_tokens={max_new_tokens} goes past the model's context of {limit} tokens: generation "
-                  f"stops when prompt + output reach {limit} (finish_reason 'length'); ask for fewer tokens "
-                  "or use a model with a longer context", stacklevel=3)
-    return max(0, limit - prompt_length)
-
-
-class _Row:
-    """One sequence being generated: its tokens, text and whether (and why) it has stopped."""
-
-    def __init__(self, prompt: list[int], config: GenerationConfig, budget: int, tokenizer):
-        self.prompt, self.config, self.budget = prompt, config, budget
-        self.eot = tokenizer.eot_id if tokenizer is not None and config.stop_at_eot else None
-        self.detok = StreamDecoder(tokenizer) if tokenizer is not None else None
-        self.tokens: list[int] = []
-        self.text = ""
-        self.logprob = 0.0
-        self.streamed = 0  # characters already handed to a stream
-        self.finish_reason: str | None = None if budget > 0 else "length"
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def add(self, token: int, logprob: float) -> None:
-        if token == self.eot:
-            return self._finish("stop")
-        self.tokens.append(token)
-        self.logprob += logprob
-        if self.detok is not None:
-            old = len(self.text)
-            self.text += self.detok.push(token)
-            if self._cut_at_stop(old):
-                self.finish_reason = "stop"
-                return
-        if len(self.tokens) >= self.budget:
-            self._finish("length")
-
-    def _cut_at_stop(self, old: int) -> bool:
-        hits = [i for s in self.config.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-        return bool(hits)
-
-    def _finish(self, reason: str) -> None:
-        self.finish_reason = reason
-        if self.detok is not None:
-            self.text += self.detok.flush()
-
-    def take_text(self) -> str:
-        """Text not yet streamed, holding back a tail that could still become a stop string."""
-        hold = 0 if self.done else max((len(s) - 1 for s in self.config.stop), default=0)
-        end = max(self.streamed, len(self.text) - hold)
-        piece, self.streamed = self.text[self.streamed : end], end
-        return piece
-
-    def last_token(self) -> int:
-        return self.tokens[-1] if self.tokens else self.prompt[-1]
-
-    def result(self) -> Generation:
-        text = self.text if self.detok is not None else None
-        return Generation(self.tokens, text, self.finish_reason or "length", self.logprob)
-
-
 def _per_row(config: GenerationConfig | Sequence[GenerationConfig] | None, n: int) -> list[GenerationConfig]:
     if config is None:
         return [GenerationConfig()] * n
@@ -153,78 +66,24 @@ def _per_row(config: GenerationConfig | Sequence[GenerationConfig] | None, n: in
     return configs
 
 
+def _result(row: _Row) -> Generation:
+    text = row.text if row.detok is not None else None
+    return Generation(row.tokens, text, row.finish_reason or "length", row.logprob)
+
+
 def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None,
                  fork: int = 1) -> Iterator[list[_Row]]:
-    """Run the batch, yielding its rows after every step (the streaming and batch APIs share this).
-    With `fork` > 1 the rows are each prompt `fork` times in a row (`configs` has one per row): a
-    prompt is read once and its decoding state copied through the contract's `reorder`."""
-    check_generative(model)
-    start_prompts, prompts = prompts, [p for p in prompts for _ in range(fork)]
-    if any(not p for p in prompts):
-        raise InputError("every prompt needs at least one token (e.g. <|endoftext|>)")
-    if tokenizer is None and any(c.stop for c in configs):
-        raise InputError("stop strings need a tokenizer to decode the output; pass one or drop the stop strings")
-    rows = []
-    limit = getattr(model, "max_context", None)
-    for prompt, config in zip(prompts, configs):
-        if limit is not None:
-            model.check_context(len(prompt))
-        rows.append(_Row(prompt, config, cap_to_context(model, len(prompt), config.max_new_tokens), tokenizer))
-    if not rows or all(r.done for r in rows):
+    """Run the batch on a scheduler, yielding its rows after every step (the batch APIs share
+    this). With `fork` > 1 the rows are each prompt `fork` times in a row (`configs` has one per
+    row): a prompt is read once and its decoding state copied through the contract's `reorder`."""
+    scheduler = Scheduler(model, tokenizer, max_batch=max(1, len(configs)))
+    requests = [scheduler._submit(p, configs[i * fork : (i + 1) * fork], fork) for i, p in enumerate(prompts)]
+    rows = [row for r in requests for row in r.rows]
+    if not rows:
         yield rows
-        return
-    device = model_device(model)
-    sampler = Sampler(configs, prompts, model.vocab_size, device)
-    state, logprobs = _start_forked(model, start_prompts, fork, device)
-    while True:
-        active = [i for i, r in enumerate(rows) if not r.done]
-        chosen = sampler.choose(logprobs, active)
-        scores = logprobs[active, list(chosen.values())].tolist() if active else []
-        for (i, token), score in zip(chosen.items(), scores):
-            rows[i].add(token, score)
-        sampler.observe(chosen)
+    while scheduler.busy:
+        scheduler.step()
         yield rows
-        if all(r.done for r in rows):
-            return
-        feed = torch.tensor([r.last_token() for r in rows], device=device)
-        with torch.inference_mode():
-            state, logprobs = model.step(state, feed)
-
-
-def _start(model, prompts: list[list[int]], device):
-    """Read every prompt in one pass (left-padded when their lengths differ): (state, [B, V] log-probs)."""
-    width = max(map(len, prompts))
-    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    # inference_mode around each model call, not a loop: a generator must not leak it into the caller.
-    with torch.inference_mode():
-        if all(len(p) == width for p in prompts):
-            return model.start(padded)
-        return model.start(padded, torch.tensor([len(p) for p in prompts], device=device))
-
-
-def _start_forked(model, prompts: list[list[int]], fork: int, device):
-    """The state of each prompt repeated `fork` times in a row, each prompt read once; a family
-    without `reorder` reads the repeats (same result, more work)."""
-    if fork == 1:
-        return _start(model, prompts, device)
-    index = torch.arange(len(prompts), device=device).repeat_interleave(fork)
-    state, logprobs = _start(model, prompts, device)
-    try:
-        with torch.inference_mode():
-            return model.reorder(state, index), logprobs[index]
-    except NotImplementedError:
-        return _start(model, [p for p in prompts for _ in range(fork)], device)
-
-
-def _fits_context(model, prompts: list[list[int]], configs: list[GenerationConfig]) -> bool:
-    """Whether the rows can decode in lockstep: left-padded, every row takes up the longest
-    prompt's slots plus one per step, which must stay within the model's context for as long as
-    any row is still generating."""
-    limit = getattr(model, "max_context", None)
-    if limit is None or not prompts:
-        return True
-    width = max(map(len, prompts))
-    return all(width + min(c.max_new_tokens, limit - len(p)) <= limit + 1 for p, c in zip(prompts, configs))
 
 
 def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None,
@@ -232,13 +91,6 @@ def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None
     """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row.
     `show_progress`: a progress bar of decoding steps (on a terminal)."""
     configs = _per_row(config, len(prompts))
-    if not _fits_context(model, prompts, configs):  # near the context limit: each prompt length on its own
-        results: dict[int, Generation] = {}
-        for length in sorted({len(p) for p in prompts}):
-            group = [i for i, p in enumerate(prompts) if len(p) == length]
-            outs = generate_tokens(model, [prompts[i] for i in group], [configs[i] for i in group], tokenizer, show_progress)
-            results.update(zip(group, outs))
-        return [results[i] for i in range(len(prompts))]
     rows: list[_Row] = []
     steps = max((c.max_new_tokens for c in configs), default=0)
     bar = progress(total=steps, desc="decoding", unit="step") if show_progress else None
@@ -247,7 +99,7 @@ def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None
             bar.update(1)
     if bar is not None:
         bar.close()
-    return [r.result() for r in rows]
+    return [_result(r) for r in rows]
 
 
 def generate_groups(model, prompts: list[list[int]], n: int, config=None, tokenizer=None) -> list[list[Generation]]:
@@ -258,10 +110,8 @@ def generate_groups(model, prompts: list[list[int]], n: int, config=None, tokeni
     if n < 1:
         raise InputError(f"samples per prompt must be >= 1, got {n}")
     configs = _per_row(config, len(prompts) * n)
-    if not _fits_context(model, [p for p in prompts for _ in range(n)], configs):  # each prompt alone
-        return [generate_groups(model, [p], n, configs[i * n : (i + 1) * n], tokenizer)[0] for i, p in enumerate(prompts)]
     *_, rows = decode_steps(model, prompts, configs, tokenizer, fork=n)  # the rows after the last step
-    results = [r.result() for r in rows]
+    results = [_result(r) for r in rows]
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
@@ -275,7 +125,9 @@ def generate(model, tokenizer, prompts: list[str], config=None, show_progress: b
 def stream(model, tokenizer, prompt: str, config: GenerationConfig | None = None) -> Iterator[str]:
     """Yield the text of one prompt's continuation as it is decoded: whole characters only, and
     nothing of a stop string."""
-    for rows in decode_steps(model, [encode_prompt(tokenizer, prompt)], _per_row(config, 1), tokenizer):
-        piece = rows[0].take_text()
-        if piece:
-            yield piece
+    scheduler = Scheduler(model, tokenizer, max_batch=1)
+    scheduler.add(encode_prompt(tokenizer, prompt), _per_row(config, 1)[0])
+    while scheduler.busy:
+        for event in scheduler.step():
+            if event.text:
+                yield event.text

@@ -68,6 +68,36 @@ class Sampler:
                 g.manual_seed(c.seed) if c.seed is not None else g.seed()
             self.generators.append(g)
 
+    def select(self, rows: list[int]) -> "Sampler":
+        """The sampler of rows `rows` only (a scheduler retiring finished rows): each keeps its
+        settings, penalty counts and generator, so its draws go on as if nothing had left."""
+        picked = object.__new__(Sampler)
+        index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
+        for name, value in vars(self).items():
+            if isinstance(value, list):
+                value = [value[r] for r in rows]
+            elif value is not None:
+                value = value[index]
+            setattr(picked, name, value)
+        return picked
+
+    @staticmethod
+    def concat(samplers: list["Sampler"]) -> "Sampler":
+        """One sampler for the rows of `samplers`, in order (a scheduler admitting new rows). A
+        penalty table one of them lacks is zeros for its rows, which it never reads."""
+        joined = object.__new__(Sampler)
+        for name, value in vars(samplers[0]).items():
+            parts = [vars(s)[name] for s in samplers]
+            if isinstance(value, list):
+                value = [x for part in parts for x in part]
+            else:
+                table = next((t for t in parts if t is not None), None)
+                value = None if table is None else torch.cat([
+                    t if t is not None else table.new_zeros(len(s.greedy), table.shape[1])
+                    for t, s in zip(parts, samplers)])
+            setattr(joined, name, value)
+        return joined
+
     def penalise(self, logprobs: torch.Tensor) -> torch.Tensor:
         x = logprobs
         if self.seen is not None:

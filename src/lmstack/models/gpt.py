@@ -273,10 +273,50 @@ class KVCache:
             self.slot += T
 
     def select(self, index: torch.Tensor) -> "KVCache":
-        """The rows `index` (repeats allowed) as a new cache."""
+        """The rows `index` (repeats allowed) as a new cache, without the padding slots every one of
+        them starts with (rows that left may have been the longest ones), so the slots in use stay
+        those of the longest remaining row and never run past the context while it fits."""
         offset = self.offset[index] if self.offset is not None else None
         slot = self.slot.clone() if self.slot is not None else None
-        return KVCache([k[index] for k in self.k], [v[index] for v in self.v], self.pos, offset, slot)._pinned()
+        cache = KVCache([k[index] for k in self.k], [v[index] for v in self.v], self.pos, offset, slot)
+        return cache._trimmed()._pinned()
+
+    def _trimmed(self) -> "KVCache":
+        """Drop the leading slots that are padding in every row (in place): a row's positions count
+        from its own first token, so shifting every row left changes nothing it computes."""
+        drop = int(self.offset.min()) if self.offset is not None and len(self.offset) else 0
+        if drop == 0:
+            return self
+        if self.slot is None:
+            self.k, self.v = ([t[:, :, drop:] for t in store] for store in (self.k, self.v))
+        else:  # a static cache keeps its shape; the slots rolled past the fill are masked out
+            self.k, self.v = ([t.roll(-drop, 2) for t in store] for store in (self.k, self.v))
+            self.slot -= drop
+        self.pos -= drop
+        self.offset = self.offset - drop
+        if self.slot is None and int(self.offset.max()) == 0:
+            self.offset = None  # no row is padded: one new token attends without a mask
+        return self
+
+    @classmethod
+    def concat(cls, caches: list["KVCache"]) -> "KVCache":
+        """The rows of `caches`, in order, as one cache: a cache that has filled fewer slots is
+        left-padded to the longest one's fill (more padding in its rows' offsets), as `GPT.start`
+        pads a short prompt; the slots every row pads are then dropped."""
+        pos, first = max(c.pos for c in caches), caches[0]
+        capacity = first.k[0].shape[2] if first.slot is not None else pos
+
+        def shifted(t: torch.Tensor, filled: int) -> torch.Tensor:
+            out = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
+            out[:, :, pos - filled : pos] = t[:, :, :filled]
+            return out
+
+        k, v = ([torch.cat([shifted(getattr(c, kv)[i], c.pos) for c in caches]) for i in range(len(first.k))]
+                for kv in "kv")
+        offset = torch.cat([(c.offset if c.offset is not None else c.k[0].new_zeros(c.k[0].shape[0], dtype=torch.long))
+                            + pos - c.pos for c in caches])
+        slot = torch.full((), pos, dtype=torch.long, device=first.k[0].device) if first.slot is not None else None
+        return cls(k, v, pos, offset, slot)._trimmed()._pinned()
 
 
 class Attention(nn.Module):
@@ -478,6 +518,11 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
     def reorder(self, state: KVCache, index: torch.Tensor) -> KVCache:
         """The cache rows `index` (repeats allowed), for beam search; a new cache, `state` is kept."""
         return state.select(index)
+
+    def concat(self, states: list[KVCache]) -> KVCache:
+        """The rows of several decoding states as one batch, in order (continuous batching: rows
+        that started apart, at different lengths, decode together from here on)."""
+        return KVCache.concat(states)
 
     def extend(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
         """Append [B, k] tokens to the cache in one pass (a chat's next turn, speculative-decoding
