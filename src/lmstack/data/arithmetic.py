@@ -150,7 +150,9 @@ def generate(n: int, seed: int = 0, lang: str = "en", levels=LEVELS, split: str 
     rng = random.Random(seed)
     seen: set[str] = set()
     out: list[Problem] = []
-    for _ in range(200 * n + 10_000):  # a few levels and a small split hold only so many problems
+    misses = 0
+    while misses < 5_000:  # a few levels and a small split hold only so many problems
+        misses += 1
         level = rng.choice(levels)
         start, ops = _skeleton(rng, level)
         if split != "all" and _held_out(start, ops) != (split == "test"):
@@ -160,6 +162,7 @@ def generate(n: int, seed: int = 0, lang: str = "en", levels=LEVELS, split: str 
         if question in seen:
             continue
         seen.add(question)
+        misses = 0
         out.append(Problem(question, solution, _steps(start, ops)[-1][3], language, level, (paraphrase,)))
         if len(out) == n:
             return out
