@@ -529,6 +529,43 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
     _copy_in(model, parts, whole, p)
 
 
+def adapter_updates(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module path: (A [r, in], B [out, r], scaling)} of the adapter at `adapter_dir`, checked
+    against `model` as `load_adapter` checks it, without attaching anything: for serving several
+    adapters side by side (`models.multi_lora`). An adapter that trains whole modules
+    (modules_to_save) is refused there: it replaces base weights, which rows cannot share."""
+    p = Path(adapter_dir)
+    _, parts, whole = _adapter_for(model, p)
+    if whole:
+        raise CheckpointError(f"{p}: this adapter trains whole modules ({sorted(whole)[:3]}), which replace the base's "
+                              "weights for every row; serve it alone (lmstack.load on the adapter directory) instead")
+    linears = _linears(model)
+    missing = sorted(set(parts) - set(linears))
+    if missing:
+        raise CheckpointError(f"{p}: the adapter targets {missing[:3]}, which are not linear layers of this model")
+    return {ours: _fuse(ps, linears[ours].out_features) for ours, ps in parts.items()}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """The fingerprint adapters made for `model`'s architecture carry (its config without vocab_size)."""
+    cfg = _config_dict(model)
+    cfg.pop("vocab_size", None)
+    return fingerprint(cfg)
+
+
+def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
+    """The fingerprint of the base an adapter was made for: the one lmstack stored with it, or for
+    an adapter PEFT wrote, that of the base checkpoint it names."""
+    p = Path(adapter_dir)
+    acfg, _ = _read_adapter(p)
+    stored = (acfg.get("lmstack") or {}).get("base_fingerprint")
+    if stored:
+        return stored
+    cfg = read_config(base_path(p))
+    cfg.pop("vocab_size", None)
+    return fingerprint(cfg)
+
+
 def _adapter_for(model: nn.Module, p: Path):
     """(adapter config, {lmstack module: adapter parts}, {lmstack tensor: whole matrix}) of the
     adapter at `p`, checked against `model`: its base, its module names, its shapes."""
