@@ -16,7 +16,7 @@ from lmstack.errors import InputError, LmstackError
 
 # Command modules, in the order `lmstack --help` lists them.
 COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "align", "lora",
-            "embed", "scaling", "serve", "verify")
+            "card", "embed", "scaling", "serve", "verify")
 
 
 class Parser(argparse.ArgumentParser):
