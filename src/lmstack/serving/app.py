@@ -412,16 +412,16 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(request: Request | None, engine: Engine, rid, queue: asyncio.Queue):
+async def _events(request: Request, engine: Engine, rid, queue: asyncio.Queue):
     """The lists of events of one request, until it ends; cancels it when the client goes away
-    (`request` is polled for that; a streaming response is cancelled by Starlette instead)."""
+    (polled while no event comes: a stream that sends nothing would not notice it)."""
     finished = False
     try:
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), timeout=1.0)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                if await request.is_disconnected():
                     return
                 continue
             if item is None or isinstance(item, Exception):
@@ -584,7 +584,7 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     rid_prefix, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
         subs = [_submit(server, p, config, body.n, adapter, top) for p in prompts] if max_tokens else []
-        return StreamingResponse(_stream_completions(server, body, prompts, subs, top, rid_prefix, created),
+        return StreamingResponse(_stream_completions(server, body, request, prompts, subs, top, rid_prefix, created),
                                  media_type="text/event-stream")
     started = time.perf_counter()
     results = await asyncio.gather(*(_collect(server, request, p, config, body.n, adapter, top, started) for p in prompts))
@@ -632,11 +632,11 @@ async def _collect(server: Server, request: Request, prompt: list[int], config: 
     return samples
 
 
-async def _stream_completions(server, body, prompts, subs, top, rid_prefix, created):
+async def _stream_completions(server, body, request, prompts, subs, top, rid_prefix, created):
     started, tokens = time.perf_counter(), 0
     try:
         for i, (rid, queue) in enumerate(subs):
-            async for events in _events(None, server.engine, rid, queue):
+            async for events in _events(request, server.engine, rid, queue):
                 if not tokens:
                     server.metrics.observe("time_to_first_token_seconds", time.perf_counter() - started)
                 for e in events:
@@ -696,7 +696,7 @@ async def _chat(server: Server, body: ChatRequest, request: Request):
     rid_prefix, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
         sub = _submit(server, prompt, config, body.n, adapter, top) if max_tokens else None
-        return StreamingResponse(_stream_chat(server, body, prompt, sub, top, rid_prefix, created),
+        return StreamingResponse(_stream_chat(server, body, request, prompt, sub, top, rid_prefix, created),
                                  media_type="text/event-stream")
     started = time.perf_counter()
     samples = await _collect(server, request, prompt, config, body.n, adapter, top, started)
@@ -721,7 +721,7 @@ def _chat_logprob(server: Server, token: int, logprob: float, top: list) -> dict
     return {**entry(token, logprob), "top_logprobs": [entry(t, v) for t, v in top]}
 
 
-async def _stream_chat(server, body, prompt, sub, top, rid_prefix, created):
+async def _stream_chat(server, body, request, prompt, sub, top, rid_prefix, created):
     def chunk(choices, **extra):
         return _sse({"id": rid_prefix, "object": "chat.completion.chunk", "created": created, "model": body.model,
                      "choices": choices, **extra})
@@ -733,7 +733,7 @@ async def _stream_chat(server, body, prompt, sub, top, rid_prefix, created):
         for j in range(body.n):
             yield chunk([{"index": j, "delta": {}, "logprobs": None, "finish_reason": "length"}])
     try:
-        async for events in _events(None, server.engine, *sub) if sub else _no_events():
+        async for events in _events(request, server.engine, *sub) if sub else _no_events():
             if not tokens:
                 server.metrics.observe("time_to_first_token_seconds", time.perf_counter() - started)
             for e in events:

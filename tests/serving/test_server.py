@@ -1,0 +1,270 @@
+"""`lmstack serve` through the official `openai` client and raw HTTP, on a live socket: outputs equal
+lmstack's in-process generation and `lmstack score`, errors are OpenAI's, 64 streams run at once."""
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import torch
+
+from lmstack.data.chat import prompt_ids, turn_end_id
+from lmstack.generation import GenerationConfig, generate_tokens
+from lmstack.generation.engine import encode_prompt
+from lmstack.generation.scheduler import Scheduler
+from lmstack.models.checkpoint import load_for_text
+from lmstack.serving.app import create_app
+
+from .conftest import running, tiny_gpt
+
+openai = pytest.importorskip("openai")
+types = pytest.importorskip("openai.types")
+chat_types = pytest.importorskip("openai.types.chat")
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    model, tok = tiny_gpt()
+    model.save(path, tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    """(base URL, model, tokenizer, app) of a server with an API key."""
+    model, tok = load_for_text(checkpoint)
+    app = create_app(model, tok, Scheduler(model, tok, max_batch=16), name="tiny", api_key=KEY, max_queue=1000)
+    with running(app) as url:
+        yield url, model, tok, app
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def post(url, path, body, key=KEY, stream=False):
+    return requests.post(url + path, json=body, headers={"Authorization": f"Bearer {key}"}, stream=stream, timeout=60)
+
+
+def greedy(model, tok, ids, max_tokens, stop=()):
+    config = GenerationConfig(max_new_tokens=max_tokens, temperature=0, stop=tuple(stop))
+    return generate_tokens(model, [ids], config, tok)[0]
+
+
+def chat_reference(model, tok, messages, max_tokens):
+    end = turn_end_id(tok)
+    return greedy(model, tok, prompt_ids(tok, messages), max_tokens, stop=(tok.decode([end]),))
+
+
+def sse(response) -> list:
+    """The data of each server-sent event, the final [DONE] included."""
+    return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+
+
+def test_completions_and_chat_equal_in_process_generation(served):
+    url, model, tok, _ = served
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    out = c.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
+    want = greedy(model, tok, encode_prompt(tok, "the cat"), 12)
+    assert out.choices[0].text == want.text and out.choices[0].finish_reason == want.finish_reason
+    assert out.usage.prompt_tokens == len(encode_prompt(tok, "the cat")) and out.usage.completion_tokens == len(want.tokens)
+    # token-id prompts and lists of prompts: one choice per prompt, in order
+    ids = tok.encode("hello")
+    out = c.completions.create(model="tiny", prompt=[ids, tok.encode("mat")], max_tokens=6, temperature=0)
+    assert [ch.text for ch in out.choices] == [greedy(model, tok, p, 6).text for p in (ids, tok.encode("mat"))]
+    # a stop string ends the text before it
+    full = greedy(model, tok, ids, 20, stop=()).text
+    if len(full) > 3:
+        stop = full[2:4]
+        out = c.completions.create(model="tiny", prompt=[ids], max_tokens=20, temperature=0, stop=[stop])
+        assert out.choices[0].text == full[: full.index(stop)] and out.choices[0].finish_reason == "stop"
+    messages = [{"role": "user", "content": "hello"}]
+    reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == chat_reference(model, tok, messages, 10).text
+    assert reply.choices[0].message.role == "assistant"
+
+
+def test_sampling_n_and_seed(served):
+    url, *_ = served
+    c = client(url)
+    args = dict(model="tiny", prompt="the", max_tokens=8, temperature=1.0, top_p=0.9, n=3, seed=7,
+                extra_body={"min_p": 0.01, "top_k": 20})
+    first, again = c.completions.create(**args), c.completions.create(**args)
+    assert [ch.index for ch in first.choices] == [0, 1, 2]
+    assert [ch.text for ch in first.choices] == [ch.text for ch in again.choices]  # seeded: repeatable
+    assert len({ch.text for ch in first.choices}) > 1  # the n samples differ
+
+
+def test_streaming_matches_and_follows_openai_chunks(served):
+    url, model, tok, _ = served
+    c = client(url)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"}]
+    want = chat_reference(model, tok, messages, 15)
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=15, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [want.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.tokens)
+    # the raw events: each a valid chunk, then data: [DONE]
+    r = post(url, "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 15, "temperature": 0,
+                                          "stream": True}, stream=True)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse(r)
+    assert events[-1] == "[DONE]"
+    for e in events[:-1]:
+        raw = json.loads(e)
+        chat_types.ChatCompletionChunk.model_validate(raw)
+        assert raw["object"] == "chat.completion.chunk" and set(raw) >= {"id", "created", "model", "choices"}
+    # completions stream: the pieces make the whole text
+    pieces = list(c.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == greedy(model, tok, encode_prompt(tok, "the cat"), 12).text
+
+
+def test_raw_json_follows_the_schema(served):
+    url, *_ = served
+    r = post(url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3, "logprobs": 2})
+    raw = r.json()
+    types.Completion.model_validate(raw)
+    assert raw["object"] == "text_completion" and set(raw["choices"][0]) == {"index", "text", "logprobs", "finish_reason"}
+    lp = raw["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 3
+    assert all(len(top) <= 2 for top in lp["top_logprobs"])
+    r = post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                           "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    raw = r.json()
+    chat_types.ChatCompletion.model_validate(raw)
+    assert raw["object"] == "chat.completion" and raw["usage"]["total_tokens"] == sum(
+        raw["usage"][k] for k in ("prompt_tokens", "completion_tokens"))
+    assert all(len(t["top_logprobs"]) == 2 for t in raw["choices"][0]["logprobs"]["content"])
+    models = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    types.Model.model_validate(models["data"][0])
+
+
+def test_echo_logprobs_equal_lmstack_score(served, checkpoint, lmstack_cli):
+    """What lm-evaluation-harness's loglikelihood requests read: echo + logprobs + max_tokens 0."""
+    url, model, tok, _ = served
+    text = "the cat sat on the mat"
+    want = json.loads(lmstack_cli("score", "--model", checkpoint, "--prompt", text, "--top", "3", "--json"))
+    ids = [tok.eot_id, *tok.encode(text)]  # what `lmstack score` scores the text after
+    raw = post(url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
+                                        "logprobs": 3, "temperature": 0}).json()
+    lp = raw["choices"][0]["logprobs"]
+    assert raw["choices"][0]["text"] == tok.decode(ids)
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
+    got = torch.tensor(lp["token_logprobs"][1:])
+    assert torch.allclose(got, torch.tensor([t["logprob"] for t in want["tokens"]]), atol=1e-5)
+    assert sum(lp["token_logprobs"][1:]) == pytest.approx(want["logprob"], abs=1e-4)
+    for top, t in zip(lp["top_logprobs"][1:], want["tokens"]):
+        assert list(top.values()) == pytest.approx([a["logprob"] for a in t["top"]], abs=1e-5)
+    # echo with generated tokens: the prompt's entries come first, then one per new token
+    raw = post(url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2, "echo": True, "logprobs": 1,
+                                        "temperature": 0}).json()
+    assert len(raw["choices"][0]["logprobs"]["tokens"]) == len(ids) + 2
+
+
+def error_body(response, status):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_errors_are_openai_errors(served):
+    url, model, tok, _ = served
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    assert error_body(post(url, "/v1/completions", body, key="wrong"), 401)["code"] == "invalid_api_key"
+    assert requests.post(url + "/v1/completions", json=body).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="nope").models.list()
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client(url).completions.create(model="tiny", prompt="hi", max_tokens=model.max_context)
+    assert e.value.code == "context_length_exceeded"
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"n": 0}, {"max_tokens": -1}, {"prompt": []}, {"prompt": [10**6]},
+                {"stop": [""]}, {"logprobs": 99}, {"prompt": 5}, {"seed": -1}):
+        error_body(post(url, "/v1/completions", {**body, **bad}), 400)
+    error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": []}), 400)
+    error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400)
+    assert requests.post(url + "/v1/completions", data="{not json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 400
+    assert requests.get(url + "/health").json() == {"status": "ok"}  # open without a key
+
+
+def test_queue_full_is_429(checkpoint):
+    model, tok = load_for_text(checkpoint)
+    app = create_app(model, tok, Scheduler(model, tok, max_batch=1), name="tiny", max_queue=1)
+    engine = app.state.server.engine
+    with running(app) as url:
+        with engine.model_lock:  # the worker cannot step: the first request waits in the queue
+            first = ThreadPoolExecutor(1).submit(post, url, "/v1/completions", {"model": "tiny", "prompt": "a",
+                                                                                "max_tokens": 2})
+            while not engine.scheduler.queued:
+                threading.Event().wait(0.01)
+            err = error_body(post(url, "/v1/completions", {"model": "tiny", "prompt": "b", "max_tokens": 2}), 429)
+            assert err["code"] == "queue_full"
+        assert first.result().status_code == 200
+
+
+def test_disconnect_cancels_the_request(checkpoint):
+    model, tok = load_for_text(checkpoint)
+    scheduler = Scheduler(model, tok, max_batch=4)
+    cancelled = []
+    real_cancel = scheduler.cancel
+    scheduler.cancel = lambda rid: (cancelled.append(rid), real_cancel(rid))
+    app = create_app(model, tok, scheduler, name="tiny")
+    with running(app) as url:
+        with app.state.server.engine.model_lock:  # no step runs: the request cannot finish on its own
+            r = requests.post(url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 60,
+                                                            "ignore_eos": True, "stream": True}, stream=True, timeout=60)
+            assert r.status_code == 200 and app.state.server.engine.listeners
+            r.close()  # the client leaves
+            deadline = threading.Event()
+            for _ in range(200):
+                if cancelled:
+                    break
+                deadline.wait(0.05)
+        assert cancelled, "the server did not cancel a request whose client went away"
+        for _ in range(200):
+            if not scheduler.busy:
+                break
+            deadline.wait(0.05)
+        assert not scheduler.busy and scheduler.running == 0
+
+
+def test_64_concurrent_streams(served):
+    url, model, tok, _ = served
+    prompts = [f"the cat {i}" for i in range(64)]
+
+    def one(prompt):
+        r = post(url, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0,
+                                          "stream": True}, stream=True)
+        assert r.status_code == 200
+        events = sse(r)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        return "".join(ch["choices"][0]["text"] for ch in chunks)
+
+    with ThreadPoolExecutor(64) as pool:
+        texts = list(pool.map(one, prompts))
+    want = generate_tokens(model, [encode_prompt(tok, p) for p in prompts], GenerationConfig(max_new_tokens=10,
+                                                                                               temperature=0), tok)
+    assert texts == [w.text for w in want]
+    metrics = requests.get(url + "/metrics").text
+    assert 'lmstack_requests_total{endpoint="/v1/completions",status="200"}' in metrics
+    assert "lmstack_time_to_first_token_seconds_bucket" in metrics and "lmstack_batch_size" in metrics
+
+
+def test_tokenizer_endpoints(served):
+    url, _, tok, _ = served
+    ids = post(url, "/tokenize", {"prompt": "the mat"}).json()["tokens"]
+    assert ids == tok.encode("the mat")
+    assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"] == "the mat"
+    assert requests.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()["eos_token"] == \
+        "<|endoftext|>"
