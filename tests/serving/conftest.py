@@ -53,3 +53,24 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def make_card(base_dir, model, out_dir, name: str, system: str, seed: int = 1):
+    """A card for the base saved at `base_dir`: a LoRA adapter with random non-zero updates (so it
+    changes the output) and its card.json. Returns the base model with the adapter attached, the
+    reference for what the server must compute."""
+    import copy
+
+    from lmstack.models import lora
+    from lmstack.serving.cards import create_card
+
+    adapted = copy.deepcopy(model)
+    lora.attach(adapted, lora.LoraConfig(r=2, alpha=4, targets=("attn",)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_modules(adapted).values():
+            m.lora_B.normal_(0, 0.3)
+    adapter = out_dir.parent / f"{out_dir.name}-adapter"
+    lora.save_adapter(adapted, adapter, base_dir)
+    create_card(adapter, out_dir, name=name, system=system, description=f"the {name}")
+    return adapted.eval()

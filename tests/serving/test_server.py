@@ -16,7 +16,7 @@ from lmstack.generation.scheduler import Scheduler
 from lmstack.models.checkpoint import load_for_text
 from lmstack.serving.app import create_app
 
-from .conftest import running, tiny_gpt
+from .conftest import make_card, running, tiny_gpt
 
 openai = pytest.importorskip("openai")
 types = pytest.importorskip("openai.types")
@@ -25,19 +25,35 @@ chat_types = pytest.importorskip("openai.types.chat")
 KEY = "sk-test"
 
 
+PIRATE, SAILOR = "You are a pirate.", "You are a sailor."
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "tiny"
+def workdir(tmp_path_factory):
+    """A base checkpoint and a cards folder: pirate and sailor for it, alien for another base."""
+    root = tmp_path_factory.mktemp("serve")
     model, tok = tiny_gpt()
-    model.save(path, tok)
-    return path
+    model.save(root / "tiny", tok)
+    refs = {"pirate": make_card(root / "tiny", model, root / "cards" / "pirate", "pirate", PIRATE, seed=1),
+            "sailor": make_card(root / "tiny", model, root / "cards" / "sailor", "sailor", SAILOR, seed=2)}
+    other, other_tok = tiny_gpt(block_size=32)
+    other.save(root / "other", other_tok)
+    make_card(root / "other", other, root / "cards" / "alien", "alien", "You are an alien.")
+    return root, refs
 
 
 @pytest.fixture(scope="module")
-def served(checkpoint):
-    """(base URL, model, tokenizer, app) of a server with an API key."""
-    model, tok = load_for_text(checkpoint)
-    app = create_app(model, tok, Scheduler(model, tok, max_batch=16), name="tiny", api_key=KEY, max_queue=1000)
+def checkpoint(workdir):
+    return workdir[0] / "tiny"
+
+
+@pytest.fixture(scope="module")
+def served(workdir):
+    """(base URL, model, tokenizer, app) of a server with an API key and the pirate card."""
+    root, _ = workdir
+    model, tok = load_for_text(root / "tiny")
+    app = create_app(model, tok, Scheduler(model, tok, max_batch=16), name="tiny", cards={"pirate": root / "cards" / "pirate"},
+                     cards_dir=root / "cards", api_key=KEY, max_queue=1000)
     with running(app) as url:
         yield url, model, tok, app
 
@@ -68,7 +84,7 @@ def sse(response) -> list:
 def test_completions_and_chat_equal_in_process_generation(served):
     url, model, tok, _ = served
     c = client(url)
-    assert [m.id for m in c.models.list().data] == ["tiny"]
+    assert c.models.list().data[0].id == "tiny"
     out = c.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
     want = greedy(model, tok, encode_prompt(tok, "the cat"), 12)
     assert out.choices[0].text == want.text and out.choices[0].finish_reason == want.finish_reason
@@ -268,3 +284,57 @@ def test_tokenizer_endpoints(served):
     assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"] == "the mat"
     assert requests.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()["eos_token"] == \
         "<|endoftext|>"
+
+
+def test_cards_are_listed_served_and_hot_loaded(served, workdir):
+    url, model, tok, app = served
+    root, refs = workdir
+    c = client(url)
+    listed = {m.id: m for m in c.models.list().data}
+    assert listed["pirate"].parent == "tiny" and listed["tiny"].parent is None
+    assert listed["pirate"].model_extra["system"] == PIRATE
+    # a card's reply: the base with its adapter, after the card's system prompt
+    messages = [{"role": "user", "content": "hello"}]
+    got = c.chat.completions.create(model="pirate", messages=messages, max_tokens=12, temperature=0)
+    want = chat_reference(refs["pirate"], tok, [{"role": "system", "content": PIRATE}, *messages], 12)
+    assert got.choices[0].message.content == want.text
+    base = c.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert base.choices[0].message.content == chat_reference(model, tok, messages, 12).text != want.text
+
+    # hot-load sailor while 16 streams run; it is served to the next request
+    def stream(i):
+        chunks = list(c.chat.completions.create(model="pirate" if i % 2 else "tiny", messages=messages, max_tokens=12,
+                                                temperature=0, stream=True))
+        return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    with ThreadPoolExecutor(16) as pool:
+        streams = [pool.submit(stream, i) for i in range(16)]
+        r = post(url, "/v1/load_lora_adapter", {"lora_name": "sailor", "lora_path": "sailor"})
+        assert r.status_code == 200, r.text
+        assert "sailor" in {m.id for m in c.models.list().data}
+        got = c.chat.completions.create(model="sailor", messages=messages, max_tokens=12, temperature=0)
+        texts = [f.result() for f in streams]
+    assert texts == [want.text if i % 2 else base.choices[0].message.content for i in range(16)]
+    want_sailor = chat_reference(refs["sailor"], tok, [{"role": "system", "content": SAILOR}, *messages], 12)
+    assert got.choices[0].message.content == want_sailor.text
+    # prompt log-probs after card rows ran: the base's own (echo reads the base alone)
+    ids = [tok.eot_id, *tok.encode("the mat")]
+    lp = post(url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    with torch.no_grad():
+        direct = model.next_token_logprobs(torch.tensor([ids[:-1]]))[0].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp["choices"][0]["logprobs"]["token_logprobs"][1:]), direct, atol=1e-5)
+
+    # refused: outside the cards folder, a card for another base, a name in use, nothing there
+    for path in ("../tiny", str(root / "tiny"), "sailor/../../tiny", "/etc"):
+        assert error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}), 400)["param"] == \
+            "lora_path"
+    assert "another base" in error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "alien", "lora_path": "alien"}),
+                                        400)["message"]
+    error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "sailor", "lora_path": "sailor"}), 400)
+    error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "ghost", "lora_path": "ghost"}), 404)
+    # unloaded: gone from the list, 404 for the next request
+    assert post(url, "/v1/unload_lora_adapter", {"lora_name": "sailor"}).status_code == 200
+    assert "sailor" not in {m.id for m in c.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="sailor", messages=messages, max_tokens=2)
+    error_body(post(url, "/v1/unload_lora_adapter", {"lora_name": "sailor"}), 404)

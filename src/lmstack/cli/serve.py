@@ -32,13 +32,10 @@ def register(sub) -> None:
 
 
 def parse_cards(specs: list[str], cards_dir: str | None) -> dict[str, Path]:
-    """{name: card directory} from --card NAME=DIR and the card directories inside --cards-dir."""
-    cards: dict[str, Path] = {}
-    if cards_dir is not None:
-        root = Path(cards_dir)
-        if not root.is_dir():
-            raise InputError(f"--cards-dir {cards_dir}: no such directory; create it or fix the path")
-        cards.update((d.name, d) for d in sorted(root.iterdir()) if (d / "card.json").is_file())
+    """{name: card directory} from the cards inside --cards-dir (each under its card.json name) and --card NAME=DIR."""
+    from lmstack.serving.cards import list_cards
+
+    cards = {card.name: card.path for card in list_cards(cards_dir)} if cards_dir is not None else {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:

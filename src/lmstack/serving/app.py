@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import dataclasses
 import json
 import secrets
 import threading
@@ -266,15 +265,6 @@ class Engine:
 # --- the server's state -----------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Card:
-    name: str
-    path: Path
-    description: str = ""
-    system: str = ""
-    language: str = ""
-
-
 class Server:
     """The model, its tokenizer, the engine and the loaded cards: what the endpoints share."""
 
@@ -285,40 +275,43 @@ class Server:
         self.api_key = api_key
         self.metrics = Metrics()
         self.engine = Engine(scheduler, max_queue)
-        self.cards: dict[str, Card] = {}
+        self.cards: dict = {}  # served name -> serving.cards.Card
         self.created = int(time.time())
 
     # cards
-    def load_card(self, name: str, path: Path) -> Card:
-        from lmstack.serving.cards import read_card
+    def load_card(self, name: str, path: Path):
+        """Serve the card at `path` as `name` (refused when made for another base)."""
+        from lmstack.serving.cards import check_card, read_card
 
         if name == self.name or name in self.cards:
             raise ApiError(400, f"a model named {name!r} is already loaded; unload it first or pick another name",
                            "lora_name")
         try:
-            info = read_card(path, self.model)
+            card = read_card(path)
+            check_card(card, self.model)
+            self.engine.scheduler.load_adapter(name, card.path)
         except LmstackError as e:
             raise ApiError(400, str(e), "lora_path") from None
-        self.engine.scheduler.load_adapter(name, path)
-        card = Card(name, path, info.description, info.system, info.language)
         self.cards[name] = card
         return card
 
     def unload_card(self, name: str) -> None:
         if name not in self.cards:
             raise ApiError(404, f"no card named {name!r} is loaded; see /v1/models", "lora_name", "model_not_found")
+        del self.cards[name]  # new requests are refused at once; running ones finish with it
         self.engine.scheduler.unload_adapter(name)
-        del self.cards[name]
 
     def inside_cards_dir(self, lora_path: str) -> Path:
         """The card directory a load request names, which must lie inside --cards-dir."""
+        from lmstack.serving.cards import card_dir_in
+
         if self.cards_dir is None:
             raise ApiError(400, "loading cards at run time needs a cards directory; start the server with --cards-dir DIR",
                            "lora_path")
-        path = (self.cards_dir / lora_path).resolve()
-        if not path.is_relative_to(self.cards_dir):
-            raise ApiError(400, f"lora_path {lora_path!r} is outside the cards directory; give a card directory inside "
-                           f"{self.cards_dir}", "lora_path")
+        try:
+            path = card_dir_in(self.cards_dir, lora_path)
+        except InputError as e:
+            raise ApiError(400, str(e), "lora_path") from None
         if not path.is_dir():
             raise ApiError(404, f"no card directory {lora_path!r} inside the cards directory", "lora_path")
         return path
@@ -338,9 +331,9 @@ class Server:
     def models(self) -> dict:
         base = {"id": self.name, "object": "model", "created": self.created, "owned_by": "lmstack", "root": self.name,
                 "parent": None}
-        cards = [{"id": c.name, "object": "model", "created": self.created, "owned_by": "lmstack", "root": self.name,
+        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "lmstack", "root": self.name,
                   "parent": self.name, "description": c.description, "system": c.system, "language": c.language}
-                 for c in self.cards.values()]
+                 for name, c in self.cards.items()]
         return {"object": "list", "data": [base, *cards]}
 
     # prompts
@@ -387,6 +380,9 @@ def _echo_logprobs(server: Server, ids: list[int], top: int) -> list[tuple[float
     if len(ids) < 2:
         return [(None, [])]
     with server.engine.model_lock:  # the worker shares the model
+        lora = getattr(server.engine.scheduler, "_lora", None)
+        if lora is not None:  # the last step's per-row cards; the scheduler sets them again before its next forward
+            lora.set_rows(None)
         scores = token_scores(server.model, ids, start=1, top=max(top, 1))
     return [(None, []), *((s.logprob, s.top[:top]) for s in scores)]
 
@@ -534,7 +530,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapter):
         card = await asyncio.to_thread(server.load_card, body.lora_name, server.inside_cards_dir(body.lora_path))
-        return {"status": "ok", "message": f"card {card.name!r} loaded", "model": card.name}
+        return {"status": "ok", "message": f"card {body.lora_name!r} loaded ({card.name})", "model": body.lora_name}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadAdapter):
