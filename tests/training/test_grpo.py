@@ -9,11 +9,14 @@ import torch
 
 from lmstack.data import arithmetic
 from lmstack.errors import LmstackError
+from lmstack.evaluation.cot import Item
 from lmstack.generation import GenerationConfig, generate_groups, generate_tokens
+from lmstack.generation.engine import Generation
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.training import checkpoint
 from lmstack.training.config import TrainConfig
-from lmstack.training.grpo import GRPOConfig, advantages, grpo, grpo_loss, k3
+from lmstack.training.finetune import load_base
+from lmstack.training.grpo import GRPOConfig, advantages, grpo, grpo_loss, k3, rollout, score_groups
 from lmstack.training.metrics import read_metrics
 from lmstack.training.pretrain import train
 
@@ -99,6 +102,40 @@ def test_k3_is_the_closed_form_and_an_unbiased_kl():
     mask = torch.ones(1, 2, dtype=torch.bool)
     loss, stats = grpo_loss(p[None], p[None], torch.zeros(1), mask, agg="token", ref_logp=q[None], kl=0.5)
     assert loss.item() == pytest.approx(0.5 * k3(p, q).mean().item()) and stats["kl"] == pytest.approx(k3(p, q).mean().item())
+
+
+# --- rewards and the rollout batch -------------------------------------------------------------------
+
+
+def test_a_reply_cut_at_the_length_limit_scores_zero_even_when_right():
+    items = [Item("q", 12.0)]
+    groups = [[Generation([1], "3 * 4 = 12\nAnswer: 12", "stop", 0.0),
+               Generation([1], "3 * 4 = 12\nAnswer: 12", "length", 0.0),
+               Generation([1], "3 * 4 = 13\nAnswer: 13", "stop", 0.0)]]
+    rewards, right, ended = score_groups(groups, items, format_reward=0.5)
+    assert rewards.tolist() == [[1.5, 0.0, 0.5]]  # right + well formed, cut, well formed but wrong
+    assert right.tolist() == [[1.0, 1.0, 0.0]] and ended.tolist() == [[True, False, True]]
+
+
+def test_groups_with_equal_rewards_are_left_out_of_the_batch(base, monkeypatch):
+    """A group whose replies all score alike has zero advantages: it is not laid out for the update,
+    and the other groups' rows keep their own advantages."""
+    model, tok = load_base(str(base))
+    items = [Item("a", 1.0), Item("b", 2.0), Item("c", 3.0)]
+    texts = {"a": ["Answer: 1", "Answer: 5"], "b": ["Answer: 7", "Answer: 8"], "c": ["Answer: 3", "Answer: 3"]}
+
+    def fake_groups(model, prompts, n, configs, tokenizer):
+        return [[Generation(tok.encode(t), t, "stop", 0.0) for t in texts[it.question]] for it in items]
+
+    monkeypatch.setattr("lmstack.training.grpo.generate_groups", fake_groups)
+    cfg = GRPOConfig(group=2, batch_size=3, max_new_tokens=8)
+    batch, metrics = rollout(model, tok, items, cfg, 0, torch.device("cpu"))
+    assert metrics["zero_variance_groups"] == pytest.approx(2 / 3, abs=1e-6) and metrics["reward_mean"] == 0.5
+    assert batch["adv"].tolist() == pytest.approx(advantages(torch.tensor([[1.0, 0.0]])).flatten().tolist())
+    assert batch["idx"].shape[0] == 2 and batch["mask"].sum(-1).tolist() == [len(tok.encode(t)) + 1 for t in texts["a"]]
+    texts["b"] = texts["a"] = ["Answer: 0", "Answer: 0"]  # nothing to learn anywhere: the batch stays whole
+    batch, metrics = rollout(model, tok, items, cfg, 0, torch.device("cpu"))
+    assert batch["idx"].shape[0] == 6 and torch.count_nonzero(batch["adv"]) == 0
 
 
 # --- forked sampling ------------------------------------------------------------------------------

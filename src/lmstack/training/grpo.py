@@ -42,6 +42,7 @@ from lmstack.evaluation.cot import correct, load_task, question_ids, reply_confi
 from lmstack.generation import generate_groups, generate_tokens
 from lmstack.training.config import RunConfig, _field
 from lmstack.training.finetune import CAUSAL, FinetuneConfig, apply_lora, load_base, save_model
+from lmstack.training.metrics import read_metrics
 from lmstack.training.optim import lr_at
 from lmstack.training.run import Run
 
@@ -185,7 +186,12 @@ class GRPOLoss(nn.Module):
 def rollout(model, tok, items, cfg: GRPOConfig, step: int, device) -> tuple[dict, dict]:
     """Sample a group of replies to each problem, score them, and lay them out as a batch:
     idx (prompt + reply, right-padded), mask (reply tokens), adv [B], and old (and reference)
-    log-probs filled in by the caller. Returns (batch, rollout metrics)."""
+    log-probs filled in by the caller. Returns (batch, rollout metrics).
+
+    A reply cut at max_new_tokens scores 0 even with the right number in it, so the policy keeps
+    its end-of-turn stop. Groups with all-equal rewards have zero advantages; they are left out of
+    the batch (when another group remains), so they neither cost a backward pass nor dilute the
+    mean of the loss over replies."""
     G = cfg.group
     prompts = [question_ids(tok, it.question) for it in items]
     configs = [reply_config(tok, cfg.max_new_tokens, cfg.temperature, seed=hash((cfg.seed, step, k)) % 2**31)
@@ -194,12 +200,16 @@ def rollout(model, tok, items, cfg: GRPOConfig, step: int, device) -> tuple[dict
     model.eval()
     groups = generate_groups(model, prompts, G, configs, tok)
     model.train(was_training)
-    rewards = torch.tensor([[reward(g.text, it.answer, cfg.format_reward) for g in grp] for it, grp in zip(items, groups)])
-    right = torch.tensor([[reward(g.text, it.answer) for g in grp] for it, grp in zip(items, groups)])
-    adv = advantages(rewards, cfg.advantage).flatten()
+    rewards, right, ended = score_groups(groups, items, cfg.format_reward)
+    adv = advantages(rewards, cfg.advantage)
+    varied = rewards.std(-1) > 0
+    keep = varied if varied.any() else torch.ones_like(varied)
     end = turn_end_id(tok) if uses_chat(tok) else None
-    rows, masks = [], []
-    for prompt, grp in zip(prompts, groups):
+    rows, masks, kept_adv = [], [], []
+    for prompt, grp, a, k in zip(prompts, groups, adv, keep):
+        if not k:
+            continue
+        kept_adv += a.tolist()
         for g in grp:
             reply = _reply_ids(g, end, tok.eot_id)
             rows.append(prompt + reply)
@@ -207,11 +217,20 @@ def rollout(model, tok, items, cfg: GRPOConfig, step: int, device) -> tuple[dict
     width = max(map(len, rows))
     idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
     mask = torch.tensor([m + [False] * (width - len(m)) for m in masks], device=device)
-    lengths = mask.sum(-1).float()
+    lengths = torch.tensor([[len(g.tokens) for g in grp] for grp in groups]).float()
     metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(-1).mean()),
-               "zero_variance_groups": float((rewards.std(-1) == 0).float().mean()), "accuracy": float(right.mean()),
-               "reply_length": float(lengths.mean())}
-    return {"idx": idx, "mask": mask, "adv": adv.to(device)}, metrics
+               "zero_variance_groups": float(1 - varied.float().mean()), "accuracy": float(right.mean()),
+               "unfinished": float(1 - ended.float().mean()), "reply_length": float(lengths.mean())}
+    return {"idx": idx, "mask": mask, "adv": torch.tensor(kept_adv, device=device)}, metrics
+
+
+def score_groups(groups, items, format_reward: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[P, G] rewards, right answers and ended replies of P groups of generations: the reward is
+    `cot.reward` for a reply that ended (end of turn or text), 0 for one cut at max_new_tokens."""
+    ended = torch.tensor([[g.finish_reason == "stop" for g in grp] for grp in groups])
+    right = torch.tensor([[reward(g.text, it.answer) for g in grp] for it, grp in zip(items, groups)])
+    rewards = torch.tensor([[reward(g.text, it.answer, format_reward) for g in grp] for it, grp in zip(items, groups)])
+    return rewards * ended, right, ended
 
 
 def _reply_ids(generation, turn_end: int | None, eot: int | None) -> list[int]:
@@ -284,13 +303,14 @@ def grpo(cfg: GRPOConfig, resume: bool = False) -> dict:
             f"{cfg.group} replies per batch, advantage {cfg.advantage}, loss {cfg.loss_agg}, kl {cfg.kl:g}"))
         if held and run.step == 0:
             run.log_eval(held_out_accuracy(model, tok, held, cfg))
-        path, batch, metrics = None, None, {}
+        path, batch, metrics, rewards = None, None, {}, []
         while not run.done:
             step = run.step
             if step % cfg.updates == 0 or batch is None:  # a fresh rollout batch every `updates` steps
                 rng = random.Random(hash((cfg.seed, step // cfg.updates)))
                 items = rng.sample(train_items, min(cfg.batch_size, len(train_items)))
                 batch, metrics = rollout(model, tok, items, cfg, step, run.device)
+                rewards.append(metrics["reward_mean"])
                 with torch.no_grad(), stepper.autocast:
                     batch["old_logp"] = sequence_logprobs(model, batch["idx"]).float()
                     if reference is not None:
@@ -302,4 +322,20 @@ def grpo(cfg: GRPOConfig, resume: bool = False) -> dict:
                 run.log_eval(held_out_accuracy(model, tok, held, cfg))
             if run.checkpoint_due:
                 path = save_model(run, tok, cfg)
-        return {**run.finish(), "checkpoint": str(path) if path else None}
+        return {**_summary(run, rewards), "checkpoint": str(path) if path else None}
+
+
+def _summary(run: Run, rewards: list[float]) -> dict:
+    """The run's last metrics without its loss, and one line on what moved. The clipped loss reads
+    ~0 whatever the policy learns: at ratio 1 it is minus the mean advantage, and advantages are
+    centred within each group; the reward and held-out accuracy are the numbers to watch."""
+    last = {k: v for k, v in run.finish().items() if k != "loss"}
+    if rewards:
+        k = max(1, min(10, len(rewards) // 2))
+        last["reward_mean"] = sum(rewards[-k:]) / k
+        run.write(f"train reward mean {sum(rewards[:k]) / k:.3f} (first {k} rollout batches) -> {last['reward_mean']:.3f} "
+                  f"(last {k})")
+    evals = [r["val_accuracy"] for r in read_metrics(run.dir) if "val_accuracy" in r]
+    if evals:
+        run.write(f"held-out accuracy {evals[0]:.3f} (first evaluation) -> {evals[-1]:.3f} (last)")
+    return last
