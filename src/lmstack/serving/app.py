@@ -113,7 +113,7 @@ class ChatRequest(_Sampling):
 
 class LoadAdapter(_Body):
     lora_name: str = Field(min_length=1, max_length=200, pattern=r"^[\w.\-]+$")
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")  # a NUL is no path
 
 
 class UnloadAdapter(_Body):
