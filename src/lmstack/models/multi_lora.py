@@ -1,17 +1,20 @@
 """Several LoRA adapters for one base, served side by side: each row of a batch uses its own
 adapter, or none (S-LoRA / Punica's idea, in plain PyTorch).
 
-Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding the adapters' matrices stacked,
-A as [slots + 1, in, r_max] and B as [slots + 1, r_max, out] (ranks zero-padded to the largest,
-the scaling folded into B, the last slot all zeros for rows without an adapter). Before a forward
-pass the caller sets each row's slot (`MultiLora.set_rows`, -1 = the base); each layer then adds
-its rows' low-rank updates with two batched matrix products over the gathered matrices:
+Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding each adapter's A [r, in] and B
+[out, r] (the scaling folded into B) in stacks [slots, in, r_max] and [slots, r_max, out], ranks
+zero-padded to the largest. Before a forward pass the caller sets each row's slot
+(`MultiLora.set_rows`, -1 = the base). Each layer then lays the U adapters present in the batch
+side by side, A as [in, U·r] and B as [U·r, out], and adds every row's update with two matrix
+products, a mask keeping only the columns of the row's own adapter:
 
-    y[b] = W x[b] + bias + x[b] A[slot b] B[slot b]
+    y = W x + bias + ((x A_U) * mask_row) B_U
 
-which equals running each row on the base with its adapter alone. The gathered matrices are kept
-until the rows change, so a decoding step whose batch is unchanged gathers nothing. Adapters come
-and go at run time (`install`, `remove`); a slot freed by `remove` is reused.
+which equals running each row on the base with its adapter alone. The work grows with the
+number of different adapters in the batch, not with the rows (gathering a matrix per row would
+read as much memory as the base weight once rows x rank reach its width), and the side-by-side
+matrices are kept until the batch's adapters change, so a decoding step mostly gathers nothing.
+Adapters come and go at run time (`install`, `remove`); a slot freed by `remove` is reused.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from lmstack.models.lora import adapter_updates, lora_modules
 
 
 class _Rows:
-    """Each row's slot index into the stacks (the base's zero slot for -1), shared by every layer,
-    with a version that tells the layers when to gather again."""
+    """The batch's adapters, shared by every layer: `slots` [U] the adapter slots present, `column`
+    [B] each row's place among them (-1: the base), and a version that tells layers to gather again."""
 
     def __init__(self):
-        self.ids: torch.Tensor | None = None  # None: no row has an adapter
-        self.key: tuple | None = None
+        self.key: tuple | None = None  # each row's slot; None: no row has an adapter
+        self.slots: torch.Tensor | None = None
+        self.column: torch.Tensor | None = None
         self.version = 0
 
 
@@ -46,40 +50,46 @@ class MultiLoraLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.rows = rows
         self.updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], s·B [out, r])
-        self.A: torch.Tensor | None = None
-        self.B: torch.Tensor | None = None
-        self._gathered: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.A: torch.Tensor | None = None  # [slots, in, r]
+        self.B: torch.Tensor | None = None  # [slots, r, out]
+        self._gathered: tuple | None = None  # (version, A_U, B_U, mask)
 
     def restack(self, slots: int) -> None:
-        """Stack the adapters into [slots + 1, ...] tensors (the last slot is the base's zeros)."""
+        """Stack the adapters into [slots, ...] tensors (zeros for a slot this layer has none of)."""
         self._gathered = None
         if not self.updates:
             self.A = self.B = None
             return
         r = max(a.shape[0] for a, _ in self.updates.values())
         dtype = next(iter(self.updates.values()))[0].dtype
-        self.A = self.weight.new_zeros(slots + 1, self.in_features, r, dtype=dtype)
-        self.B = self.weight.new_zeros(slots + 1, r, self.out_features, dtype=dtype)
+        self.A = self.weight.new_zeros(slots, self.in_features, r, dtype=dtype)
+        self.B = self.weight.new_zeros(slots, r, self.out_features, dtype=dtype)
         for slot, (a, b) in self.updates.items():
             self.A[slot, :, : a.shape[0]] = a.t()
             self.B[slot, : a.shape[0]] = b.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.rows.ids is None or self.A is None:
+        if self.rows.key is None or self.A is None:
             return y
-        A, B = self._gather()
-        n = x.shape[0]
-        z = torch.bmm(x.reshape(n, -1, self.in_features).to(A.dtype), A)  # [n, T, r]
+        A, B, mask = self._gather()
+        z = (x if x.dtype == A.dtype else x.to(A.dtype)) @ A
+        z = z.view(x.shape[0], -1, A.shape[1]).mul_(mask)  # [B, T, U·r]: each row keeps its own adapter's columns
         if y.dtype == A.dtype:
-            return torch.baddbmm(y.reshape(n, -1, self.out_features), z, B).view_as(y)
-        return y + torch.bmm(z, B).view_as(y).to(y.dtype)
+            return torch.addmm(y.reshape(-1, self.out_features), z.view(-1, A.shape[1]), B).view_as(y)
+        return y + (z @ B).view_as(y).to(y.dtype)
 
-    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's adapters side by side: A [in, U·r], B [U·r, out], mask [B, 1, U·r]."""
         if self._gathered is None or self._gathered[0] != self.rows.version:
-            ids = self.rows.ids
-            self._gathered = (self.rows.version, self.A[ids], self.B[ids])
-        return self._gathered[1], self._gathered[2]
+            slots, column = self.rows.slots, self.rows.column
+            r = self.A.shape[2]
+            A = self.A[slots].permute(1, 0, 2).reshape(self.in_features, -1)
+            B = self.B[slots].reshape(-1, self.out_features)
+            place = torch.arange(len(slots), device=column.device).repeat_interleave(r)
+            mask = (column[:, None] == place).to(A.dtype)[:, None]
+            self._gathered = (self.rows.version, A, B, mask)
+        return self._gathered[1:]
 
 
 class MultiLora:
@@ -139,8 +149,7 @@ class MultiLora:
     def _restack(self, layers: dict[str, MultiLoraLinear]) -> None:
         for layer in layers.values():
             layer.restack(len(self.used))
-        # the base's slot index moved with the stacks: rows are set again before the next forward
-        self.rows.ids, self.rows.key = None, None
+        self.rows.key = None  # rows are set again before the next forward
         self.rows.version += 1
 
     def set_rows(self, slots: list[int] | None) -> None:
@@ -151,6 +160,8 @@ class MultiLora:
             return
         self.rows.key = key
         self.rows.version += 1
-        device = next(self.model.parameters()).device
-        base = len(self.used)
-        self.rows.ids = None if key is None else torch.tensor([base if s < 0 else s for s in key], device=device)
+        if key is not None:
+            device = next(self.model.parameters()).device
+            present = sorted({s for s in key if s >= 0})
+            self.rows.slots = torch.tensor(present, device=device)
+            self.rows.column = torch.tensor([present.index(s) if s >= 0 else -1 for s in key], device=device)
