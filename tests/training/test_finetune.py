@@ -172,3 +172,19 @@ def test_shipped_configs_run(base, tmp_path, name, capsys):
                  "--max-length", "64", "--batch-size", "2", "--eval-interval", "0"]) == 0
     assert "done: step 2" in capsys.readouterr().out
     assert (checkpoint.latest(out) / "model.safetensors").exists()
+
+
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_and_its_gradients():
+    from lmstack.training.finetune import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(600, 16, generator=g, requires_grad=True)  # more rows than one chunk
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (600,), generator=g)
+    ours = LinearCrossEntropy.apply(hidden, weight, targets) * 3.0
+    grads = torch.autograd.grad(ours, (hidden, weight))
+    plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight), targets) * 3.0
+    want = torch.autograd.grad(plain, (hidden, weight))
+    assert float(ours) == pytest.approx(float(plain), rel=1e-6)
+    for a, b in zip(grads, want):
+        assert torch.allclose(a, b, atol=1e-6)
