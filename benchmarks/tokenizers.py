@@ -177,7 +177,8 @@ def main(argv=None) -> None:
         ("bpe train time, lmstack / hf (aim <= 3)", train["lmstack bpe"] / train["hf bpe"]),
         ("fast-path speed, tiktoken gpt2 / lmstack (aim <= 1.2)", speed["tiktoken gpt2"] / speed["lmstack bpe fast path"]),
         ("fast-path speed, tiktoken same vocab / lmstack", speed["tiktoken (lmstack vocab)"] / speed["lmstack bpe fast path"]),
-        ("python-path speed, lmstack / hf same vocab (aim >= 1)", speed["lmstack bpe python path"] / speed["hf bpe (lmstack vocab)"]),
+        ("python-path speed, lmstack / hf same vocab (aim >= 1)",
+         speed["lmstack bpe python path"] / speed["hf bpe (lmstack vocab)"]),
         ("bytes/token, lmstack bpe / hf bpe (aim within 1%)", bpt["lmstack bpe"] / bpt["hf bpe"]),
     ]
     if "lmstack unigram" in train:

@@ -36,8 +36,8 @@ SHARED = REPO.parent / "shared"
 def lmstack_run(args, tmp: Path) -> tuple[float, float | None, int]:
     from lmstack.tokenizers.gpt2 import load_gpt2
     from lmstack.training.config import TrainConfig
-    from lmstack.training.pretrain import train
     from lmstack.training.metrics import read_metrics
+    from lmstack.training.pretrain import train
 
     tok = load_gpt2(SHARED / "fixtures/gpt2/encoder.json", SHARED / "fixtures/gpt2/vocab.bpe")
     tok.save(tmp / "gpt2-tokenizer")

@@ -71,11 +71,12 @@ def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
     (tmp_path / "neox" / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     r = cli("convert", tmp_path / "neox", tmp_path / "out")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'neox'}: not a supported Hugging Face model "
-                                             "(model_type 'gpt_neox'); lmstack imports gpt2, llama, mistral, qwen2, qwen3, bert and t5"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'neox'}: not a supported Hugging Face model "
+        "(model_type 'gpt_neox'); lmstack imports gpt2, llama, mistral, qwen2, qwen3, bert and t5"]
     assert not (tmp_path / "out").exists()
 
-    from lmstack.models.rnn import RNNConfig, RNNLM
+    from lmstack.models.rnn import RNNLM, RNNConfig
 
     RNNLM(RNNConfig.preset("tiny")).save(tmp_path / "rnn")
     r = cli("convert", tmp_path / "rnn", tmp_path / "out", "--to", "hf")

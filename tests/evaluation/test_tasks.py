@@ -9,7 +9,13 @@ import torch
 
 from lmstack.errors import FormatError, InputError
 from lmstack.evaluation.tasks import (
-    Choice, extract_answer, few_shot_prompt, load_multiple_choice, load_numeric, multiple_choice, numeric_exact_match,
+    Choice,
+    extract_answer,
+    few_shot_prompt,
+    load_multiple_choice,
+    load_numeric,
+    multiple_choice,
+    numeric_exact_match,
     run,
 )
 from lmstack.models.base import LanguageModel

@@ -10,7 +10,7 @@ from lmstack.errors import InputError
 from lmstack.models.feedforward import FeedForwardConfig, FeedForwardLM
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.ngram import NGramLM
-from lmstack.models.rnn import RNNConfig, RNNLM
+from lmstack.models.rnn import RNNLM, RNNConfig
 from lmstack.models.t5 import T5, T5Config
 
 V = 23

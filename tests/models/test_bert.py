@@ -181,4 +181,5 @@ def test_sizes():
     tiny = BERT(BERTConfig.preset("tiny"))
     c = tiny.config
     per_layer = 4 * c.d_model ** 2 + 2 * c.d_model * c.d_ff
-    assert tiny.flops_per_token(16, training=False) == 2 * (c.n_layers * per_layer + c.d_model ** 2 + c.vocab_size * c.d_model) + 4 * c.n_layers * c.d_model * 16
+    weights = c.n_layers * per_layer + c.d_model ** 2 + c.vocab_size * c.d_model
+    assert tiny.flops_per_token(16, training=False) == 2 * weights + 4 * c.n_layers * c.d_model * 16

@@ -3,7 +3,7 @@ import torch
 
 from lmstack.errors import CheckpointError, InputError
 from lmstack.models import load
-from lmstack.models.rnn import BiRNNEncoder, RNNConfig, RNNLM
+from lmstack.models.rnn import RNNLM, BiRNNEncoder, RNNConfig
 
 V = 13
 

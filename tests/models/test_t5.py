@@ -44,7 +44,8 @@ def _batch():
     return src, src_mask, tgt
 
 
-@pytest.mark.parametrize("proj,tie,untie_head", [("relu", True, False), ("gated-gelu", False, False), ("gated-gelu", False, True)])
+@pytest.mark.parametrize("proj,tie,untie_head",
+                         [("relu", True, False), ("gated-gelu", False, False), ("gated-gelu", False, True)])
 def test_teacher_forced_logits_match_transformers(tmp_path, proj, tie, untie_head):
     hf = _hf(tmp_path, proj, tie, untie_head)
     ours, tok = from_hf_t5(tmp_path)

@@ -14,9 +14,9 @@ from lmstack.cli import main
 from lmstack.errors import InputError
 from lmstack.training import budget, checkpoint, pretrain
 from lmstack.training.config import TrainConfig
-from lmstack.training.pretrain import train
 from lmstack.training.metrics import read_metrics
 from lmstack.training.optim import lr_at
+from lmstack.training.pretrain import train
 
 SLACK_S = 30  # a generous allowance for a loaded machine: the assertions are about structure
 PLAN = dict(max_steps=10**6, max_minutes=0.1, schedule="wsd", warmup_steps=10, lr=1e-3, min_lr=1e-5)

@@ -8,8 +8,8 @@ import pytest
 
 from lmstack.training import checkpoint
 from lmstack.training.config import TrainConfig
-from lmstack.training.pretrain import train
 from lmstack.training.metrics import read_metrics
+from lmstack.training.pretrain import train
 
 ARGS = ["--block-size", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-interval", "2",
         "--eval-batches", "2", "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2"]

@@ -9,9 +9,9 @@ from lmstack.cli.train import shipped_configs
 from lmstack.errors import InputError
 from lmstack.models import load
 from lmstack.training import checkpoint
+from lmstack.training.metrics import read_metrics
 from lmstack.training.pretrain import train
 from lmstack.training.step import DivergenceError
-from lmstack.training.metrics import read_metrics
 
 
 def losses(run_dir):

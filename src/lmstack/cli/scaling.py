@@ -10,7 +10,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-
 from lmstack.cli import add_group
 from lmstack.errors import InputError
 

@@ -24,9 +24,9 @@ def register(sub) -> None:
 
 
 def cmd_score(args) -> int:
-    from lmstack.models.checkpoint import load_for_text
     from lmstack.errors import InputError
     from lmstack.evaluation.scoring import score_text
+    from lmstack.models.checkpoint import load_for_text
 
     if args.top < 0:
         raise InputError(f"--top must be >= 0, got {args.top}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lmstack.errors import InputError
 from lmstack.io import check_readable, iter_text_chunks, resolve_path

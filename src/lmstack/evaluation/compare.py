@@ -9,14 +9,14 @@ mode (see `perplexity.default_mode`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 from lmstack.errors import InputError
 from lmstack.evaluation.perplexity import PROGRESS_UNITS, default_mode, measure
 from lmstack.progress import progress
 
-ModelSpec = Union[str, os.PathLike, tuple]  # a checkpoint path (or .arpa file), or (model, tokenizer)
+ModelSpec = str | os.PathLike | tuple  # a checkpoint path (or .arpa file), or (model, tokenizer)
 
 COLUMNS = (  # (key, header, format)
     ("model", "model", "{}"),

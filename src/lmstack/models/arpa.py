@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -62,7 +62,7 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
 
     # Header: skip anything before \data\, then "ngram N=C" lines.
     lineno, line = 0, ""
-    for lineno, line in lines:
+    for lineno, line in lines:  # noqa: B007 (lineno names the line in errors after the loop)
         if line.strip() == "\\data\\":
             break
     else:
@@ -97,7 +97,7 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
     for n in range(1, order + 1):
         header = f"\\{n}-grams:"
         if pending is None:
-            for lineno, line in lines:
+            for lineno, line in lines:  # noqa: B007 (lineno names the line in errors after the loop)
                 if line.strip():
                     pending = line.strip()
                     break
@@ -174,7 +174,7 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
         ids, logp_arr, bo_arr, line_arr = (np.concatenate(parts) for parts in zip(*blocks))
         sections.append(ArpaSection(ids=ids, logp=logp_arr, backoff=None if highest else bo_arr, lines=line_arr))
     if pending is None:
-        for lineno, line in lines:
+        for lineno, line in lines:  # noqa: B007 (lineno names the line in errors after the loop)
             if line.strip():
                 pending = line.strip()
                 break

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,8 @@ class BERT(nn.Module, TorchCheckpoint):
                 "truncate or split the input"
             )
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got range [{int(ids.min())}, {int(ids.max())}]")
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); "
+                             f"got range [{int(ids.min())}, {int(ids.max())}]")
         types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
         x = self.embed_tokens(ids) + self.embed_positions(torch.arange(T, device=ids.device)) + self.embed_types(types)
         x = self.drop(self.embed_norm(x))
@@ -226,7 +227,8 @@ def from_hf_bert(hf_dir: str | os.PathLike):
     hf_dir = Path(hf_dir)
     cfg, tensors = read_hf_dir(hf_dir, "bert")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{hf_dir}: position_embedding_type {cfg['position_embedding_type']!r} is not supported (only 'absolute')")
+        raise CheckpointError(f"{hf_dir}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
+                              "(only 'absolute')")
     if cfg.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{hf_dir}: untied BERT decoder weights are not supported")
     try:

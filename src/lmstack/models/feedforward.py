@@ -22,7 +22,6 @@ from lmstack.models.base import LanguageModel, padding_mask
 from lmstack.models.checkpoint import TorchCheckpoint
 from lmstack.models.sizes import Presets
 
-
 PRESETS = {
     "tiny": dict(order=3, d_embed=8, d_hidden=16),
     # the scale of Bengio et al. 2003's models: 5-gram, 60-d features, 100 hidden units, direct connections
@@ -105,7 +104,8 @@ class FeedForwardLM(nn.Module, LanguageModel, TorchCheckpoint):
         self._check_ids(prompt if pad is None else prompt.masked_fill(pad, 0))
         if pad is not None:  # padding reads as "before the start", exactly what a shorter prompt sees
             prompt = prompt.masked_fill(pad, self.vocab_size)
-        state = self._windows(prompt)[:, -1] if prompt.shape[1] else prompt.new_full((prompt.shape[0], self.window), self.vocab_size)
+        empty = prompt.new_full((prompt.shape[0], self.window), self.vocab_size)
+        state = self._windows(prompt)[:, -1] if prompt.shape[1] else empty
         return state, F.log_softmax(self._logits(state).float(), dim=-1)
 
     def step(self, state: torch.Tensor, tokens: torch.Tensor):

@@ -21,9 +21,9 @@ the next-token distribution gives it probability 0 and sums to 1 over the other 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch

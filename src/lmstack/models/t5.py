@@ -134,7 +134,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q = self.split(x, self.q)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.p if self.training else 0.0, scale=1.0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.p if self.training else 0.0,
+                                           scale=1.0)
         return self.o(a.transpose(1, 2).flatten(2))
 
 
@@ -242,12 +243,14 @@ class T5(nn.Module, TorchCheckpoint):
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise InputError(f"{what} token ids must be in [0, {self.vocab_size}); got range [{int(ids.min())}, {int(ids.max())}]")
+            raise InputError(f"{what} token ids must be in [0, {self.vocab_size}); "
+                             f"got range [{int(ids.min())}, {int(ids.max())}]")
 
     def _padding_bias(self, src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
         """[B, 1, 1, S]: 0 for source tokens, a huge negative for padding (default: the pad id)."""
         keep = (src != self.config.pad_token_id) if src_mask is None else src_mask.bool()
-        return torch.zeros(keep.shape, dtype=torch.float32, device=src.device).masked_fill(~keep, torch.finfo(torch.float32).min)[:, None, None]
+        bias = torch.zeros(keep.shape, dtype=torch.float32, device=src.device)
+        return bias.masked_fill(~keep, torch.finfo(torch.float32).min)[:, None, None]
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S] source ids -> [B, S, d_model] encoder states. Padding is where `src_mask` is 0,
