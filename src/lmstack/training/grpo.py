@@ -10,7 +10,9 @@ reply with its own group, so no value model is needed:
 - grpo: (r - mean) / (std + 1e-4), std over the group (unbiased, as TRL);
 - dr_grpo: r - mean (no std, and the loss is not normalised by each reply's length);
 - rloo: r minus the mean of the other replies of the group, G/(G-1) (r - mean).
-A group whose rewards are all equal teaches nothing: its advantages are zero.
+A group whose rewards are all equal teaches nothing: its advantages are zero, so it is left out
+of the update (it would only shrink the mean over replies). A reply cut at `max_new_tokens` scores
+0 whatever number it holds, so the policy keeps ending its turn.
 
 The loss is PPO's clipped surrogate per reply token, -min(ρ A, clip(ρ, 1-ε, 1+ε) A) with ρ the
 ratio of the policy's probability to the one at rollout time (`old` log-probs, taken once after
@@ -21,8 +23,10 @@ then over replies: GRPO), token (mean over every token of the batch: DAPO) or co
 tokens / (replies × max_new_tokens): Dr. GRPO, the default with --advantage dr_grpo).
 
 Logged per step: reward mean and std, the fraction of groups with zero reward variance, accuracy,
-reply length, KL and the clipped fraction; every `eval_interval` steps (and before the first),
-held-out greedy exact-match accuracy. The optimizer step, run directory, time budget, resume and
+the fraction of replies cut unfinished, reply length, KL and the clipped fraction; every
+`eval_interval` steps (and before the first), held-out greedy exact-match accuracy. The loss
+itself reads ~0 (at ratio 1 it is minus the mean advantage, centred in each group), so the run
+ends by printing how the reward and held-out accuracy moved instead. The optimizer step, run directory, time budget, resume and
 checkpoints (LoRA adapters too) are the shared `training.step` and `training.run`.
 """
 
