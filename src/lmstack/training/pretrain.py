@@ -85,8 +85,8 @@ def check(cfg: TrainConfig, resume: bool) -> None:
 
             corpus_files(cfg.data)
         _tokenizer_source(cfg)
+    model_config(cfg)  # an unknown family is named first
     check_family(cfg.objective, cfg.family)
-    model_config(cfg)
 
 
 def prepare_data(cfg: TrainConfig, run_dir: Path, d: distributed.Dist, resume: bool):
