@@ -36,9 +36,13 @@ def rule_rows(n: int, seed: int, kind: str) -> list[dict]:
         w = rng.choice(WORDS)
         prompt = f"{rng.choice(['Shout', 'Say', 'Spell'])} {w}"
         liked, other = f"Answer: {w}!", f"Answer: {w}."
-        rows.append({"pairs": {"prompt": prompt, "chosen": liked, "rejected": other},
-                     "sft": {"prompt": prompt, "response": liked if rng.random() < 0.5 else other},
-                     "prompts": {"prompt": prompt}}[kind])
+        rows.append(
+            {
+                "pairs": {"prompt": prompt, "chosen": liked, "rejected": other},
+                "sft": {"prompt": prompt, "response": liked if rng.random() < 0.5 else other},
+                "prompts": {"prompt": prompt},
+            }[kind]
+        )
     return rows
 
 
@@ -109,13 +113,35 @@ def main() -> None:
 
     text = out / "shakespeare.txt"
     text.write_text((shared / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000], encoding="utf-8")
-    train(TrainConfig(out_dir=str(out / "base"), data=[str(text)], block_size=128, batch_size=16, max_steps=300,
-                      warmup_steps=20, lr=3e-3, eval_interval=100, ckpt_interval=0,
-                      model={"n_layer": 2, "n_head": 4, "n_embd": 64}))
+    train(
+        TrainConfig(
+            out_dir=str(out / "base"),
+            data=[str(text)],
+            block_size=128,
+            batch_size=16,
+            max_steps=300,
+            warmup_steps=20,
+            lr=3e-3,
+            eval_interval=100,
+            ckpt_interval=0,
+            model={"n_layer": 2, "n_head": 4, "n_embd": 64},
+        )
+    )
     lap("pretrain")
-    sft = finetune(FinetuneConfig(init_from=str(checkpoint.latest(out / "base")), out_dir=str(out / "sft"), max_length=64,
-                                  data=[write_jsonl(out / "sft.jsonl", rule_rows(400, 2, "sft"))], batch_size=16,
-                                  max_steps=150, lr=3e-3, min_lr=3e-4, warmup_steps=10, eval_interval=50))["checkpoint"]
+    sft = finetune(
+        FinetuneConfig(
+            init_from=str(checkpoint.latest(out / "base")),
+            out_dir=str(out / "sft"),
+            max_length=64,
+            data=[write_jsonl(out / "sft.jsonl", rule_rows(400, 2, "sft"))],
+            batch_size=16,
+            max_steps=150,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=10,
+            eval_interval=50,
+        )
+    )["checkpoint"]
     lap("sft")
     held = rule_rows(60, 99, "prompts")
     numbers["sft_preferred_rate"], numbers["sft_replies"] = preferred_rate(sft, held)
@@ -125,13 +151,28 @@ def main() -> None:
     lap("dpo")
     numbers["dpo_preferred_rate"], numbers["dpo_replies"] = preferred_rate(last["checkpoint"], held)
     numbers["dpo_val_reward_accuracy"] = last["val_reward_accuracy"]
-    rm = train_reward(RewardConfig(init_from=sft, data=[pairs], out_dir=str(out / "rm"), max_steps=40, lr=1e-3, min_lr=1e-4,
-                                   **common))
+    rm = train_reward(
+        RewardConfig(init_from=sft, data=[pairs], out_dir=str(out / "rm"), max_steps=40, lr=1e-3, min_lr=1e-4, **common)
+    )
     lap("reward_rule")
     numbers["rule_rm_val_accuracy"] = rm["val_accuracy"]
     prompts = write_jsonl(out / "prompts.jsonl", rule_rows(300, 4, "prompts"))
-    ppo(PPOConfig(init_from=sft, reward_model=rm["checkpoint"], prompts=[prompts], out_dir=str(out / "ppo"), max_new_tokens=16,
-                  batch_size=16, max_steps=40, lr=5e-4, min_lr=5e-5, warmup_steps=3, eval_interval=10, val_fraction=0.2))
+    ppo(
+        PPOConfig(
+            init_from=sft,
+            reward_model=rm["checkpoint"],
+            prompts=[prompts],
+            out_dir=str(out / "ppo"),
+            max_new_tokens=16,
+            batch_size=16,
+            max_steps=40,
+            lr=5e-4,
+            min_lr=5e-5,
+            warmup_steps=3,
+            eval_interval=10,
+            val_fraction=0.2,
+        )
+    )
     lap("ppo")
     from lmstack.training.metrics import read_metrics
 
@@ -139,27 +180,63 @@ def main() -> None:
     numbers["ppo_val_reward"] = [(e["step"], round(e["val_reward"], 3), round(e["val_kl"], 2)) for e in evals]
     numbers["ppo_max_rollout_kl"] = max(r["kl"] for r in read_metrics(out / "ppo") if "kl" in r)
     # hh-rlhf needs a longer context than the rule's model has: a base of its own, 256 characters
-    train(TrainConfig(out_dir=str(out / "hh_base"), data=[str(text)], block_size=256, batch_size=8, max_steps=150,
-                      warmup_steps=10, lr=3e-3, eval_interval=50, ckpt_interval=0,
-                      model={"n_layer": 2, "n_head": 4, "n_embd": 64}))
-    hh = train_reward(RewardConfig(init_from=str(checkpoint.latest(out / "hh_base")), skip_bad_pairs=True,
-                                   data=[str(shared / "hh_rlhf_helpful_base_test.jsonl")], out_dir=str(out / "rm_hh"),
-                                   max_length=256, max_prompt_length=192, batch_size=8, max_steps=150, lr=3e-4, min_lr=3e-5,
-                                   warmup_steps=10, eval_interval=50))
+    train(
+        TrainConfig(
+            out_dir=str(out / "hh_base"),
+            data=[str(text)],
+            block_size=256,
+            batch_size=8,
+            max_steps=150,
+            warmup_steps=10,
+            lr=3e-3,
+            eval_interval=50,
+            ckpt_interval=0,
+            model={"n_layer": 2, "n_head": 4, "n_embd": 64},
+        )
+    )
+    hh = train_reward(
+        RewardConfig(
+            init_from=str(checkpoint.latest(out / "hh_base")),
+            skip_bad_pairs=True,
+            data=[str(shared / "hh_rlhf_helpful_base_test.jsonl")],
+            out_dir=str(out / "rm_hh"),
+            max_length=256,
+            max_prompt_length=192,
+            batch_size=8,
+            max_steps=150,
+            lr=3e-4,
+            min_lr=3e-5,
+            warmup_steps=10,
+            eval_interval=50,
+        )
+    )
     lap("reward_hh")
-    numbers["hh_rm_val_accuracy"] = [(r["step"], round(r["val_accuracy"], 3)) for r in read_metrics(out / "rm_hh")
-                                     if "val_accuracy" in r]
+    numbers["hh_rm_val_accuracy"] = [
+        (r["step"], round(r["val_accuracy"], 3)) for r in read_metrics(out / "rm_hh") if "val_accuracy" in r
+    ]
     numbers["hh_final"] = hh["val_accuracy"]
     print(json.dumps({"seconds": times, **numbers}, indent=1))
     if args.plots:
         plots = Path(args.plots)
         plots.mkdir(parents=True, exist_ok=True)
-        plot(out / "dpo", ["loss", "val_reward_accuracy", "val_logp_chosen", "val_logp_rejected"], "DPO on the rule's pairs",
-             plots / "alignment_dpo.png")
-        plot(out / "ppo", ["reward", "kl", "val_reward", "val_kl"], "PPO against the rule's reward model",
-             plots / "alignment_ppo.png")
-        plot(out / "rm_hh", ["loss", "val_loss", "val_accuracy"], "Reward model on hh-rlhf (helpful-base test split)",
-             plots / "alignment_rm_hh.png")
+        plot(
+            out / "dpo",
+            ["loss", "val_reward_accuracy", "val_logp_chosen", "val_logp_rejected"],
+            "DPO on the rule's pairs",
+            plots / "alignment_dpo.png",
+        )
+        plot(
+            out / "ppo",
+            ["reward", "kl", "val_reward", "val_kl"],
+            "PPO against the rule's reward model",
+            plots / "alignment_ppo.png",
+        )
+        plot(
+            out / "rm_hh",
+            ["loss", "val_loss", "val_accuracy"],
+            "Reward model on hh-rlhf (helpful-base test split)",
+            plots / "alignment_rm_hh.png",
+        )
 
 
 if __name__ == "__main__":

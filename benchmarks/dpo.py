@@ -43,8 +43,12 @@ def hf_tokenizer(vocab: int):
     from transformers import PreTrainedTokenizerFast
 
     words = {f"w{i}": i for i in range(vocab - 2)} | {"<eos>": vocab - 2, "<pad>": vocab - 1}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<eos>")),
-                                   eos_token="<eos>", pad_token="<pad>", unk_token="<eos>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<eos>")),
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<eos>",
+    )
 
 
 def main() -> None:
@@ -78,9 +82,18 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.prompt + args.response, n_embd=args.width,
-                                    n_layer=args.layers, n_head=max(1, args.width // 64), resid_pdrop=0.0,
-                                    embd_pdrop=0.0, attn_pdrop=0.0))
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=args.prompt + args.response,
+            n_embd=args.width,
+            n_layer=args.layers,
+            n_head=max(1, args.width // 64),
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     hf.save_pretrained(tmp / "hf")
     ours, _ = from_hf(tmp / "hf")
     g = torch.Generator().manual_seed(1)
@@ -89,16 +102,39 @@ def main() -> None:
     ref = -torch.rand(args.pairs, 2, generator=g) * 10 - args.response * 9
     batch = collate_pairs(pairs, {"reference": ref}, range(args.pairs))
     completion = (batch["targets"] != -100).roll(1, 1)  # the response tokens themselves
-    inputs = {"input_ids": batch["idx"], "attention_mask": torch.ones_like(batch["idx"]), "completion_mask": completion.long(),
-              "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
+    inputs = {
+        "input_ids": batch["idx"],
+        "attention_mask": torch.ones_like(batch["idx"]),
+        "completion_mask": completion.long(),
+        "ref_chosen_logps": ref[:, 0],
+        "ref_rejected_logps": ref[:, 1],
+    }
 
-    cfg = DPOConfig(init_from="x", data=["x"], lr=1e-4, beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.0, grad_clip=1.0,
-                    out_dir=str(tmp / "run"))
+    cfg = DPOConfig(
+        init_from="x",
+        data=["x"],
+        lr=1e-4,
+        beta1=BETAS[0],
+        beta2=BETAS[1],
+        weight_decay=0.0,
+        grad_clip=1.0,
+        out_dir=str(tmp / "run"),
+    )
     stepper = OptimizerStep(PreferenceLoss(ours.train(), cfg), cfg, Dist(), torch.device("cpu"))
-    targs = TRLConfig(output_dir=str(tmp / "trl"), beta=cfg.beta, precompute_ref_log_probs=True, use_cpu=True, report_to=[],
-                      per_device_train_batch_size=2)
-    trainer = DPOTrainer(model=hf, args=targs, processing_class=hf_tokenizer(args.vocab),
-                         train_dataset=Dataset.from_list([{"prompt": "w1", "chosen": "w2", "rejected": "w3"}] * 4))
+    targs = TRLConfig(
+        output_dir=str(tmp / "trl"),
+        beta=cfg.beta,
+        precompute_ref_log_probs=True,
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=2,
+    )
+    trainer = DPOTrainer(
+        model=hf,
+        args=targs,
+        processing_class=hf_tokenizer(args.vocab),
+        train_dataset=Dataset.from_list([{"prompt": "w1", "chosen": "w2", "rejected": "w3"}] * 4),
+    )
     hf.train()
     optimizer = torch.optim.AdamW(hf.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=0.0)
 
@@ -125,14 +161,19 @@ def main() -> None:
     wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
     cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
     rows = args.pairs * 2
-    print(f"DPO step, GPT-2 shape {args.width} wide x {args.layers} layers, vocab {args.vocab}; {args.pairs} pairs "
-          f"({rows} rows of {args.prompt + args.response} tokens); {args.threads} thread(s); median of {len(times['trl'])} steps")
-    print(f"first-step loss: lmstack {first['lmstack']:.6f}, TRL {first['trl']:.6f} (|diff| "
-          f"{abs(first['lmstack'] - first['trl']):.1e})")
+    print(
+        f"DPO step, GPT-2 shape {args.width} wide x {args.layers} layers, vocab {args.vocab}; {args.pairs} pairs "
+        f"({rows} rows of {args.prompt + args.response} tokens); {args.threads} thread(s); median of {len(times['trl'])} steps"
+    )
+    print(
+        f"first-step loss: lmstack {first['lmstack']:.6f}, TRL {first['trl']:.6f} (|diff| "
+        f"{abs(first['lmstack'] - first['trl']):.1e})"
+    )
     for name in ("lmstack", "trl"):
         print(f"  {name:8s} wall {wall[name] * 1e3:8.1f} ms   cpu {cpu[name] * 1e3:8.1f} ms")
-    print(f"TRL / lmstack: wall {wall['trl'] / wall['lmstack']:.2f}x, cpu {cpu['trl'] / cpu['lmstack']:.2f}x "
-          "(> 1: lmstack faster)")
+    print(
+        f"TRL / lmstack: wall {wall['trl'] / wall['lmstack']:.2f}x, cpu {cpu['trl'] / cpu['lmstack']:.2f}x (> 1: lmstack faster)"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ def compare(name: str, ours, theirs, repeats: int) -> None:
             times[fn][0].append(time.perf_counter() - wall)
             times[fn][1].append(time.process_time() - cpu)
     (ow, oc), (tw, tc) = ([statistics.median(x) for x in times[f]] for f in (ours, theirs))
-    print(f"{name:<28} wall: lmstack {ow * 1e3:7.1f} ms, transformers {tw * 1e3:7.1f} ms, ratio {tw / ow:4.2f}x | "
-          f"cpu: {oc * 1e3:7.1f} ms vs {tc * 1e3:7.1f} ms, ratio {tc / oc:4.2f}x")
+    print(
+        f"{name:<28} wall: lmstack {ow * 1e3:7.1f} ms, transformers {tw * 1e3:7.1f} ms, ratio {tw / ow:4.2f}x | "
+        f"cpu: {oc * 1e3:7.1f} ms vs {tc * 1e3:7.1f} ms, ratio {tc / oc:4.2f}x"
+    )
 
 
 def bench_bert(args) -> None:
@@ -42,8 +44,14 @@ def bench_bert(args) -> None:
 
     from lmstack.models.bert import from_hf_bert
 
-    cfg = transformers.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                  intermediate_size=1024, max_position_embeddings=512)
+    cfg = transformers.BertConfig(
+        vocab_size=8000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     hf = transformers.BertForMaskedLM(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
@@ -51,7 +59,7 @@ def bench_bert(args) -> None:
         ours, _ = from_hf_bert(d)
     ids = torch.randint(5, 8000, (args.batch, args.src_len))
     mask = torch.ones_like(ids)
-    mask[args.batch // 2:, args.src_len // 2:] = 0
+    mask[args.batch // 2 :, args.src_len // 2 :] = 0
     with torch.no_grad():
         compare("bert mlm forward", lambda: ours(ids, mask), lambda: hf(input_ids=ids, attention_mask=mask), args.repeats)
 
@@ -61,8 +69,9 @@ def bench_t5(args) -> None:
 
     from lmstack.models.t5 import from_hf_t5
 
-    cfg = transformers.T5Config(vocab_size=8000, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4,
-                                decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=8000, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_heads=4, decoder_start_token_id=0
+    )
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
@@ -78,11 +87,25 @@ def bench_t5(args) -> None:
             state, lp = ours.step(state, lp.argmax(-1))
 
     with torch.no_grad():
-        compare("t5 teacher-forced forward", lambda: ours(src, tgt, mask),
-                lambda: hf(input_ids=src, attention_mask=mask, labels=tgt), args.repeats)
-        compare(f"t5 greedy decode {args.tgt_len} tokens", greedy,
-                lambda: hf.generate(input_ids=src, attention_mask=mask, max_new_tokens=args.tgt_len,
-                                    min_new_tokens=args.tgt_len, do_sample=False, num_beams=1), args.repeats)
+        compare(
+            "t5 teacher-forced forward",
+            lambda: ours(src, tgt, mask),
+            lambda: hf(input_ids=src, attention_mask=mask, labels=tgt),
+            args.repeats,
+        )
+        compare(
+            f"t5 greedy decode {args.tgt_len} tokens",
+            greedy,
+            lambda: hf.generate(
+                input_ids=src,
+                attention_mask=mask,
+                max_new_tokens=args.tgt_len,
+                min_new_tokens=args.tgt_len,
+                do_sample=False,
+                num_beams=1,
+            ),
+            args.repeats,
+        )
 
 
 def main() -> None:

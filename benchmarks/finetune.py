@@ -45,9 +45,15 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "small": (256, 4, 8, 4, 688, 8000),
     "medium": (512, 6, 8, 4, 1376, 16000),
 }
-LORA_TARGETS = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
-                "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
-                "mlp.down": "mlp.down_proj"}
+LORA_TARGETS = {
+    "attn.q": "self_attn.q_proj",
+    "attn.k": "self_attn.k_proj",
+    "attn.v": "self_attn.v_proj",
+    "attn.o": "self_attn.o_proj",
+    "mlp.gate": "mlp.gate_proj",
+    "mlp.up": "mlp.up_proj",
+    "mlp.down": "mlp.down_proj",
+}
 BETAS = (0.9, 0.95)
 CLIP = 1.0
 
@@ -57,8 +63,16 @@ def save_llama(size: str, out: Path, seed: int) -> None:
 
     hidden, layers, heads, kv, inter, vocab = SIZES[size]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=1024, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
 
 
@@ -81,8 +95,10 @@ def make_batch(rows: int, length: int, vocab: int, seed: int) -> tuple[dict, dic
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """lmstack's optimizer for the peer: decay on matrices, none on vectors."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
 
 
@@ -98,8 +114,16 @@ def lmstack_side(hf_dir: Path, batch: dict, lora: bool, args, tmp: Path):
     model.float().train()
     if lora:
         attach(model, LoraConfig(r=args.r, alpha=args.alpha, targets=("attn", "mlp")))
-    cfg = FinetuneConfig(out_dir=str(tmp / "run"), device="cpu", dtype="float32", lr=args.lr, weight_decay=args.weight_decay,
-                         beta1=BETAS[0], beta2=BETAS[1], grad_clip=CLIP)
+    cfg = FinetuneConfig(
+        out_dir=str(tmp / "run"),
+        device="cpu",
+        dtype="float32",
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        beta1=BETAS[0],
+        beta2=BETAS[1],
+        grad_clip=CLIP,
+    )
     stepper = OptimizerStep(AnswerLoss(model), cfg, Dist(), torch.device("cpu"))
     steps = iter(range(10**9))
     return lambda: stepper(lambda micro: batch, accum=1, lr=args.lr, step=next(steps)).loss, model
@@ -132,8 +156,16 @@ def peft_model(model, ours, args):
 
     from lmstack.models.lora import lora_modules
 
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=[v.split(".")[1] for v in LORA_TARGETS.values()]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.r,
+            lora_alpha=args.alpha,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=[v.split(".")[1] for v in LORA_TARGETS.values()],
+        ),
+    )
     with torch.no_grad():
         for name, m in lora_modules(ours).items():
             _, layer, where = name.split(".", 2)
@@ -155,8 +187,9 @@ def race(ours, theirs, warmup: int, steps: int) -> dict:
             if k >= warmup:
                 wall[side].append(time.perf_counter() - t)
                 cpu[side].append(time.process_time() - c)
-    return {side: (statistics.median(wall[side]), statistics.median(cpu[side]), losses[side][0], losses[side][-1])
-            for side in wall}
+    return {
+        side: (statistics.median(wall[side]), statistics.median(cpu[side]), losses[side][0], losses[side][-1]) for side in wall
+    }
 
 
 def run_size(size: str, args) -> list[tuple]:
@@ -200,16 +233,24 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls a transformers method deprecated in v5
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-          f"threads {torch.get_num_threads()}, batch {args.rows} x {args.length}, float32, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"threads {torch.get_num_threads()}, batch {args.rows} x {args.length}, float32, load {os.getloadavg()[0]:.1f}"
+    )
     rows = [row for size in args.sizes for row in run_size(size, args)]
-    print(f"\n{'size':<8}{'mode':<10}{'trained':>12}{'lmstack s':>11}{'peer s':>9}{'ratio':>7}{'CPU ratio':>11}  "
-          f"{'first loss lmstack / peer':>28}  {'last loss lmstack / peer':>26}")
+    print(
+        f"\n{'size':<8}{'mode':<10}{'trained':>12}{'lmstack s':>11}{'peer s':>9}{'ratio':>7}{'CPU ratio':>11}  "
+        f"{'first loss lmstack / peer':>28}  {'last loss lmstack / peer':>26}"
+    )
     for size, mode, trained, ours, peer in rows:
-        print(f"{size:<8}{mode:<10}{trained:>12,}{ours[0]:>11.3f}{peer[0]:>9.3f}{peer[0] / ours[0]:>7.2f}"
-              f"{peer[1] / ours[1]:>11.2f}  {ours[2]:>13.6f} / {peer[2]:<12.6f}  {ours[3]:>12.6f} / {peer[3]:<12.6f}")
-    print(f"\nratio = peer time / lmstack time (> 1: lmstack faster), wall and process CPU time; median of {args.steps} "
-          f"steps after {args.warmup} warm-up; load {os.getloadavg()[0]:.1f} at the end")
+        print(
+            f"{size:<8}{mode:<10}{trained:>12,}{ours[0]:>11.3f}{peer[0]:>9.3f}{peer[0] / ours[0]:>7.2f}"
+            f"{peer[1] / ours[1]:>11.2f}  {ours[2]:>13.6f} / {peer[2]:<12.6f}  {ours[3]:>12.6f} / {peer[3]:<12.6f}"
+        )
+    print(
+        f"\nratio = peer time / lmstack time (> 1: lmstack faster), wall and process CPU time; median of {args.steps} "
+        f"steps after {args.warmup} warm-up; load {os.getloadavg()[0]:.1f} at the end"
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depth", type=int, nargs="+", default=[2, 4],
-                    help="model sizes: layers, width 64·depth, heads of 64 (default: 2 4)")
+    ap.add_argument(
+        "--depth", type=int, nargs="+", default=[2, 4], help="model sizes: layers, width 64·depth, heads of 64 (default: 2 4)"
+    )
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -59,11 +60,15 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, device "
-          f"{args.device}, load {os.getloadavg()[0]:.1f}; GPT-2 arch, vocab {args.vocab}; prompt {args.prompt_tokens} "
-          f"+ {args.new_tokens} new tokens; ratio = lmstack / transformers")
-    print(f"{'params':>7} {'mode':>6} {'batch':>5} {'prompts':>7} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}"
-          + (f" {'compiled tok/s':>15} {'ratio':>6}" if args.compile else ""))
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, device "
+        f"{args.device}, load {os.getloadavg()[0]:.1f}; GPT-2 arch, vocab {args.vocab}; prompt {args.prompt_tokens} "
+        f"+ {args.new_tokens} new tokens; ratio = lmstack / transformers"
+    )
+    print(
+        f"{'params':>7} {'mode':>6} {'batch':>5} {'prompts':>7} {'lmstack tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}"
+        + (f" {'compiled tok/s':>15} {'ratio':>6}" if args.compile else "")
+    )
     for depth in args.depth:
         run_size(args, depth)
 
@@ -89,8 +94,7 @@ def run_size(args, d: int) -> None:
     n = args.new_tokens
     modes = {
         "greedy": (GenerationConfig(max_new_tokens=n, temperature=0), dict(do_sample=False)),
-        "top-p": (GenerationConfig(max_new_tokens=n, top_k=50, top_p=0.9, seed=0),
-                  dict(do_sample=True, top_k=50, top_p=0.9)),
+        "top-p": (GenerationConfig(max_new_tokens=n, top_k=50, top_p=0.9, seed=0), dict(do_sample=True, top_k=50, top_p=0.9)),
     }
     g = torch.Generator().manual_seed(0)
 
@@ -119,8 +123,10 @@ def run_size(args, d: int) -> None:
         tokens = len(prompts) * n
         lengths = sorted({len(p) for p in prompts})
         plen = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
-        line = (f"{size:>7} {mode:>6} {len(prompts):>5} {plen:>7} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} "
-                f"{t_theirs / t_ours:>6.2f}")
+        line = (
+            f"{size:>7} {mode:>6} {len(prompts):>5} {plen:>7} {tokens / t_ours:>14.0f} {tokens / t_theirs:>19.0f} "
+            f"{t_theirs / t_ours:>6.2f}"
+        )
         if compiled is not None:
             t_comp = timed(lambda: ours(compiled), args.repeats)
             line += f" {tokens / t_comp:>15.0f} {t_theirs / t_comp:>6.2f}"

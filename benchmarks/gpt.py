@@ -52,8 +52,10 @@ def main() -> None:
     from lmstack.models.hf import to_hf
 
     transformers.logging.set_verbosity_error()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
-          f"device {args.device}, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}, "
+        f"device {args.device}, load {os.getloadavg()[0]:.1f}"
+    )
     style = {"gpt2": {}, "llama": GPTConfig.PRESETS["tiny-llama"] | {"n_kv_head": args.depth // 2}}
     for arch in args.arch:
         extra = {k: v for k, v in style[arch].items() if k not in ("block_size", "n_layer", "n_head", "n_embd")}
@@ -64,8 +66,10 @@ def main() -> None:
             to_hf(ours.cpu(), d)
             ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval().to(args.device)
         ours.to(args.device)
-        print(f"\n{arch}: {ours.num_params() / 1e6:.1f} M params ({cfg.n_layer} layers, width {cfg.n_embd}, "
-              f"{cfg.n_head} heads / {cfg.n_kv_head} kv)")
+        print(
+            f"\n{arch}: {ours.num_params() / 1e6:.1f} M params ({cfg.n_layer} layers, width {cfg.n_embd}, "
+            f"{cfg.n_head} heads / {cfg.n_kv_head} kv)"
+        )
         x = torch.randint(0, args.vocab, (4, 256), device=args.device)
 
         def fwd(m, logits):

@@ -65,8 +65,12 @@ def plot(rows: list[dict], path: Path, samples: int) -> None:
     steps = [r for r in rows if "reward_mean" in r]
     evals = [r for r in rows if "val_accuracy" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in steps], [r["reward_mean"] for r in steps], label=f"train reward (mean of {samples} samples)",
-            alpha=0.6)
+    ax.plot(
+        [r["step"] for r in steps],
+        [r["reward_mean"] for r in steps],
+        label=f"train reward (mean of {samples} samples)",
+        alpha=0.6,
+    )
     ax.plot([r["step"] for r in evals], [r["val_accuracy"] for r in evals], "o-", label="held-out exact match (greedy)")
     ax.set_xlabel("GRPO step")
     ax.set_ylim(0, 1)
@@ -90,42 +94,201 @@ def main() -> None:
     times: dict = {}
     load = [os.getloadavg()[0]]
     if not (out / "pretrain.txt").exists():
-        timed(times, "data", "align", "tasks", "--out", out / "pretrain.txt", "--n", 20000, "--lang", "en", "--level",
-              *levels, "--format", "text", "--seed", 1)
-        timed(times, "data", "align", "tasks", "--out", out / "sft.jsonl", "--n", 4000, "--lang", "en", "--level", *levels,
-              "--format", "sft", "--seed", 2)
+        timed(
+            times,
+            "data",
+            "align",
+            "tasks",
+            "--out",
+            out / "pretrain.txt",
+            "--n",
+            20000,
+            "--lang",
+            "en",
+            "--level",
+            *levels,
+            "--format",
+            "text",
+            "--seed",
+            1,
+        )
+        timed(
+            times,
+            "data",
+            "align",
+            "tasks",
+            "--out",
+            out / "sft.jsonl",
+            "--n",
+            4000,
+            "--lang",
+            "en",
+            "--level",
+            *levels,
+            "--format",
+            "sft",
+            "--seed",
+            2,
+        )
     if not (pre / "checkpoints").exists():
-        timed(times, "pretrain", "train", "--data", out / "pretrain.txt", "--tokenizer", "word", "--block-size", 128,
-              "--model", "n_layer=2", "--model", "n_head=4", "--model", "n_embd=128", "--batch-size", 32, "--max-steps", 600,
-              "--max-minutes", args.minutes[0], "--lr", 3e-3, "--min-lr", 3e-4, "--warmup-steps", 20, "--eval-interval", 100,
-              "--ckpt-interval", 0, "--out-dir", pre, "--device", "cpu")
+        timed(
+            times,
+            "pretrain",
+            "train",
+            "--data",
+            out / "pretrain.txt",
+            "--tokenizer",
+            "word",
+            "--block-size",
+            128,
+            "--model",
+            "n_layer=2",
+            "--model",
+            "n_head=4",
+            "--model",
+            "n_embd=128",
+            "--batch-size",
+            32,
+            "--max-steps",
+            600,
+            "--max-minutes",
+            args.minutes[0],
+            "--lr",
+            3e-3,
+            "--min-lr",
+            3e-4,
+            "--warmup-steps",
+            20,
+            "--eval-interval",
+            100,
+            "--ckpt-interval",
+            0,
+            "--out-dir",
+            pre,
+            "--device",
+            "cpu",
+        )
     if not (sft / "checkpoints").exists():
-        timed(times, "sft", "finetune", "--init-from", last_checkpoint(pre), "--data", out / "sft.jsonl", "--out-dir", sft,
-              "--max-steps", 60, "--max-minutes", args.minutes[1], "--lr", 1e-3, "--min-lr", 1e-4, "--warmup-steps", 5,
-              "--batch-size", 16, "--max-length", 128, "--eval-interval", 0, "--device", "cpu")
+        timed(
+            times,
+            "sft",
+            "finetune",
+            "--init-from",
+            last_checkpoint(pre),
+            "--data",
+            out / "sft.jsonl",
+            "--out-dir",
+            sft,
+            "--max-steps",
+            60,
+            "--max-minutes",
+            args.minutes[1],
+            "--lr",
+            1e-3,
+            "--min-lr",
+            1e-4,
+            "--warmup-steps",
+            5,
+            "--batch-size",
+            16,
+            "--max-length",
+            128,
+            "--eval-interval",
+            0,
+            "--device",
+            "cpu",
+        )
     group, batch = 8, 64
     if not (rl / "checkpoints").exists():
-        timed(times, "grpo", "align", "grpo", "--init-from", last_checkpoint(sft), "--task", "arithmetic", "--lang", "en",
-              "--levels", ",".join(levels), "--group", group, "--batch-size", batch, "--advantage", "grpo", "--kl", 0.0,
-              "--lr", 3e-5, "--min-lr", 3e-5, "--max-new-tokens", REPLY_TOKENS, "--n-train", 4000, "--n-eval", 200,
-              "--eval-interval", 25, "--max-steps", 150, "--max-minutes", args.minutes[2], "--out-dir", rl, "--device", "cpu")
+        timed(
+            times,
+            "grpo",
+            "align",
+            "grpo",
+            "--init-from",
+            last_checkpoint(sft),
+            "--task",
+            "arithmetic",
+            "--lang",
+            "en",
+            "--levels",
+            ",".join(levels),
+            "--group",
+            group,
+            "--batch-size",
+            batch,
+            "--advantage",
+            "grpo",
+            "--kl",
+            0.0,
+            "--lr",
+            3e-5,
+            "--min-lr",
+            3e-5,
+            "--max-new-tokens",
+            REPLY_TOKENS,
+            "--n-train",
+            4000,
+            "--n-eval",
+            200,
+            "--eval-interval",
+            25,
+            "--max-steps",
+            150,
+            "--max-minutes",
+            args.minutes[2],
+            "--out-dir",
+            rl,
+            "--device",
+            "cpu",
+        )
     cot = {}
     for name, run in (("sft", sft), ("grpo", rl)):
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "lmstack.cli", "eval", "cot", "--model", last_checkpoint(run), "--task",
-                               "arithmetic", "--lang", "en", "--level", *levels, "--limit", 200,
-                               "--max-tokens", REPLY_TOKENS, "--json"], check=True, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmstack.cli",
+                "eval",
+                "cot",
+                "--model",
+                last_checkpoint(run),
+                "--task",
+                "arithmetic",
+                "--lang",
+                "en",
+                "--level",
+                *levels,
+                "--limit",
+                200,
+                "--max-tokens",
+                REPLY_TOKENS,
+                "--json",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         times.setdefault("eval cot", [0.0, 0.0])[0] += time.perf_counter() - t0
         cot[name] = {k: v for k, v in json.loads(proc.stdout).items() if k != "items"}
         print(f"eval cot {name}: {json.dumps(cot[name])}")
     load.append(os.getloadavg()[0])
     rows = metrics(rl)
     evals = [r for r in rows if "val_accuracy" in r]
-    summary = {"sft_accuracy": evals[0]["val_accuracy"], "grpo_accuracy": evals[-1]["val_accuracy"],
-               "grpo_steps": evals[-1]["step"], "eval_cot": cot, "seconds_wall_cpu": times, "load_start_end": load}
+    summary = {
+        "sft_accuracy": evals[0]["val_accuracy"],
+        "grpo_accuracy": evals[-1]["val_accuracy"],
+        "grpo_steps": evals[-1]["step"],
+        "eval_cot": cot,
+        "seconds_wall_cpu": times,
+        "load_start_end": load,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"held-out exact match: SFT {summary['sft_accuracy']:.3f} -> GRPO {summary['grpo_accuracy']:.3f} "
-          f"(step {summary['grpo_steps']}); load average {load[0]:.1f} -> {load[1]:.1f}")
+    print(
+        f"held-out exact match: SFT {summary['sft_accuracy']:.3f} -> GRPO {summary['grpo_accuracy']:.3f} "
+        f"(step {summary['grpo_steps']}); load average {load[0]:.1f} -> {load[1]:.1f}"
+    )
     for stage, (wall, cpu) in times.items():
         print(f"{stage}: {wall:.0f} s wall, {cpu:.0f} s CPU")
     plot(rows, args.plots / "grpo_reward.png", group * batch)

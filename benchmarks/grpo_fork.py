@@ -49,18 +49,28 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=4096, block_size=args.prompt_tokens + args.new_tokens, n_layer=args.depth,
-                          n_head=4, n_embd=args.width)).eval()
+    model = GPT(
+        GPTConfig(
+            vocab_size=4096, block_size=args.prompt_tokens + args.new_tokens, n_layer=args.depth, n_head=4, n_embd=args.width
+        )
+    ).eval()
     prompt = torch.randint(0, 4096, (args.prompt_tokens,)).tolist()
     G = args.group
     configs = [GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, seed=k) for k in range(G)]
-    secs, outs = timed({"forked": lambda: generate_groups(model, [prompt], G, configs)[0],
-                        "alone": lambda: [generate_tokens(model, [prompt], c)[0] for c in configs],
-                        "batch": lambda: generate_tokens(model, [prompt] * G, configs)}, args.repeats)
+    secs, outs = timed(
+        {
+            "forked": lambda: generate_groups(model, [prompt], G, configs)[0],
+            "alone": lambda: [generate_tokens(model, [prompt], c)[0] for c in configs],
+            "batch": lambda: generate_tokens(model, [prompt] * G, configs),
+        },
+        args.repeats,
+    )
     forked_s, alone_s, batch_s = secs["forked"], secs["alone"], secs["batch"]
     same = [g.tokens for g in outs["forked"]] == [a.tokens for a in outs["alone"]] == [b.tokens for b in outs["batch"]]
-    print(f"GPT {args.depth}x{args.width} ({model.num_params():,} parameters), G={G}, prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; same samples: {same}")
+    print(
+        f"GPT {args.depth}x{args.width} ({model.num_params():,} parameters), G={G}, prompt {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; same samples: {same}"
+    )
     print(f"forked (prompt read once)        {forked_s * 1000:8.1f} ms")
     print(f"G independent generations        {alone_s * 1000:8.1f} ms   ratio {alone_s / forked_s:.2f}x")
     print(f"one batch of G prompt copies     {batch_s * 1000:8.1f} ms   ratio {batch_s / forked_s:.2f}x")

@@ -99,10 +99,18 @@ def build_child(corpus: str, order: int, query: str) -> dict:
         model.write_arpa(Path(d) / "m.arpa")
         write = time.perf_counter() - t0
         arpa_mb = (Path(d) / "m.arpa").stat().st_size / 1e6
-    return {"tokens": model.config.train_tokens, "ngrams": [len(t.keys) for t in model.tables],
-            "build_s": build, "peak_rss_mb": peak, "rss_after_import_mb": base_rss,
-            "query_tokens": res.tokens, "query_tok_per_s": res.tokens / q,
-            "kernel_tok_per_s": (ids.shape[1] - 1) / kernel, "write_arpa_s": write, "arpa_mb": arpa_mb}
+    return {
+        "tokens": model.config.train_tokens,
+        "ngrams": [len(t.keys) for t in model.tables],
+        "build_s": build,
+        "peak_rss_mb": peak,
+        "rss_after_import_mb": base_rss,
+        "query_tokens": res.tokens,
+        "query_tok_per_s": res.tokens / q,
+        "kernel_tok_per_s": (ids.shape[1] - 1) / kernel,
+        "write_arpa_s": write,
+        "arpa_mb": arpa_mb,
+    }
 
 
 def counter_peer(corpus: Path, order: int) -> float:
@@ -155,17 +163,24 @@ def main() -> None:
                 if name.startswith("zipf") and order != max(args.orders):
                     continue
                 env = dict(os.environ, LMSTACK_NO_PROGRESS="1")
-                out = subprocess.run([sys.executable, __file__, "--child", str(corpus), str(order), str(query)],
-                                     capture_output=True, text=True, env=env, check=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", str(corpus), str(order), str(query)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=True,
+                ).stdout
                 r = json.loads(out)
                 mtok = r["tokens"] / 1e6
-                line = (f"{name:16s} order {order}: {r['tokens']:>9,d} tokens, n-grams {r['ngrams']}, "
-                        f"build {r['build_s']:.2f} s ({r['build_s'] / mtok:.2f} s/Mtok), "
-                        f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_after_import_mb']:.0f} MB, "
-                        f"{(r['peak_rss_mb'] - r['rss_after_import_mb']) * 1e6 / r['tokens']:.0f} B/token), "
-                        f"query {r['query_tok_per_s']:,.0f} tok/s via perplexity(), "
-                        f"{r['kernel_tok_per_s']:,.0f} tok/s token_logprobs, write ARPA {r['write_arpa_s']:.2f} s "
-                        f"({r['arpa_mb']:.0f} MB)")
+                line = (
+                    f"{name:16s} order {order}: {r['tokens']:>9,d} tokens, n-grams {r['ngrams']}, "
+                    f"build {r['build_s']:.2f} s ({r['build_s'] / mtok:.2f} s/Mtok), "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_after_import_mb']:.0f} MB, "
+                    f"{(r['peak_rss_mb'] - r['rss_after_import_mb']) * 1e6 / r['tokens']:.0f} B/token), "
+                    f"query {r['query_tok_per_s']:,.0f} tok/s via perplexity(), "
+                    f"{r['kernel_tok_per_s']:,.0f} tok/s token_logprobs, write ARPA {r['write_arpa_s']:.2f} s "
+                    f"({r['arpa_mb']:.0f} MB)"
+                )
                 if order == 5:
                     line += f"; vs lmplz's quoted 5-gram speed: {r['build_s'] / mtok / LMPLZ_5GRAM_SECONDS_PER_MTOKEN:.2f}x"
                 if not name.startswith("zipf"):

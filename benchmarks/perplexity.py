@@ -59,8 +59,15 @@ def main() -> None:
     tok = CharTokenizer.train([text], special_tokens=("<|endoftext|>",))
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, n_positions=args.context, n_embd=256, n_layer=4, n_head=4,
-                                  bos_token_id=tok.eot_id, eos_token_id=tok.eot_id)
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_positions=args.context,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+    )
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
@@ -74,16 +81,21 @@ def main() -> None:
         t = time.perf_counter()
         theirs = hf_windows(hf, ids, args.context, stride)
         t_hf = time.perf_counter() - t
-        print(f"context {args.context} stride {stride}: HF guide loop, perplexity {math.exp(theirs / n):.6f}, "
-              f"{n / t_hf:,.0f} tokens/s")
+        print(
+            f"context {args.context} stride {stride}: HF guide loop, perplexity {math.exp(theirs / n):.6f}, "
+            f"{n / t_hf:,.0f} tokens/s"
+        )
         # batched windows (the default), then one window per model call as the HF loop does
         for label, batch_tokens in (("batched", 1 << 16), ("one window per call", args.context + 1)):
             t = time.perf_counter()
-            ours = stream_perplexity(model, [text], tok.encode, tok.eot_id, context=args.context, stride=stride,
-                                     max_batch_tokens=batch_tokens)
+            ours = stream_perplexity(
+                model, [text], tok.encode, tok.eot_id, context=args.context, stride=stride, max_batch_tokens=batch_tokens
+            )
             t_ours = time.perf_counter() - t
-            print(f"  lmstack {label}: perplexity {ours.perplexity:.6f}, {n / t_ours:,.0f} tokens/s, "
-                  f"{t_hf / t_ours:.2f}x HF's speed")
+            print(
+                f"  lmstack {label}: perplexity {ours.perplexity:.6f}, {n / t_ours:,.0f} tokens/s, "
+                f"{t_hf / t_ours:.2f}x HF's speed"
+            )
 
 
 if __name__ == "__main__":

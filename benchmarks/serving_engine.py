@@ -80,9 +80,16 @@ def peft_mixed(hf_dir: Path, card_dirs: list[Path]):
         ids = torch.tensor(prompts)
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t, out[:, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                adapter_names=names,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return time.perf_counter() - t, out[:, ids.shape[1] :].tolist()
 
     return run
 
@@ -103,8 +110,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vocab = 4096
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=args.prompt_tokens + args.new_tokens, n_layer=args.depth,
-                          n_head=4, n_embd=args.width)).eval()
+    model = GPT(
+        GPTConfig(
+            vocab_size=vocab, block_size=args.prompt_tokens + args.new_tokens, n_layer=args.depth, n_head=4, n_embd=args.width
+        )
+    ).eval()
     prompts = torch.randint(0, vocab, (args.clients, args.prompt_tokens)).tolist()
     names = [f"card{i % args.cards}" for i in range(args.clients)]
     config = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0)
@@ -117,10 +127,12 @@ def main() -> None:
         for i, d in enumerate(card_dirs):
             sched.load_adapter(f"card{i}", d)
         peft_run = peft_mixed(tmp / "hf", card_dirs)
-        runs = {"one": lambda: serve(sched, prompts[:1], config, [None]),
-                "base": lambda: serve(sched, prompts, config, [None] * args.clients),
-                "mixed": lambda: serve(sched, prompts, config, names),
-                "peft": lambda: peft_run(prompts, names, args.new_tokens)}
+        runs = {
+            "one": lambda: serve(sched, prompts[:1], config, [None]),
+            "base": lambda: serve(sched, prompts, config, [None] * args.clients),
+            "mixed": lambda: serve(sched, prompts, config, names),
+            "peft": lambda: peft_run(prompts, names, args.new_tokens),
+        }
         times: dict[str, list[float]] = {k: [] for k in runs}
         outs: dict = {}
         for _ in range(args.repeats):
@@ -130,9 +142,11 @@ def main() -> None:
     tokens = {k: (1 if k == "one" else args.clients) * args.new_tokens for k in runs}
     rate = {k: tokens[k] / min(ts) for k, ts in times.items()}
     agree = sum(a == b for x, y in zip(outs["mixed"], outs["peft"]) for a, b in zip(x, y)) / (args.clients * args.new_tokens)
-    print(f"model: GPT d{args.depth} width {args.width}, vocab {vocab}; {args.clients} clients x {args.new_tokens} new "
-          f"tokens after {args.prompt_tokens}-token prompts; {args.cards} cards of rank {args.rank} (attn + mlp); "
-          f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"model: GPT d{args.depth} width {args.width}, vocab {vocab}; {args.clients} clients x {args.new_tokens} new "
+        f"tokens after {args.prompt_tokens}-token prompts; {args.cards} cards of rank {args.rank} (attn + mlp); "
+        f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}"
+    )
     for k in runs:
         print(f"  {k:6s} {rate[k]:9.1f} tokens/s   (fastest of {args.repeats}: {min(times[k]):.3f} s)")
     print(f"base / one   = {rate['base'] / rate['one']:.2f}x   (target >= 4)")

@@ -114,17 +114,24 @@ def main(argv=None) -> None:
         head = f.read(min(int(args.encode_mb * 1e6), base_size))
     sample = head[: head.rfind(b"\n") + 1].decode("utf-8")
     load = os.getloadavg()
-    print(f"corpus: {size / 1e6:.1f} MB {args.corpus} ({corpus}); vocab {args.vocab_size}; {args.threads} threads; "
-          f"encode sample {len(sample.encode()) / 1e6:.1f} MB; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"corpus: {size / 1e6:.1f} MB {args.corpus} ({corpus}); vocab {args.vocab_size}; {args.threads} threads; "
+        f"encode sample {len(sample.encode()) / 1e6:.1f} MB; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     train, speed, bpt = {}, {}, {}
 
     # --- byte-level BPE: lmstack vs Hugging Face ---------------------------------------------
-    ours, train["lmstack bpe"] = timed(lambda: BPETokenizer.train_files(
-        [corpus], args.vocab_size, special_tokens=(EOT,), pattern="gpt2", workers=args.threads))
+    ours, train["lmstack bpe"] = timed(
+        lambda: BPETokenizer.train_files([corpus], args.vocab_size, special_tokens=(EOT,), pattern="gpt2", workers=args.threads)
+    )
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     _, train["hf bpe"] = timed(lambda: hf.train([str(corpus)], trainer))
     save_hf(ours, work / "ours.json")
     hf_ours = Tokenizer.from_file(str(work / "ours.json"))  # lmstack's vocabulary inside HF
@@ -133,8 +140,12 @@ def main(argv=None) -> None:
     slow = BPETokenizer(ours.tokens, ours.merges, ours.pattern, ours.special_tokens, engine="python")
     raw_tiktoken = tiktoken.Encoding("raw", pat_str=ours.pattern, mergeable_ranks=fast._ranks, special_tokens={})
     d = SHARED / "fixtures" / "gpt2"
-    gpt2 = tiktoken.Encoding("gpt2-files", pat_str=PATTERNS["gpt2"], special_tokens={},
-                             mergeable_ranks=data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json")))
+    gpt2 = tiktoken.Encoding(
+        "gpt2-files",
+        pat_str=PATTERNS["gpt2"],
+        special_tokens={},
+        mergeable_ranks=data_gym_to_mergeable_bpe_ranks(str(d / "vocab.bpe"), str(d / "encoder.json")),
+    )
     speed["tiktoken gpt2"], _ = mb_per_s(gpt2.encode_ordinary, sample)
     speed["tiktoken (lmstack vocab)"], _ = mb_per_s(raw_tiktoken.encode_ordinary, sample)
     speed["lmstack bpe fast path"], n_ours = mb_per_s(fast.encode, sample)
@@ -149,18 +160,29 @@ def main(argv=None) -> None:
     kinds = ["bpe"] if args.no_unigram else ["bpe", "unigram"]
     for kind in kinds:
         prefix = work / f"spm_{kind}"
-        _, train[f"spm {kind}"] = timed(lambda: spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(prefix), vocab_size=args.vocab_size, model_type=kind,
-            byte_fallback=True, num_threads=args.threads, input_sentence_size=0, character_coverage=1.0,
-            user_defined_symbols=[EOT], minloglevel=2))
+        _, train[f"spm {kind}"] = timed(
+            lambda: spm.SentencePieceTrainer.train(
+                input=str(corpus),
+                model_prefix=str(prefix),
+                vocab_size=args.vocab_size,
+                model_type=kind,
+                byte_fallback=True,
+                num_threads=args.threads,
+                input_sentence_size=0,
+                character_coverage=1.0,
+                user_defined_symbols=[EOT],
+                minloglevel=2,
+            )
+        )
         sp = spm.SentencePieceProcessor(model_file=f"{prefix}.model")
         speed[f"spm {kind}"], n = mb_per_s(sp.encode, sample)
         bpt[f"spm {kind}"] = n_bytes / n
     if not args.no_unigram:
         from lmstack.tokenizers.unigram import UnigramTokenizer
 
-        uni, train["lmstack unigram"] = timed(lambda: UnigramTokenizer.train_files([corpus], args.vocab_size,
-                                                                                    special_tokens=(EOT,)))
+        uni, train["lmstack unigram"] = timed(
+            lambda: UnigramTokenizer.train_files([corpus], args.vocab_size, special_tokens=(EOT,))
+        )
         speed["lmstack unigram"], n = mb_per_s(uni.encode, sample)
         bpt["lmstack unigram"] = n_bytes / n
 
@@ -177,8 +199,10 @@ def main(argv=None) -> None:
         ("bpe train time, lmstack / hf (aim <= 3)", train["lmstack bpe"] / train["hf bpe"]),
         ("fast-path speed, tiktoken gpt2 / lmstack (aim <= 1.2)", speed["tiktoken gpt2"] / speed["lmstack bpe fast path"]),
         ("fast-path speed, tiktoken same vocab / lmstack", speed["tiktoken (lmstack vocab)"] / speed["lmstack bpe fast path"]),
-        ("python-path speed, lmstack / hf same vocab (aim >= 1)",
-         speed["lmstack bpe python path"] / speed["hf bpe (lmstack vocab)"]),
+        (
+            "python-path speed, lmstack / hf same vocab (aim >= 1)",
+            speed["lmstack bpe python path"] / speed["hf bpe (lmstack vocab)"],
+        ),
         ("bytes/token, lmstack bpe / hf bpe (aim within 1%)", bpt["lmstack bpe"] / bpt["hf bpe"]),
     ]
     if "lmstack unigram" in train:

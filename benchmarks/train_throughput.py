@@ -42,10 +42,23 @@ def lmstack_run(args, tmp: Path) -> tuple[float, float | None, int]:
     tok = load_gpt2(SHARED / "fixtures/gpt2/encoder.json", SHARED / "fixtures/gpt2/vocab.bpe")
     tok.save(tmp / "gpt2-tokenizer")
     cfg = TrainConfig(
-        out_dir=str(tmp / "run"), data=[str(SHARED / "data/tinyshakespeare.txt")], tokenizer=str(tmp / "gpt2-tokenizer"),
-        family="gpt", preset=args.preset, block_size=args.block_size, batch_size=args.batch_size, max_steps=args.steps,
-        warmup_steps=2, eval_interval=0, eval_batches=1, ckpt_interval=0, dtype=args.dtype, compile=args.compile,
-        device=args.device, peak_flops=args.peak_flops, model={"vocab_size": 50304},
+        out_dir=str(tmp / "run"),
+        data=[str(SHARED / "data/tinyshakespeare.txt")],
+        tokenizer=str(tmp / "gpt2-tokenizer"),
+        family="gpt",
+        preset=args.preset,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        warmup_steps=2,
+        eval_interval=0,
+        eval_batches=1,
+        ckpt_interval=0,
+        dtype=args.dtype,
+        compile=args.compile,
+        device=args.device,
+        peak_flops=args.peak_flops,
+        model={"vocab_size": 50304},
     )
     train(cfg)
     steps = [r for r in read_metrics(cfg.out_dir) if "tokens_per_s" in r][3:]
@@ -59,16 +72,27 @@ def peer_run(args) -> float:
     from lmstack.models.gpt import GPTConfig
 
     c = GPTConfig.preset(args.preset, block_size=args.block_size, vocab_size=50304)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                                       n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0)).to(device)
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else (args.device if args.device != "auto" else "cpu")
+    )
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.block_size,
+            n_embd=c.n_embd,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    ).to(device)
     model.config._attn_implementation = "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     step_fn = torch.compile(model) if args.compile else model
-    autocast = (contextlib.nullcontext() if args.dtype == "float32"
-                else torch.autocast(device.type, dtype=getattr(torch, args.dtype)))
+    autocast = (
+        contextlib.nullcontext() if args.dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, args.dtype))
+    )
     times = []
     for _ in range(args.steps):
         x = torch.randint(0, 50257, (args.batch_size, args.block_size), device=device)
@@ -103,8 +127,10 @@ def main() -> None:
         tps, mfu, n = lmstack_run(args, Path(tmp))
     peer = peer_run(args)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(f"\n{args.preset}, batch {args.batch_size} x {args.block_size}, {args.dtype}, compile={args.compile}, "
-          f"{name}, median of {n} steps")
+    print(
+        f"\n{args.preset}, batch {args.batch_size} x {args.block_size}, {args.dtype}, compile={args.compile}, "
+        f"{name}, median of {n} steps"
+    )
     print(f"{'':<28}{'tokens/s':>12}{'MFU':>8}")
     print(f"{'lmstack train':<28}{tps:>12,.0f}{(f'{mfu:.1%}' if mfu is not None else 'n/a'):>8}")
     print(f"{'transformers GPT2 (bare)':<28}{peer:>12,.0f}{'':>8}")

@@ -33,7 +33,10 @@ def cli():
         e = dict(os.environ, LMSTACK_NO_PROGRESS="1", **(env or {}))
         proc = subprocess.run(
             [sys.executable, "-m", "lmstack.cli", *map(str, args)],
-            capture_output=True, text=True, input=input, env=e,
+            capture_output=True,
+            text=True,
+            input=input,
+            env=e,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"lmstack {' '.join(map(str, args))} failed:\n{proc.stderr}")

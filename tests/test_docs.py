@@ -39,8 +39,9 @@ def test_runnable_blocks_run(path: Path, tmp_path: Path):
     # one torch thread: the examples' models are tiny, and a thread pool on shared cores only spins
     env = {**os.environ, "LMSTACK_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     for i, block in enumerate(runnable_blocks(path), 1):
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, (
             f"{path.name}, runnable block {i} failed (exit {proc.returncode}):\n{block}\n"
             f"--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-2000:]}"

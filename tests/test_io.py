@@ -55,8 +55,7 @@ def test_shipped_configs_name_data_that_ships_with_lmstack():
     from lmstack.io import check_readable
 
     configs = sorted((resources.files("lmstack") / "configs").iterdir(), key=str)
-    paths = [p for c in configs if str(c).endswith(".toml")
-             for p in tomllib.loads(c.read_text(encoding="utf-8")).get("data", [])]
+    paths = [p for c in configs if str(c).endswith(".toml") for p in tomllib.loads(c.read_text(encoding="utf-8")).get("data", [])]
     assert paths and all(p.startswith("lmstack:") for p in paths)
     for p in paths:
         assert check_readable(p).stat().st_size > 50_000

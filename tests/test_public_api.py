@@ -30,9 +30,11 @@ def test_calls_on_a_path_give_what_the_library_gives_on_the_loaded_model(gpt_dir
     out = lmstack.generate(gpt_dir, "the c", temperature=0, max_new_tokens=8)
     assert out.tokens == generate(model, tok, ["the c"], GenerationConfig(temperature=0, max_new_tokens=8))[0].tokens
     assert [g.text for g in lmstack.generate(gpt_dir, ["a", "b"], max_new_tokens=2, seed=1)] == [
-        g.text for g in generate(model, tok, ["a", "b"], GenerationConfig(max_new_tokens=2, seed=1))]
+        g.text for g in generate(model, tok, ["a", "b"], GenerationConfig(max_new_tokens=2, seed=1))
+    ]
     assert lmstack.score(gpt_dir, "the cat", " sat")["logprob"] == pytest.approx(
-        score_text(model, tok, "the cat", " sat")["logprob"])
+        score_text(model, tok, "the cat", " sat")["logprob"]
+    )
     (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
     got = lmstack.perplexity(gpt_dir, files=[tmp_path / "t.txt"], stride=8)
     assert got["bits_per_byte"] == pytest.approx(measure(model, tok, [TEXT], stride=8).bits_per_byte)

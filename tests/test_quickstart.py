@@ -31,9 +31,26 @@ def run(small_corpus, tmp_path_factory):
     """One quickstart run: half a minute of training on 3,000 lines of Tiny Shakespeare."""
     root = tmp_path_factory.mktemp("qs")
     out = root / "quickstart"
-    proc = subprocess.run([sys.executable, "-m", "lmstack.cli", "quickstart", "--corpus", str(small_corpus),
-                           "--out", str(out), "--minutes", "0.5", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "LMSTACK_NO_PROGRESS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmstack.cli",
+            "quickstart",
+            "--corpus",
+            str(small_corpus),
+            "--out",
+            str(out),
+            "--minutes",
+            "0.5",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LMSTACK_NO_PROGRESS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stdout, json.loads((out / "results.json").read_text(encoding="utf-8"))
 
@@ -94,12 +111,16 @@ def test_failed_run_leaves_the_old_output(small_corpus, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["qs"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    (b"", "empty"),
-    (b"caf\xe9 au lait\n" * 400, "not valid UTF-8"),
-    (b"only a few lines\n" * 5, "too small"),
-], ids=["missing", "empty", "latin-1", "too-small"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        (b"", "empty"),
+        (b"caf\xe9 au lait\n" * 400, "not valid UTF-8"),
+        (b"only a few lines\n" * 5, "too small"),
+    ],
+    ids=["missing", "empty", "latin-1", "too-small"],
+)
 def test_bad_corpus_is_one_clear_error(tmp_path, capsys, content, message):
     corpus = tmp_path / "corpus.txt"
     if content is not None:

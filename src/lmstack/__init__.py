@@ -52,13 +52,20 @@ def generate(model, prompts, tokenizer=None, **options):
     if unknown:
         raise InputError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
     model, tokenizer = _model_and_tokenizer(model, tokenizer)
-    outs = _generate(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts),
-                     GenerationConfig(**options))
+    outs = _generate(model, tokenizer, [prompts] if isinstance(prompts, str) else list(prompts), GenerationConfig(**options))
     return outs[0] if isinstance(prompts, str) else outs
 
 
-def perplexity(model, text: str | None = None, *, files=None, tokenizer=None, mode: str | None = None,
-               context: int | None = None, stride: int | None = None) -> dict:
+def perplexity(
+    model,
+    text: str | None = None,
+    *,
+    files=None,
+    tokenizer=None,
+    mode: str | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+) -> dict:
     """Perplexity per token and per word, bits per byte and the counts behind them, of `text` or
     of `files` (each one a document), as `lmstack eval perplexity` reports them. `mode`: "lines",
     "stream" (with `context` / `stride`) or "pseudo" (masked LMs); default by family."""

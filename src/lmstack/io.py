@@ -34,7 +34,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
     if s.startswith(ASSET_PREFIX):
         from importlib import resources
 
-        return Path(str(resources.files("lmstack") / "assets" / s[len(ASSET_PREFIX):]))
+        return Path(str(resources.files("lmstack") / "assets" / s[len(ASSET_PREFIX) :]))
     return Path(path)
 
 
@@ -49,8 +49,7 @@ def check_readable(path: str | os.PathLike) -> Path:
 
 def _utf8_error(p: Path | str, err: UnicodeDecodeError, offset: int) -> InputError:
     return InputError(
-        f"{p}: not valid UTF-8 (byte offset {offset + err.start}); "
-        "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
+        f"{p}: not valid UTF-8 (byte offset {offset + err.start}); convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
     )
 
 
@@ -179,8 +178,9 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     if not base.is_dir():
         raise InputError(f"{flag} {p}: {base} is a file, so no folder can be made there; pick another path")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {p}: {base} is not writable (permissions or a read-only disk); "
-                         "pick a folder you can write to")
+        raise InputError(
+            f"cannot write {p}: {base} is not writable (permissions or a read-only disk); pick a folder you can write to"
+        )
     return p
 
 
@@ -231,7 +231,7 @@ def _in_place_of(e: BaseException, stage: Path, final: Path) -> OSError | None:
         e = safetensors_os_error(e) or e
     if not isinstance(e, OSError) or not str(e.filename or "").startswith(str(stage)):
         return None
-    return OSError(e.errno, e.strerror, str(final) + str(e.filename)[len(str(stage)):])
+    return OSError(e.errno, e.strerror, str(final) + str(e.filename)[len(str(stage)) :])
 
 
 def _remove(path: Path) -> None:
@@ -265,8 +265,10 @@ def os_error_message(e: OSError) -> str:
     reason = (e.strerror or str(e) or type(e).__name__).rstrip(".")
     reason = reason[0].lower() + reason[1:]
     if _is_network(e):
-        return (f"a network connection failed ({reason}); check the connection, or use local files "
-                "(lmstack itself never needs the network)")
+        return (
+            f"a network connection failed ({reason}); check the connection, or use local files "
+            "(lmstack itself never needs the network)"
+        )
     verb, fix = _FIXES.get(e.errno, ("cannot use", "check the path, its permissions and the free space"))
     where = f" {e.filename}" if e.filename else ""
     return f"{verb}{where}: {reason}; {fix}"

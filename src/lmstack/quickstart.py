@@ -39,10 +39,31 @@ BUDGET_SHARE = {"lstm": 0.15, "gpt": 0.65}
 # 32 x 128 tokens reached 3.20 in the same time). The engine's time budget sets the number of
 # steps, so warm-up and validation intervals are in steps, short enough for --minutes 0.5.
 RECIPES = {
-    "lstm": dict(family="rnn", block_size=64, batch_size=16, lr=4e-3, min_lr=4e-4, weight_decay=0.0, grad_clip=1.0,
-                 warmup_steps=20, eval_interval=40, model=dict(cell="lstm", d_embed=256, d_hidden=256, n_layers=2, dropout=0.1)),
-    "gpt": dict(family="gpt", block_size=128, batch_size=8, lr=3e-3, min_lr=3e-4, weight_decay=0.1, beta2=0.99,
-                grad_clip=1.0, warmup_steps=50, eval_interval=100, model=dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0)),
+    "lstm": dict(
+        family="rnn",
+        block_size=64,
+        batch_size=16,
+        lr=4e-3,
+        min_lr=4e-4,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        warmup_steps=20,
+        eval_interval=40,
+        model=dict(cell="lstm", d_embed=256, d_hidden=256, n_layers=2, dropout=0.1),
+    ),
+    "gpt": dict(
+        family="gpt",
+        block_size=128,
+        batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        weight_decay=0.1,
+        beta2=0.99,
+        grad_clip=1.0,
+        warmup_steps=50,
+        eval_interval=100,
+        model=dict(n_layer=3, n_head=4, n_embd=128, dropout=0.0),
+    ),
 }
 SENTENCES = ("the mouse ate the cheese", "cheese the ate mouse the")  # grammatical, scrambled
 SAMPLING = {  # name -> GenerationConfig options
@@ -79,8 +100,10 @@ def split_corpus(path: Path, work: Path) -> dict[str, Path]:
     text = read_text(path)  # names the file if missing, empty, binary or not UTF-8
     lines = text.splitlines()
     if len(lines) < MIN_LINES or len(text.encode("utf-8")) < MIN_BYTES:
-        raise InputError(f"{path}: too small to split into training and held-out text ({len(lines)} lines); "
-                         f"pass a corpus of at least {MIN_LINES} lines and {MIN_BYTES} bytes")
+        raise InputError(
+            f"{path}: too small to split into training and held-out text ({len(lines)} lines); "
+            f"pass a corpus of at least {MIN_LINES} lines and {MIN_BYTES} bytes"
+        )
     cut = len(lines) - max(len(lines) // 10, 1)
     parts = {"train": lines[:cut], "heldout": lines[cut:]}
     if not any(s.strip() for s in parts["heldout"]):
@@ -152,9 +175,19 @@ def train_neural(name: str, shards: Path, out: Path, seconds: float, device: str
     from lmstack.training.pretrain import train
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(out_dir=str(out), data=[str(shards)], tokenizer=str(shards / "tokenizer.json"), device=device,
-                      seed=seed, max_steps=10**9, max_minutes=seconds / 60, eval_batches=8, ckpt_interval=0,
-                      keep_last=1, **RECIPES[name])
+    cfg = TrainConfig(
+        out_dir=str(out),
+        data=[str(shards)],
+        tokenizer=str(shards / "tokenizer.json"),
+        device=device,
+        seed=seed,
+        max_steps=10**9,
+        max_minutes=seconds / 60,
+        eval_batches=8,
+        ckpt_interval=0,
+        keep_last=1,
+        **RECIPES[name],
+    )
     if train(cfg)["stopped"] == "signal":  # the engine saved and returned on SIGINT / SIGTERM: stop too
         raise KeyboardInterrupt
     return checkpoint.latest(out), time.perf_counter() - t0
@@ -186,8 +219,9 @@ def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int = 60) 
     codec = text_codec(model, tokenizer)
     decode = model.decode if hasattr(model, "encode") else tokenizer.decode
     prompt_ids = [codec["bos"], *codec["encode"](prompt)]
-    configs = [GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_at_eot=False, **opts)
-               for opts in SAMPLING.values()]
+    configs = [
+        GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, stop_at_eot=False, **opts) for opts in SAMPLING.values()
+    ]
     out = {}
     for name, gen in zip(SAMPLING, generate_tokens(model, [prompt_ids] * len(configs), configs)):
         ids = gen.tokens[: gen.tokens.index(codec["eos"])] if codec["eos"] in gen.tokens else gen.tokens
@@ -207,10 +241,15 @@ def default_prompt(heldout: list[str]) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("| model | scored | parameters | train time (s) | bits/byte | ppl/token | ppl/word |\n"
-            "|---|---|---:|---:|---:|---:|---:|\n")
-    return head + "".join(f"| {r.model} | {r.mode} | {r.params:,} | {r.train_s:.1f} | {r.bits_per_byte:.3f} | "
-                          f"{r.ppl_token:.4g} | {r.ppl_word:.4g} |\n" for r in rows)
+    head = (
+        "| model | scored | parameters | train time (s) | bits/byte | ppl/token | ppl/word |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    return head + "".join(
+        f"| {r.model} | {r.mode} | {r.params:,} | {r.train_s:.1f} | {r.bits_per_byte:.3f} | "
+        f"{r.ppl_token:.4g} | {r.ppl_word:.4g} |\n"
+        for r in rows
+    )
 
 
 def plot_curves(runs: dict[str, Path], path: Path) -> str | None:
@@ -244,23 +283,39 @@ def plot_curves(runs: dict[str, Path], path: Path) -> str | None:
     return None
 
 
-def write_report(out: Path, corpus: Path, rows: list[Row], best: str, prompt: str, texts: dict[str, str],
-                 sentences: dict[str, dict[str, float]], notes: list[str]) -> None:
-    md = [f"# lmstack quickstart\n\nCorpus: `{corpus}` (last tenth of the lines held out), scored as "
-          "`lmstack eval compare` scores: the n-grams line by line (`lines`, each as `<s> line </s>`), the "
-          "neural models reading the held-out text as one stream through a sliding window of their context "
-          "(`stream`). Bits per byte and perplexity per word divide by the text's bytes and words, so models "
-          "with different vocabularies compare (lower is better).\n\n", table(rows),
-          f"\n## Samples from the best open-vocabulary model ({best})\n\nPrompt: `{prompt}`\n\n"]
+def write_report(
+    out: Path,
+    corpus: Path,
+    rows: list[Row],
+    best: str,
+    prompt: str,
+    texts: dict[str, str],
+    sentences: dict[str, dict[str, float]],
+    notes: list[str],
+) -> None:
+    md = [
+        f"# lmstack quickstart\n\nCorpus: `{corpus}` (last tenth of the lines held out), scored as "
+        "`lmstack eval compare` scores: the n-grams line by line (`lines`, each as `<s> line </s>`), the "
+        "neural models reading the held-out text as one stream through a sliding window of their context "
+        "(`stream`). Bits per byte and perplexity per word divide by the text's bytes and words, so models "
+        "with different vocabularies compare (lower is better).\n\n",
+        table(rows),
+        f"\n## Samples from the best open-vocabulary model ({best})\n\nPrompt: `{prompt}`\n\n",
+    ]
     md += [f"- **{k}**: {v!r}\n" for k, v in texts.items()]
-    md.append("\n## A grammatical sentence versus the same words scrambled (log2 probability)\n\n"
-              f"| model | `{SENTENCES[0]}` | `{SENTENCES[1]}` | ratio |\n|---|---:|---:|---:|\n")
+    md.append(
+        "\n## A grammatical sentence versus the same words scrambled (log2 probability)\n\n"
+        f"| model | `{SENTENCES[0]}` | `{SENTENCES[1]}` | ratio |\n|---|---:|---:|---:|\n"
+    )
     for name, s in sentences.items():
         good, bad = s[SENTENCES[0]], s[SENTENCES[1]]
         md.append(f"| {name} | {good:.1f} | {bad:.1f} | 2^{good - bad:.1f} |\n")
-    md.append("\n## Files\n\n" + "".join(f"- `{r.path}`: {r.model}\n" for r in rows)
-              + "- `tokenizer/`: the BPE tokenizer\n- `results.json`: this report's numbers\n"
-              + ("- `curves.png`: training curves\n" if (out / "curves.png").exists() else ""))
+    md.append(
+        "\n## Files\n\n"
+        + "".join(f"- `{r.path}`: {r.model}\n" for r in rows)
+        + "- `tokenizer/`: the BPE tokenizer\n- `results.json`: this report's numbers\n"
+        + ("- `curves.png`: training curves\n" if (out / "curves.png").exists() else "")
+    )
     if notes:
         md.append("\n## Notes\n\n" + "".join(f"- {n}\n" for n in notes))
     with atomic_write(out / "report.md") as f:
@@ -275,12 +330,20 @@ def check_out(out: Path) -> None:
     run may replace (never a file, never a folder of the user's own)."""
     check_output_dir(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not (out / "results.json").exists():
-        raise InputError(f"--out {out}: a folder that holds other files, not an earlier quickstart's output; "
-                         "pick a new or empty folder (quickstart replaces its --out)")
+        raise InputError(
+            f"--out {out}: a folder that holds other files, not an earlier quickstart's output; "
+            "pick a new or empty folder (quickstart replaces its --out)"
+        )
 
 
-def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", minutes: float = 10.0,
-        device: str = "auto", seed: int = 1337, prompt: str | None = None) -> dict:
+def run(
+    corpus: str | Path | None = None,
+    out: str | Path = "runs/quickstart",
+    minutes: float = 10.0,
+    device: str = "auto",
+    seed: int = 1337,
+    prompt: str | None = None,
+) -> dict:
     """Run the quickstart; returns what results.json holds."""
     import torch
 
@@ -318,12 +381,29 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
             models[name].eval()
 
         _stage(6, "scoring every model on the held-out text")
-        paths = {"word 5-gram": "ngram-word", "subword 5-gram": "ngram-subword",
-                 "LSTM": lstm_ckpt.relative_to(stage), "GPT": gpt_ckpt.relative_to(stage)}
+        paths = {
+            "word 5-gram": "ngram-word",
+            "subword 5-gram": "ngram-subword",
+            "LSTM": lstm_ckpt.relative_to(stage),
+            "GPT": gpt_ckpt.relative_to(stage),
+        }
         seconds = {"word 5-gram": word_s, "subword 5-gram": sub_s, "LSTM": lstm_s, "GPT": gpt_s}
         scored = evaluate({name: (m, tokenizers[name]) for name, m in models.items()}, files["heldout"])
-        rows = [Row(name, r["mode"], r["parameters"], seconds[name], r["bits_per_byte"], r["perplexity"],
-                    r["perplexity_per_word"], r["tokens"], r["oovs"], str(paths[name])) for name, r in zip(models, scored)]
+        rows = [
+            Row(
+                name,
+                r["mode"],
+                r["parameters"],
+                seconds[name],
+                r["bits_per_byte"],
+                r["perplexity"],
+                r["perplexity_per_word"],
+                r["tokens"],
+                r["oovs"],
+                str(paths[name]),
+            )
+            for name, r in zip(models, scored)
+        ]
         print("\n" + table(rows), flush=True)
 
         _stage(7, "sampling from the best model and scoring a sentence against its scramble")
@@ -337,15 +417,30 @@ def run(corpus: str | Path | None = None, out: str | Path = "runs/quickstart", m
         for name, s in sentences.items():
             print(f"  {name:>14}: log2 p = {s[SENTENCES[0]]:.1f} ({SENTENCES[0]!r}) vs {s[SENTENCES[1]]:.1f} ({SENTENCES[1]!r})")
 
-        notes = [f"{r.model}: {r.oovs:,} of the {r.tokens:,} held-out tokens are words it never saw, each scored as "
-                 "<unk>; its perplexities (KenLM's) count only p(<unk>), while its bits per byte and perplexity per "
-                 "word add the cost of spelling each one out, as the open-vocabulary models must" for r in rows if r.oovs]
+        notes = [
+            f"{r.model}: {r.oovs:,} of the {r.tokens:,} held-out tokens are words it never saw, each scored as "
+            "<unk>; its perplexities (KenLM's) count only p(<unk>), while its bits per byte and perplexity per "
+            "word add the cost of spelling each one out, as the open-vocabulary models must"
+            for r in rows
+            if r.oovs
+        ]
         notes += [n for n in [plot_curves({"LSTM": stage / "lstm", "GPT": stage / "gpt"}, stage / "curves.png")] if n]
-        results = {"corpus": str(corpus), "minutes": minutes, "device": device, "cpu_threads": threads, "seed": seed,
-                   "tokenizer": {"kind": "bpe", "vocab_size": tok.vocab_size, "train_s": tok_s},
-                   "heldout_lines": len(heldout), "table": [asdict(r) for r in rows], "best": best,
-                   "prompt": prompt, "samples": texts, "sentences": sentences, "notes": notes,
-                   "curves": (stage / "curves.png").exists()}
+        results = {
+            "corpus": str(corpus),
+            "minutes": minutes,
+            "device": device,
+            "cpu_threads": threads,
+            "seed": seed,
+            "tokenizer": {"kind": "bpe", "vocab_size": tok.vocab_size, "train_s": tok_s},
+            "heldout_lines": len(heldout),
+            "table": [asdict(r) for r in rows],
+            "best": best,
+            "prompt": prompt,
+            "samples": texts,
+            "sentences": sentences,
+            "notes": notes,
+            "curves": (stage / "curves.png").exists(),
+        }
         write_json(stage / "results.json", results)
         write_report(stage, corpus, rows, best, prompt, texts, sentences, notes)
     print(f"\nwrote {out}/: report.md, results.json, checkpoints" + (", curves.png" if results["curves"] else ""))

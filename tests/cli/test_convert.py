@@ -12,11 +12,18 @@ transformers.logging.set_verbosity_error()
 
 V = 300  # room for a byte-level BPE: 256 bytes + merges + <|endoftext|>
 CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                            bos_token_id=0, eos_token_id=0),
-    "llama": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=32, hidden_size=32,
-                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    ),
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=V,
+        max_position_embeddings=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
 }
 
 
@@ -73,7 +80,8 @@ def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'neox'}: not a supported Hugging Face model "
-        "(model_type 'gpt_neox'); lmstack imports gpt2, llama, mistral, qwen2, qwen3, bert and t5"]
+        "(model_type 'gpt_neox'); lmstack imports gpt2, llama, mistral, qwen2, qwen3, bert and t5"
+    ]
     assert not (tmp_path / "out").exists()
 
     from lmstack.models.rnn import RNNLM, RNNConfig
@@ -89,8 +97,9 @@ def test_errors_are_one_line_and_write_nothing(cli, tmp_path):
 
 
 def test_bert_imports_through_convert(cli, tmp_path):
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32
+    )
     ref = _save_hf(cfg, tmp_path / "hf", transformers.BertForMaskedLM)
     cli("convert", tmp_path / "hf", tmp_path / "ours", check=True)
     model, _ = lmstack.load(tmp_path / "ours")

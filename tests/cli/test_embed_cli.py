@@ -14,8 +14,16 @@ from lmstack.models.checkpoint import load
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.tokenizers.char import CharTokenizer
 
-LINES = ["apple river stone", "", "tiger paper lemon", "apple river stone.", "grass storm candle", "tiger paper lemon",
-         "mirror garden silver", "night bread horse"]
+LINES = [
+    "apple river stone",
+    "",
+    "tiger paper lemon",
+    "apple river stone.",
+    "grass storm candle",
+    "tiger paper lemon",
+    "mirror garden silver",
+    "night bread horse",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +51,9 @@ def reference(model_dir) -> np.ndarray:
 
 
 def test_vectors_and_the_most_similar_pairs(base, tmp_path, capsys):
-    code, out, _ = run("embed", "--model", base / "base", "--file", base / "lines.txt", "--out", tmp_path / "v.npy",
-                       "--top", 3, capsys=capsys)
+    code, out, _ = run(
+        "embed", "--model", base / "base", "--file", base / "lines.txt", "--out", tmp_path / "v.npy", "--top", 3, capsys=capsys
+    )
     assert code == 0
     vectors = np.load(tmp_path / "v.npy")
     want = reference(base / "base")
@@ -69,8 +78,20 @@ def test_jsonl_output_query_and_adapter_directory(base, tmp_path, capsys):
         for m in lora.lora_modules(model).values():
             m.lora_B.normal_(0, 0.5)
     lora.save_adapter(model, tmp_path / "adapter", base / "base")
-    code, out, _ = run("embed", "--model", tmp_path / "adapter", "--file", base / "lines.txt", "--out",
-                       tmp_path / "v.jsonl", "--query", "grass storm candle", "--top", 2, capsys=capsys)
+    code, out, _ = run(
+        "embed",
+        "--model",
+        tmp_path / "adapter",
+        "--file",
+        base / "lines.txt",
+        "--out",
+        tmp_path / "v.jsonl",
+        "--query",
+        "grass storm candle",
+        "--top",
+        2,
+        capsys=capsys,
+    )
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 3, 4, 5, 6, 7, 8] and rows[3]["text"] == "grass storm candle"
@@ -94,8 +115,9 @@ def test_bad_input_exits_2_with_one_line(base, tmp_path, capsys):
     for extra, message in cases:
         code, _, err = run("embed", "--model", base / "base", *extra, capsys=capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
-    code, _, err = run("embed", "--model", tmp_path / "nope", "--file", base / "lines.txt", "--out", tmp_path / "v.npy",
-                       capsys=capsys)
+    code, _, err = run(
+        "embed", "--model", tmp_path / "nope", "--file", base / "lines.txt", "--out", tmp_path / "v.npy", capsys=capsys
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not list(tmp_path.glob("v.*")) and not list(tmp_path.glob(".v.*"))
 
@@ -110,7 +132,8 @@ def test_pooling_comes_from_the_flag_then_the_checkpoint(base, tmp_path, capsys)
     with torch.no_grad():
         states = [model.hidden_states(torch.tensor([tok.encode(t)]))[0] for t in LINES if t]
     for flag, want in [([], [s[-1] for s in states]), (["--pooling", "cls"], [s[0] for s in states])]:
-        code, out, _ = run("embed", "--model", tmp_path / "ckpt", "--file", base / "lines.txt", "--out", tmp_path / "v.npy",
-                           *flag, capsys=capsys)
+        code, out, _ = run(
+            "embed", "--model", tmp_path / "ckpt", "--file", base / "lines.txt", "--out", tmp_path / "v.npy", *flag, capsys=capsys
+        )
         assert code == 0 and f"({'cls' if flag else 'last'} pooling)" in out
         assert np.abs(np.load(tmp_path / "v.npy") - torch.stack(want).numpy()).max() < 1e-5

@@ -13,7 +13,6 @@ from lmstack.evaluation.perplexity import stream_perplexity
 TEXT = "the cat sat on the mat\nthe dog sat on the log\na cat and a dog\n"
 
 
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """A char-level GPT (context 64), RNN, BERT and T5, and a word 2-gram, trained on nothing: the
@@ -32,8 +31,16 @@ def ckpts(tmp_path_factory):
     GPT(GPTConfig.preset("tiny", vocab_size=tok.vocab_size)).save(d / "gpt", tok)
     RNNLM(RNNConfig.preset("tiny", vocab_size=tok.vocab_size)).save(d / "rnn", tok)
     mask = tok.special_id("<|mask|>")
-    BERT(BERTConfig.preset("tiny", vocab_size=tok.vocab_size, max_position=16, mask_token_id=mask,
-                           cls_token_id=tok.eot_id, sep_token_id=tok.eot_id)).save(d / "bert", tok)
+    BERT(
+        BERTConfig.preset(
+            "tiny",
+            vocab_size=tok.vocab_size,
+            max_position=16,
+            mask_token_id=mask,
+            cls_token_id=tok.eot_id,
+            sep_token_id=tok.eot_id,
+        )
+    ).save(d / "bert", tok)
     NGramLM.train_texts(TEXT.splitlines() * 2, order=2, discount_fallback=True).save(d / "ngram")
     T5(T5Config.preset("tiny", vocab_size=tok.vocab_size)).save(d / "t5", tok)
     return d
@@ -42,8 +49,7 @@ def ckpts(tmp_path_factory):
 def test_perplexity_of_a_gpt_is_stream_mode_with_every_field(lmstack_cli, ckpts):
     import lmstack
 
-    got = json.loads(lmstack_cli("eval", "perplexity", "--model", ckpts / "gpt", ckpts / "test.txt", "--json",
-                                 "--stride", "16"))
+    got = json.loads(lmstack_cli("eval", "perplexity", "--model", ckpts / "gpt", ckpts / "test.txt", "--json", "--stride", "16"))
     model, tok = lmstack.load(ckpts / "gpt")
     want = stream_perplexity(model, [TEXT], tok.encode, tok.eot_id, context=64, stride=16)
     assert got["mode"] == "stream" and got["context"] == 64 and got["stride"] == 16
@@ -109,8 +115,12 @@ def test_tasks_multiple_choice(lmstack_cli, ckpts, tmp_path):
     from lmstack.evaluation.tasks import load_multiple_choice, multiple_choice
 
     f = tmp_path / "mc.jsonl"
-    f.write_text("".join(json.dumps({"question": q, "choices": ["mat", "log", "dog"], "answer": a}) + "\n"
-                         for q, a in (("the cat sat on the", 0), ("the dog sat on the", 1), ("a cat and a", 2))))
+    f.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": ["mat", "log", "dog"], "answer": a}) + "\n"
+            for q, a in (("the cat sat on the", 0), ("the dog sat on the", 1), ("a cat and a", 2))
+        )
+    )
     got = json.loads(lmstack_cli("eval", "tasks", "--model", ckpts / "gpt", "--kind", "mc", "--file", f, "--json"))
     model, tok = lmstack.load(ckpts / "gpt")
     want = multiple_choice(model, tok, load_multiple_choice(f))
@@ -124,10 +134,27 @@ def test_tasks_numeric_matches_the_library(lmstack_cli, ckpts, tmp_path):
     from lmstack.evaluation.tasks import run
 
     f = tmp_path / "q.jsonl"  # short questions: the char-level GPT reads 64 characters
-    f.write_text('{"question": "1+1?", "answer": 2}\n{"question": "2+2?", "answer": "so #### 4"}\n'
-                 '{"question": "3+3?", "answer": 6}\n')
-    args = ("--model", ckpts / "gpt", "--kind", "numeric", "--file", f, "--shots-file", f, "--shots", "1",
-            "--limit", "2", "--max-tokens", "5", "--batch-size", "1")
+    f.write_text(
+        '{"question": "1+1?", "answer": 2}\n{"question": "2+2?", "answer": "so #### 4"}\n{"question": "3+3?", "answer": 6}\n'
+    )
+    args = (
+        "--model",
+        ckpts / "gpt",
+        "--kind",
+        "numeric",
+        "--file",
+        f,
+        "--shots-file",
+        f,
+        "--shots",
+        "1",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "5",
+        "--batch-size",
+        "1",
+    )
     got = json.loads(lmstack_cli("eval", "tasks", *args, "--json"))
     model, tok = lmstack.load(ckpts / "gpt")
     want = run("numeric", model, tok, f, limit=2, shots_path=f, shots=1, max_new_tokens=5, batch_size=1)
@@ -136,20 +163,28 @@ def test_tasks_numeric_matches_the_library(lmstack_cli, ckpts, tmp_path):
     assert lmstack_cli("eval", "tasks", *args).startswith("exact_match ")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["perplexity", "--model", "{gpt}", "{text}", "--context", "65"], "--context 65"),
-    (["perplexity", "--model", "{gpt}", "{empty}"], "empty"),
-    (["perplexity", "--model", "{gpt}"], "no text to score"),
-    (["perplexity", "--model", "{ngram}", "{text}", "--mode", "stream"], "--mode lines"),
-    (["perplexity", "--model", "{ngram}", "{text}", "--context", "8"], "--mode stream only"),
-    (["perplexity", "--model", "{gpt}", "{text}", "--mode", "pseudo"], "--mode stream"),
-    (["compare", "--models", "{gpt}", "{tmp}/nope", "--data", "{text}"], "nope: no such checkpoint"),
-    (["tasks", "--model", "{gpt}", "--kind", "numeric", "--file", "{text}", "--shots", "2"], "--shots-file"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["perplexity", "--model", "{gpt}", "{text}", "--context", "65"], "--context 65"),
+        (["perplexity", "--model", "{gpt}", "{empty}"], "empty"),
+        (["perplexity", "--model", "{gpt}"], "no text to score"),
+        (["perplexity", "--model", "{ngram}", "{text}", "--mode", "stream"], "--mode lines"),
+        (["perplexity", "--model", "{ngram}", "{text}", "--context", "8"], "--mode stream only"),
+        (["perplexity", "--model", "{gpt}", "{text}", "--mode", "pseudo"], "--mode stream"),
+        (["compare", "--models", "{gpt}", "{tmp}/nope", "--data", "{text}"], "nope: no such checkpoint"),
+        (["tasks", "--model", "{gpt}", "--kind", "numeric", "--file", "{text}", "--shots", "2"], "--shots-file"),
+    ],
+)
 def test_bad_input_is_one_line(cli, ckpts, tmp_path, args, needle):
     (tmp_path / "empty.txt").write_text("")
-    paths = {"gpt": ckpts / "gpt", "ngram": ckpts / "ngram", "text": ckpts / "test.txt",
-             "empty": tmp_path / "empty.txt", "tmp": tmp_path}
+    paths = {
+        "gpt": ckpts / "gpt",
+        "ngram": ckpts / "ngram",
+        "text": ckpts / "test.txt",
+        "empty": tmp_path / "empty.txt",
+        "tmp": tmp_path,
+    }
     proc = cli("eval", *[a.format(**paths) for a in args])
     assert proc.returncode != 0 and proc.stdout == ""
     assert proc.stderr.startswith("error:") and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr

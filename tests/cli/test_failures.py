@@ -87,8 +87,7 @@ def test_safetensors_disk_full_in_convert_is_named_and_cleaned_up(run, gpt, tmp_
     from safetensors import SafetensorError
 
     def full(tensors, filename, metadata=None):
-        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) '
-                              f'at path "{filename}.x"')
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{filename}.x"')
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     out = tmp_path / "hf"
@@ -105,8 +104,10 @@ def test_unwritable_folder_is_refused_before_any_work(run, corpus, tmp_path, mon
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     before = snapshot(tmp_path)
-    for args in (["ngram", "train", corpus, "--discount-fallback", "--out", locked / "ng"],
-                 ["tokenizer", "train", corpus, "--out", locked / "t"]):
+    for args in (
+        ["ngram", "train", corpus, "--discount-fallback", "--out", locked / "ng"],
+        ["tokenizer", "train", corpus, "--out", locked / "t"],
+    ):
         code, err = run(*args)
         assert code == 2
         one_line(err, f"cannot write {locked}/", "not writable", "pick a folder you can write to")
@@ -127,8 +128,13 @@ def test_permission_denied_mid_write_is_not_an_internal_error(run, corpus, tmp_p
 
 def test_full_stdout_is_one_line_not_a_traceback(gpt):
     with open("/dev/full", "w") as full:
-        r = subprocess.run([sys.executable, "-m", "lmstack.cli", "tokenizer", "encode", "--tokenizer", str(gpt), "a cat"],
-                           stdout=full, stderr=subprocess.PIPE, text=True, env=dict(os.environ, LMSTACK_NO_PROGRESS="1"))
+        r = subprocess.run(
+            [sys.executable, "-m", "lmstack.cli", "tokenizer", "encode", "--tokenizer", str(gpt), "a cat"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, LMSTACK_NO_PROGRESS="1"),
+        )
     assert r.returncode == 2
     one_line(r.stderr.strip().splitlines(), "cannot write standard output: no space left on device")
 
@@ -136,15 +142,19 @@ def test_full_stdout_is_one_line_not_a_traceback(gpt):
 # --- an output path that is an existing file --------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ["tokenizer", "train", "{corpus}", "--kind", "char", "--out", "{file}"],
-    ["ngram", "train", "{corpus}", "--out", "{file}"],
-    ["ngram", "train", "{corpus}", "--out", "{file}/sub"],
-    ["convert", "{gpt}", "{file}"],
-    ["quickstart", "--corpus", "{corpus}", "--out", "{file}"],
-    ["train", "--data", "{corpus}", "--out-dir", "{file}"],
-    ["finetune", "--init-from", "{gpt}", "--data", "{corpus}", "--out-dir", "{file}"],
-], ids=lambda a: " ".join(a[:2]) + (" (a folder in it)" if a[-1].endswith("/sub") else ""))
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tokenizer", "train", "{corpus}", "--kind", "char", "--out", "{file}"],
+        ["ngram", "train", "{corpus}", "--out", "{file}"],
+        ["ngram", "train", "{corpus}", "--out", "{file}/sub"],
+        ["convert", "{gpt}", "{file}"],
+        ["quickstart", "--corpus", "{corpus}", "--out", "{file}"],
+        ["train", "--data", "{corpus}", "--out-dir", "{file}"],
+        ["finetune", "--init-from", "{gpt}", "--data", "{corpus}", "--out-dir", "{file}"],
+    ],
+    ids=lambda a: " ".join(a[:2]) + (" (a folder in it)" if a[-1].endswith("/sub") else ""),
+)
 def test_output_that_is_a_file_is_refused_before_work_and_kept(run, corpus, gpt, tmp_path, args):
     file = tmp_path / "mine.txt"
     file.write_bytes(b"the user's own file\n")
@@ -202,11 +212,15 @@ def test_non_utf8_option_value_and_stdin_are_named(run, gpt, tokenizers, monkeyp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("args", [
-    ["generate", "--model", "{gpt}", "--prompt", "a"],
-    ["score", "--model", "{gpt}", "--prompt", "a"],
-    ["eval", "perplexity", "--model", "{gpt}", "{corpus}"],
-], ids=lambda a: a[0])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--model", "{gpt}", "--prompt", "a"],
+        ["score", "--model", "{gpt}", "--prompt", "a"],
+        ["eval", "perplexity", "--model", "{gpt}", "{corpus}"],
+    ],
+    ids=lambda a: a[0],
+)
 def test_cuda_without_cuda_is_a_clear_error(run, gpt, corpus, args):
     code, err = run(*[a.format(gpt=gpt, corpus=corpus) for a in args], "--device", "cuda")
     assert code == 2
@@ -218,8 +232,9 @@ def test_usage_error_is_one_line_pointing_at_help(run, capsys):
         main(["tokenizer", "train", "--kind", "char"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: lmstack tokenizer train: the following arguments are required: FILE, --out; "
-                   "see `lmstack tokenizer train --help`"]
+    assert err == [
+        "error: lmstack tokenizer train: the following arguments are required: FILE, --out; see `lmstack tokenizer train --help`"
+    ]
 
 
 def test_debug_is_accepted_anywhere(run, tmp_path, capsys):

@@ -19,8 +19,9 @@ def checkpoint(tmp_path_factory):
     tok = CharTokenizer.train(["the cat sat on the mat. a dog!"], special_tokens=(EOT, PAD))
     pad = tok.special_id(PAD)
     torch.manual_seed(0)
-    model = T5(T5Config.preset("tiny", vocab_size=tok.vocab_size, pad_token_id=pad, decoder_start_token_id=pad,
-                               eos_token_id=tok.eot_id))
+    model = T5(
+        T5Config.preset("tiny", vocab_size=tok.vocab_size, pad_token_id=pad, decoder_start_token_id=pad, eos_token_id=tok.eot_id)
+    )
     return model.save(tmp_path_factory.mktemp("t5"), tok)
 
 
@@ -34,8 +35,9 @@ def log_p(model, tok, source: str, target: list[int]) -> float:
 def test_score_json_is_log_p_of_the_continuation_given_the_prompt(lmstack_cli, checkpoint):
     import lmstack
 
-    got = json.loads(lmstack_cli("score", "--model", checkpoint, "--prompt", "the cat", "--continuation", " sat on",
-                                 "--top", "3", "--json"))
+    got = json.loads(
+        lmstack_cli("score", "--model", checkpoint, "--prompt", "the cat", "--continuation", " sat on", "--top", "3", "--json")
+    )
     model, tok = lmstack.load(checkpoint)
     assert got["logprob"] == pytest.approx(log_p(model, tok, "the cat", tok.encode(" sat on")), abs=1e-4)
     assert "".join(t["piece"] for t in got["tokens"]) == " sat on" and got["num_tokens"] == 7
@@ -54,8 +56,17 @@ def test_greedy_generate_decodes_from_the_prompt_as_source(lmstack_cli, checkpoi
 
     model, tok = lmstack.load(checkpoint)
     prompts = ["the cat", "a"]  # two source lengths in one call
-    out = lmstack_cli("generate", "--model", checkpoint, *(a for p in prompts for a in ("--prompt", p)),
-                      "--temperature", "0", "--max-tokens", "8", "--json")
+    out = lmstack_cli(
+        "generate",
+        "--model",
+        checkpoint,
+        *(a for p in prompts for a in ("--prompt", p)),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     rows = [json.loads(line) for line in out.splitlines()]
     for prompt, row in zip(prompts, rows):
         state, lp = model.start(torch.tensor([tok.encode(prompt)]))
@@ -70,8 +81,23 @@ def test_beam_search_scores_each_beam_given_the_source(lmstack_cli, checkpoint):
     import lmstack
 
     model, tok = lmstack.load(checkpoint)
-    out = json.loads(lmstack_cli("generate", "--model", checkpoint, "--prompt", "the cat", "--beams", "3",
-                                 "--num-return", "2", "--max-tokens", "6", "--ignore-eot", "--json"))
+    out = json.loads(
+        lmstack_cli(
+            "generate",
+            "--model",
+            checkpoint,
+            "--prompt",
+            "the cat",
+            "--beams",
+            "3",
+            "--num-return",
+            "2",
+            "--max-tokens",
+            "6",
+            "--ignore-eot",
+            "--json",
+        )
+    )
     beams = out["beams"]
     assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"] and beams[0]["tokens"] != beams[1]["tokens"]
     for b in beams:

@@ -36,10 +36,13 @@ def test_gpt2_import_and_hf_export(cli, shared, tmp_path):
     assert hf.encode(text).ids == [int(i) for i in ids]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--kind", "bpe", "--vocab-size", "100"], "vocab"),
-    (["--kind", "char", "--vocab-size", "10"], "smaller than"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kind", "bpe", "--vocab-size", "100"], "vocab"),
+        (["--kind", "char", "--vocab-size", "10"], "smaller than"),
+    ],
+)
 def test_bad_vocab_size_is_one_clear_error(cli, corpus, tmp_path, args, message):
     r = cli("tokenizer", "train", corpus, *args, "--out", tmp_path / "t")
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr

@@ -83,11 +83,16 @@ def test_rows_and_files(tmp_path, lmstack_cli):
     assert text.read_text(encoding="utf-8") == "".join(f"{p.question}\n{p.response}\n\n" for p in expected)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"n": 0}, "must be >= 1"), ({"n": 5, "lang": "fr"}, "unknown language"),
-    ({"n": 5, "levels": (5,)}, "levels must be among"), ({"n": 5, "split": "dev"}, "unknown split"),
-    ({"n": 100_000, "levels": (1,), "split": "test"}, "distinct test problems"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n": 0}, "must be >= 1"),
+        ({"n": 5, "lang": "fr"}, "unknown language"),
+        ({"n": 5, "levels": (5,)}, "levels must be among"),
+        ({"n": 5, "split": "dev"}, "unknown split"),
+        ({"n": 100_000, "levels": (1,), "split": "test"}, "distinct test problems"),
+    ],
+)
 def test_bad_requests_say_what_to_change(kwargs, message):
     with pytest.raises(InputError, match=message):
         arithmetic.generate(**kwargs)

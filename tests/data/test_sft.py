@@ -51,8 +51,11 @@ def test_shared_chat_files_read_with_replies_as_the_only_targets(shared, tok, na
 
 def test_prompt_response_rows_are_the_conversation_they_describe(tmp_path, tok):
     row = {"system": "be brief", "prompt": "hi", "response": "hello", "id": 7}
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": "hello"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ]
     (a,), _ = read_examples(write(tmp_path, "a.jsonl", [row, ""]), tok, 64)
     (b,), _ = read_examples(write(tmp_path, "b.jsonl", [{"messages": messages, "topic": "x"}]), tok, 64)
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.mask, b.mask)
@@ -80,18 +83,23 @@ def test_text_files_are_chunks_with_loss_on_every_token(tmp_path, tok):
     assert report.target_tokens == 7 * 3 + 6
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"prompt": "a", "response": "b"}', '{"prompt": "a",'], r"e\.jsonl:2: not valid JSON"),
-    (['{"prompt": "a"}'], r"e\.jsonl:1: needs \"messages\", or string \"prompt\" and \"response\""),
-    (['[1, 2]'], r"e\.jsonl:1: not a JSON object"),
-    (['', '{"messages": [{"role": "bot", "content": "x"}]}'],
-     r"e\.jsonl:2: .*unknown role 'bot'; allowed roles: system, user, assistant"),
-    (['{"messages": [{"role": "user", "content": "x"}]}'], r"e\.jsonl:1: no assistant reply"),
-    (['{"messages": []}'], r"e\.jsonl:1: a conversation must be a non-empty list"),
-    (['{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "aaaa"}]}'], "raise max_length"),
-    ([''], "file is empty"),
-    (['', '  ', ''], "only blank lines"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "a", "response": "b"}', '{"prompt": "a",'], r"e\.jsonl:2: not valid JSON"),
+        (['{"prompt": "a"}'], r"e\.jsonl:1: needs \"messages\", or string \"prompt\" and \"response\""),
+        (["[1, 2]"], r"e\.jsonl:1: not a JSON object"),
+        (
+            ["", '{"messages": [{"role": "bot", "content": "x"}]}'],
+            r"e\.jsonl:2: .*unknown role 'bot'; allowed roles: system, user, assistant",
+        ),
+        (['{"messages": [{"role": "user", "content": "x"}]}'], r"e\.jsonl:1: no assistant reply"),
+        (['{"messages": []}'], r"e\.jsonl:1: a conversation must be a non-empty list"),
+        (['{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "aaaa"}]}'], "raise max_length"),
+        ([""], "file is empty"),
+        (["", "  ", ""], "only blank lines"),
+    ],
+)
 def test_bad_rows_name_the_file_and_line(tmp_path, tok, lines, message):
     p = tmp_path / "e.jsonl"
     p.write_text("\n".join(lines))
@@ -109,8 +117,7 @@ def test_other_files_and_lengths_are_refused(tmp_path, tok):
 
 def examples_of(lengths, seed=0):
     rng = np.random.default_rng(seed)
-    return [Example(rng.integers(0, 50, n), np.r_[False, rng.random(n - 1) < 0.7] | (np.arange(n) == n - 1))
-            for n in lengths]
+    return [Example(rng.integers(0, 50, n), np.r_[False, rng.random(n - 1) < 0.7] | (np.arange(n) == n - 1)) for n in lengths]
 
 
 def test_split_holds_out_a_seeded_fraction_in_file_order():
@@ -154,8 +161,9 @@ def test_packed_rows_match_transformers_flattening():
 
 def docs_of(batch) -> list[list[tuple]]:
     """The documents of each row of a batch, as tuples of ids."""
-    return [[tuple(row[seg == s].tolist()) for s in range(1, int(seg.max()) + 1)]
-            for row, seg in zip(batch["idx"], batch["segments"])]
+    return [
+        [tuple(row[seg == s].tolist()) for s in range(1, int(seg.max()) + 1)] for row, seg in zip(batch["idx"], batch["segments"])
+    ]
 
 
 @pytest.mark.parametrize("pack", [True, False])

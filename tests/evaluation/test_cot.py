@@ -16,8 +16,9 @@ from lmstack.tokenizers.char import CharTokenizer
 
 @pytest.fixture(scope="module")
 def model_and_tok():
-    tok = CharTokenizer.train(["0123456789 +-*=:?.\nAnswer Tom has apples buys more How many does now 小明有个苹果"],
-                              special_tokens=("<|endoftext|>",))
+    tok = CharTokenizer.train(
+        ["0123456789 +-*=:?.\nAnswer Tom has apples buys more How many does now 小明有个苹果"], special_tokens=("<|endoftext|>",)
+    )
     add_chat_tokens(tok)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=1, n_head=2, n_embd=32)).eval()
@@ -31,8 +32,10 @@ def direct_logp(model, context, continuation):
 
 def test_reported_logprobs_are_the_models_own(model_and_tok):
     model, tok = model_and_tok
-    items = [cot.Item("Tom has 3 apples. How many?", 3.0, ["Tom has 3 apples. How many does Tom have now?"]),
-             cot.Item("小明有5个苹果。", 5.0)]
+    items = [
+        cot.Item("Tom has 3 apples. How many?", 3.0, ["Tom has 3 apples. How many does Tom have now?"]),
+        cot.Item("小明有5个苹果。", 5.0),
+    ]
     res = cot.chain_of_thought(model, tok, items, max_new_tokens=10, temperature=1.0, seed=1)
     assert res["n"] == 2 and res["paraphrase_pairs"] == 1
     for it, r in zip(items, res["items"]):
@@ -68,8 +71,12 @@ def test_rewards_read_answers_like_eval_tasks():
 
 def test_task_files_are_checked_row_by_row(tmp_path):
     f = tmp_path / "t.jsonl"
-    f.write_text(json.dumps({"question": "q1", "answer": "so 3 #### 3", "paraphrases": ["q1b"]}) + "\n"
-                 + json.dumps({"question": "q2", "answer": 4}) + "\n")
+    f.write_text(
+        json.dumps({"question": "q1", "answer": "so 3 #### 3", "paraphrases": ["q1b"]})
+        + "\n"
+        + json.dumps({"question": "q2", "answer": 4})
+        + "\n"
+    )
     items = cot.load_task(str(f))
     assert [(i.question, i.answer, i.paraphrases) for i in items] == [("q1", 3.0, ["q1b"]), ("q2", 4.0, [])]
     f.write_text(json.dumps({"question": "q1", "answer": 1}) + "\n" + json.dumps({"question": "q2"}) + "\n")

@@ -39,18 +39,26 @@ def write_task(folder, name, output_type, extra):
     data.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-        f"output_type: {output_type}\ndoc_to_text: \"Question: {{{{question}}}}\\nAnswer:\"\n{extra}"
+        f'output_type: {output_type}\ndoc_to_text: "Question: {{{{question}}}}\\nAnswer:"\n{extra}'
     )
 
 
 @pytest.fixture(scope="module")
 def task_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
-    write_task(folder, "lmstack_toy_mc", "multiple_choice",
-               "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    write_task(folder, "lmstack_toy_gen", "generate_until",
-               "doc_to_target: \"{{choices[answer]}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 12\n"
-               "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+    write_task(
+        folder,
+        "lmstack_toy_mc",
+        "multiple_choice",
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n',
+    )
+    write_task(
+        folder,
+        "lmstack_toy_gen",
+        "generate_until",
+        'doc_to_target: "{{choices[answer]}}"\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 12\n'
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
+    )
     return folder
 
 
@@ -61,8 +69,12 @@ def evaluated(lm, task_folder):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_DATASETS_OFFLINE", "1")
-        return lm_eval.simple_evaluate(model=lm, tasks=["lmstack_toy_mc", "lmstack_toy_gen"], log_samples=True,
-                                       task_manager=TaskManager(include_path=str(task_folder)))
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=["lmstack_toy_mc", "lmstack_toy_gen"],
+            log_samples=True,
+            task_manager=TaskManager(include_path=str(task_folder)),
+        )
 
 
 def test_multiple_choice_accuracy_equals_lmstacks_own(lm, evaluated):
@@ -97,8 +109,21 @@ def test_rolling_loglikelihood_is_the_documents_log_probability(lm):
 def test_harness_command_runs_local_tasks_on_a_checkpoint(lm, evaluated, task_folder, tmp_path, lmstack_cli, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     lm.model.save(tmp_path / "ckpt", lm.tok)
-    out = json.loads(lmstack_cli("eval", "harness", "--model", tmp_path / "ckpt", "--tasks", "lmstack_toy_mc",
-                                 "--include-path", task_folder, "--batch-size", "2", "--json"))
+    out = json.loads(
+        lmstack_cli(
+            "eval",
+            "harness",
+            "--model",
+            tmp_path / "ckpt",
+            "--tasks",
+            "lmstack_toy_mc",
+            "--include-path",
+            task_folder,
+            "--batch-size",
+            "2",
+            "--json",
+        )
+    )
     for metric in ("acc,none", "acc_norm,none"):
         assert out["results"]["lmstack_toy_mc"][metric] == evaluated["results"]["lmstack_toy_mc"][metric]
 
@@ -107,8 +132,9 @@ def test_harness_command_names_an_unknown_task(lm, task_folder, tmp_path, capsys
     from lmstack.cli import main
 
     lm.model.save(tmp_path / "ckpt", lm.tok)
-    code = main(["eval", "harness", "--model", str(tmp_path / "ckpt"), "--tasks", "no_such_task",
-                 "--include-path", str(task_folder)])
+    code = main(
+        ["eval", "harness", "--model", str(tmp_path / "ckpt"), "--tasks", "no_such_task", "--include-path", str(task_folder)]
+    )
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error:") and "no_such_task" in err and err.count("\n") == 1
 
@@ -119,6 +145,7 @@ def test_generate_until_keeps_the_end_of_a_context_longer_than_the_model(lm):
     context = " ".join(["the quick brown fox jumps over the lazy dog"] * 3) + "\nAnswer:"  # > 64 tokens
     [got] = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 8}), 0)])
     ids = lm.tok.encode(context)
-    [want] = generate_tokens(lm.model, [ids[-(64 - 8):]], GenerationConfig(max_new_tokens=8, temperature=0, stop=("\n",)),
-                             lm.tok)
+    [want] = generate_tokens(
+        lm.model, [ids[-(64 - 8) :]], GenerationConfig(max_new_tokens=8, temperature=0, stop=("\n",)), lm.tok
+    )
     assert len(ids) > 64 and got == want.text

@@ -29,7 +29,6 @@ class Uniform(LanguageModel):
         raise NotImplementedError
 
 
-
 def _encode(line: str) -> list[int]:
     return [3 + (ord(c) % 7) if c != "?" else 0 for c in line.replace(" ", "")]
 
@@ -49,8 +48,7 @@ def test_oovs_are_scored_and_excluded_on_request():
     enc = model.encode
     res = perplexity(model, ["a zz b", "yy"], enc, model.bos_id, model.eos_id, model.unk_id)
     assert res.oovs == 2 and res.tokens == 6
-    lp = [model.token_logprobs(torch.tensor([[model.bos_id, *enc(s), model.eos_id]]))[0] / math.log(10)
-          for s in ("a zz b", "yy")]
+    lp = [model.token_logprobs(torch.tensor([[model.bos_id, *enc(s), model.eos_id]]))[0] / math.log(10) for s in ("a zz b", "yy")]
     total = float(sum(x.sum() for x in lp))
     oov = float(lp[0][1] + lp[1][0])
     assert res.log10_prob == pytest.approx(total)
@@ -91,8 +89,18 @@ def test_subword_model_reports_bits_per_byte(lmstack_cli, tmp_path):
     text = "hello world\nhold the door\nhello there\n"
     CharTokenizer.train([text]).save(tmp_path / "tok")
     (tmp_path / "c.txt").write_text(text, encoding="utf-8")
-    lmstack_cli("ngram", "train", tmp_path / "c.txt", "--order", "3", "--out", tmp_path / "m",
-                "--tokenizer", tmp_path / "tok", "--discount-fallback")
+    lmstack_cli(
+        "ngram",
+        "train",
+        tmp_path / "c.txt",
+        "--order",
+        "3",
+        "--out",
+        tmp_path / "m",
+        "--tokenizer",
+        tmp_path / "tok",
+        "--discount-fallback",
+    )
     got = json.loads(lmstack_cli("eval", "perplexity", "--model", tmp_path / "m", tmp_path / "c.txt", "--json"))
     assert got["bytes"] == len(text.encode()) and got["tokens"] == len(text)  # one token per char (+ </s> per newline)
     assert got["bits_per_byte"] == pytest.approx(-got["log10_prob"] * math.log2(10) / got["bytes"])
@@ -261,8 +269,7 @@ def test_a_smaller_stride_gives_more_context_and_a_lower_perplexity_on_real_text
     counts = Counter(tok.encode(train))
     unigram = torch.tensor([counts.get(i, 0) + 1.0 for i in range(tok.vocab_size)], dtype=torch.float64)
     model = CacheLM(unigram / unigram.sum())
-    ppl = [stream_perplexity(model, [test], tok.encode, tok.eot_id, context=64, stride=s).perplexity
-           for s in (64, 16, 4)]
+    ppl = [stream_perplexity(model, [test], tok.encode, tok.eot_id, context=64, stride=s).perplexity for s in (64, 16, 4)]
     assert ppl[0] > ppl[1] > ppl[2]
 
 
@@ -275,8 +282,17 @@ def test_t5_decoder_scores_each_line_as_hf_t5_does_from_an_empty_source(tmp_path
     text = "the cat sat\n\nsat the cat on\n"
     tok = CharTokenizer.train([text])
     torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=tok.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
-                                decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=tok.vocab_size,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     hf = transformers.T5ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -297,8 +313,7 @@ def test_t5_decoder_scores_each_line_as_hf_t5_does_from_an_empty_source(tmp_path
 
 
 def test_unknown_words_pay_for_their_spelling_in_bits_per_byte():
-    model = NGramLM.train_texts(["the cat sat", "the dog sat", "a cat ran", "the cat ran"] * 3, order=2,
-                                discount_fallback=True)
+    model = NGramLM.train_texts(["the cat sat", "the dog sat", "a cat ran", "the cat ran"] * 3, order=2, discount_fallback=True)
     closed = perplexity(model, ["a bird sat"], model.encode, model.bos_id, model.eos_id, model.unk_id)
     spelled = perplexity(model, ["a bird sat"], **text_codec(model, None))
     # the speller by hand: word types the cat sat dog a ran -> 16 characters, 11 distinct (+1 end mark),

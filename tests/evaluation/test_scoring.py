@@ -15,8 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return CharTokenizer.train(["the quick brown fox jumps over the lazy dog. THE END?"],
-                               special_tokens=("<|endoftext|>",))
+    return CharTokenizer.train(["the quick brown fox jumps over the lazy dog. THE END?"], special_tokens=("<|endoftext|>",))
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,19 @@ def t5_pair(tokenizer, tmp_path_factory):
     from lmstack.models.t5 import from_hf_t5
 
     torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+    )
     hf = transformers.T5ForConditionalGeneration(cfg).eval()
     path = tmp_path_factory.mktemp("hf-t5")
     hf.save_pretrained(path)
@@ -102,8 +111,13 @@ def test_a_whole_text_is_scored_from_end_of_text(pair, tokenizer):
 def test_batched_loglikelihoods_equal_one_at_a_time(pair):
     model, _ = pair
     g = torch.Generator().manual_seed(2)
-    requests = [(torch.randint(0, model.vocab_size, (c,), generator=g).tolist(),
-                 torch.randint(0, model.vocab_size, (k,), generator=g).tolist()) for c, k in ((3, 2), (20, 5), (1, 1), (9, 9))]
+    requests = [
+        (
+            torch.randint(0, model.vocab_size, (c,), generator=g).tolist(),
+            torch.randint(0, model.vocab_size, (k,), generator=g).tolist(),
+        )
+        for c, k in ((3, 2), (20, 5), (1, 1), (9, 9))
+    ]
     greedy_ctx = [5, 6, 7]
     greedy_cont = [int(model.next_token_logprobs(torch.tensor([greedy_ctx]))[0, -1].argmax())]
     results = loglikelihoods(model, requests + [(greedy_ctx, greedy_cont)])
@@ -135,8 +149,7 @@ def test_bad_input_is_one_clear_error(pair, tokenizer):
 def test_score_command(cli, pair, tokenizer, tmp_path):
     model, _ = pair
     model.save(tmp_path, tokenizer)
-    proc = cli("score", "--model", tmp_path, "--prompt", "the lazy", "--continuation", " dog", "--top", "3", "--json",
-               check=True)
+    proc = cli("score", "--model", tmp_path, "--prompt", "the lazy", "--continuation", " dog", "--top", "3", "--json", check=True)
     result = json.loads(proc.stdout)
     expected = score_text(model, tokenizer, "the lazy", " dog", top=3)
     assert result["logprob"] == pytest.approx(expected["logprob"], abs=1e-5)
@@ -156,8 +169,9 @@ def test_t5_scores_the_continuation_as_target_given_the_prompt_as_source(t5_pair
     assert out["logprob"] == pytest.approx(total, abs=1e-4)
     assert out["perplexity"] == pytest.approx(math.exp(-total / len(target)), rel=1e-4)
     assert out["num_tokens"] == len(target) and "".join(t["piece"] for t in out["tokens"]) == answer
-    torch.testing.assert_close(torch.tensor([t["logprob"] for t in out["tokens"]]), lp.gather(-1, target[:, None])[:, 0],
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor([t["logprob"] for t in out["tokens"]]), lp.gather(-1, target[:, None])[:, 0], atol=1e-4, rtol=0
+    )
     for t, row in zip(out["tokens"], lp):
         alts = [a["logprob"] for a in t["top"]]
         assert alts == sorted(alts, reverse=True) and t["top"][0]["token"] == int(row.argmax())
@@ -169,8 +183,13 @@ def test_t5_loglikelihoods_batched_equal_transformers(t5_pair):
     model, hf = t5_pair
     g = torch.Generator().manual_seed(3)
     # contexts of every length, one longer than any GPT window here: T5 reads it all as its source
-    requests = [(torch.randint(0, model.vocab_size, (c,), generator=g).tolist(),
-                 torch.randint(0, model.vocab_size, (k,), generator=g).tolist()) for c, k in ((3, 2), (80, 5), (1, 1), (9, 9))]
+    requests = [
+        (
+            torch.randint(0, model.vocab_size, (c,), generator=g).tolist(),
+            torch.randint(0, model.vocab_size, (k,), generator=g).tolist(),
+        )
+        for c, k in ((3, 2), (80, 5), (1, 1), (9, 9))
+    ]
     source = [5, 6, 7]
     greedy = [int(model.start(torch.tensor([source]), src_mask=torch.ones(1, 3))[1][0].argmax())]
     results = loglikelihoods(model, requests + [(source, greedy)])

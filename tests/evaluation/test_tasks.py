@@ -21,8 +21,9 @@ from lmstack.evaluation.tasks import (
 from lmstack.models.base import LanguageModel
 from lmstack.tokenizers.char import CharTokenizer
 
-TOK = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?:#.\n"],
-                          special_tokens=("<|endoftext|>",))
+TOK = CharTokenizer.train(
+    ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?:#.\n"], special_tokens=("<|endoftext|>",)
+)
 
 
 class UnigramLM(LanguageModel):
@@ -76,10 +77,16 @@ def test_multiple_choice_raw_and_length_normalised_accuracy():
     assert lp[1] == pytest.approx(math.log(0.2) + math.log(0.3), abs=1e-4)
 
 
-@pytest.mark.parametrize("text, number", [
-    ("She makes 9 * 2 = $18 every day.\n#### 18", 18), ("so the answer is 1,234.", 1234),
-    ("we get -3.5 and then 7", 7), ("The answer is: $42", 42), ("no digits here", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("She makes 9 * 2 = $18 every day.\n#### 18", 18),
+        ("so the answer is 1,234.", 1234),
+        ("we get -3.5 and then 7", 7),
+        ("The answer is: $42", 42),
+        ("no digits here", None),
+    ],
+)
 def test_extract_answer(text, number):
     assert extract_answer(text) == number
 

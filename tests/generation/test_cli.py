@@ -22,8 +22,20 @@ def test_greedy_json_is_reproducible_and_matches_the_api(cli, checkpoint):
     import lmstack
     from lmstack.generation import GenerationConfig, generate
 
-    args = ("generate", "--model", checkpoint, "--prompt", "the cat", "--prompt", "hello", "--temperature", "0",
-            "--max-tokens", "8", "--json")
+    args = (
+        "generate",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "the cat",
+        "--prompt",
+        "hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     lines = cli(*args, check=True).stdout.splitlines()
     rows = [json.loads(line) for line in lines]
     model, tok = lmstack.load(checkpoint)
@@ -34,8 +46,21 @@ def test_greedy_json_is_reproducible_and_matches_the_api(cli, checkpoint):
 
 
 def test_seeded_sampling_and_streaming(cli, checkpoint):
-    args = ("generate", "--model", checkpoint, "--prompt", "the", "--seed", "3", "--top-k", "20", "--top-p", "0.9",
-            "--max-tokens", "12")
+    args = (
+        "generate",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "the",
+        "--seed",
+        "3",
+        "--top-k",
+        "20",
+        "--top-p",
+        "0.9",
+        "--max-tokens",
+        "12",
+    )
     first = cli(*args, check=True).stdout
     assert first == cli(*args, check=True).stdout
     assert first.startswith("the")
@@ -44,20 +69,36 @@ def test_seeded_sampling_and_streaming(cli, checkpoint):
 
 
 def test_beam_search_prints_the_n_best(cli, checkpoint):
-    out = cli("generate", "--model", checkpoint, "--prompt", "the", "--beams", "3", "--num-return", "2",
-              "--max-tokens", "5", "--json", check=True).stdout
+    out = cli(
+        "generate",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "the",
+        "--beams",
+        "3",
+        "--num-return",
+        "2",
+        "--max-tokens",
+        "5",
+        "--json",
+        check=True,
+    ).stdout
     beams = json.loads(out)["beams"]
     assert len(beams) == 2 and beams[0]["score"] >= beams[1]["score"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--top-p", "0"), "top_p must be in"),
-    (("--beams", "2", "--stream"), "--beams cannot be combined"),
-    (("--beams", "2", "--num-return", "3"), "num_beams"),
-    (("--beams", "0"), "need num_beams >= 1 (--beams; 1 turns beam search off)"),
-    (("--temperature", "inf"), "temperature must be a finite number; got inf"),
-    (("--beams", "2", "--length-penalty", "nan"), "length_penalty must be a finite number; got nan"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--top-p", "0"), "top_p must be in"),
+        (("--beams", "2", "--stream"), "--beams cannot be combined"),
+        (("--beams", "2", "--num-return", "3"), "num_beams"),
+        (("--beams", "0"), "need num_beams >= 1 (--beams; 1 turns beam search off)"),
+        (("--temperature", "inf"), "temperature must be a finite number; got inf"),
+        (("--beams", "2", "--length-penalty", "nan"), "length_penalty must be a finite number; got nan"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(cli, checkpoint, args, message):
     proc = cli("generate", "--model", checkpoint, "--prompt", "x", *args)
     assert proc.returncode != 0
@@ -75,11 +116,9 @@ def test_an_ngram_generates_and_scores_in_its_own_vocabulary(cli, tmp_path):
 
     model = NGramLM.train_texts(["a b c", "a b d", "a b c"] * 20, order=2, discount_fallback=True)
     model.save(tmp_path)
-    out = json.loads(cli("generate", "--model", tmp_path, "--prompt", "a", "--temperature", "0", "--json",
-                         check=True).stdout)
+    out = json.loads(cli("generate", "--model", tmp_path, "--prompt", "a", "--temperature", "0", "--json", check=True).stdout)
     assert out["text"] == " b c" and out["finish_reason"] == "stop"  # then </s>, the likeliest after c
-    got = json.loads(cli("score", "--model", tmp_path, "--prompt", "a", "--continuation", "b c", "--json",
-                         check=True).stdout)
+    got = json.loads(cli("score", "--model", tmp_path, "--prompt", "a", "--continuation", "b c", "--json", check=True).stdout)
     want = model.token_logprobs(torch.tensor([model.encode("a b c")]))[0]
     assert [t["piece"] for t in got["tokens"]] == ["b", "c"]
     assert got["logprob"] == pytest.approx(float(want.sum()))
@@ -87,8 +126,20 @@ def test_an_ngram_generates_and_scores_in_its_own_vocabulary(cli, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_decoding_prints_what_eager_decoding_does(cli, checkpoint):
-    args = ("generate", "--model", checkpoint, "--prompt", "the cat", "--prompt", "hello", "--temperature", "0",
-            "--max-tokens", "8", "--json")
+    args = (
+        "generate",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "the cat",
+        "--prompt",
+        "hello",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--json",
+    )
     compiled = [json.loads(line) for line in cli(*args, "--compile", check=True).stdout.splitlines()]
     eager = [json.loads(line) for line in cli(*args, check=True).stdout.splitlines()]
     assert [(c["tokens"], c["text"]) for c in compiled] == [(e["tokens"], e["text"]) for e in eager]
@@ -130,8 +181,24 @@ def test_prompts_file_is_one_batch_after_the_prompt_flags(lmstack_cli, checkpoin
 @pytest.mark.parametrize("beams", ["1", "2"])
 def test_max_tokens_past_the_context_warns_once_and_stops_there(cli, checkpoint, beams):
     limit = GPTConfig.preset("tiny", vocab_size=10).block_size
-    proc = cli("generate", "--model", checkpoint, "--prompt", "the", "--prompt", "cat", "--temperature", "0",
-               "--ignore-eot", "--beams", beams, "--max-tokens", "1000000", "--json", check=True)
+    proc = cli(
+        "generate",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "the",
+        "--prompt",
+        "cat",
+        "--temperature",
+        "0",
+        "--ignore-eot",
+        "--beams",
+        beams,
+        "--max-tokens",
+        "1000000",
+        "--json",
+        check=True,
+    )
     warning = f"warning: max_new_tokens=1000000 goes past the model's context of {limit} tokens"
     assert proc.stderr.startswith(warning) and proc.stderr.count("\n") == 1  # one line, once for the batch
     rows = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -21,14 +21,17 @@ def naive_greedy(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(model.next_token_logprobs(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_rows_of_different_lengths_and_settings_match_running_each_alone():
     model = random_bigram(12, sharpness=1.0)
     prompts = [[1], [2, 3, 4, 5, 6], [7, 8]]
-    configs = [GREEDY, GenerationConfig(max_new_tokens=9, seed=3, top_k=4),
-               GenerationConfig(max_new_tokens=3, seed=5, temperature=0.7, presence_penalty=1.0)]
+    configs = [
+        GREEDY,
+        GenerationConfig(max_new_tokens=9, seed=3, top_k=4),
+        GenerationConfig(max_new_tokens=3, seed=5, temperature=0.7, presence_penalty=1.0),
+    ]
     batched = generate_tokens(model, prompts, configs)
     alone = [generate_tokens(model, [p], c)[0] for p, c in zip(prompts, configs)]
     assert batched == alone

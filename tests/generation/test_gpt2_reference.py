@@ -26,9 +26,15 @@ def pair(tmp_path_factory):
 
 def hf_greedy(hf, prompt, n):
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def test_greedy_equals_transformers_generate(pair):
@@ -50,8 +56,17 @@ def test_beam_search_equals_transformers_beam_search(pair):
     prompt = [17, 3, 99]
     ours = beam_search(model, prompt, num_beams=4, max_new_tokens=12, n=3)
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=12,
-                          min_new_tokens=12, num_beams=4, num_return_sequences=3, do_sample=False, pad_token_id=0,
-                          output_scores=True, return_dict_in_generate=True)
+        ref = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 3, dtype=torch.long),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            num_beams=4,
+            num_return_sequences=3,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     assert [b.tokens for b in ours] == ref.sequences[:, 3:].tolist()
     torch.testing.assert_close(torch.tensor([b.score for b in ours]), ref.sequences_scores.float(), atol=1e-4, rtol=0)

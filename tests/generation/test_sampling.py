@@ -63,8 +63,10 @@ CASES = {
     "top-k 3": (dict(top_k=3), with_top_k(P, 3)),
     "top-p 0.8": (dict(top_p=0.8), with_top_p(P, 0.8)),
     "min-p 0.1": (dict(min_p=0.1), with_min_p(P, 0.1)),
-    "T 1.5, top-k 6, top-p 0.9": (dict(temperature=1.5, top_k=6, top_p=0.9),
-                                  with_top_p(with_top_k(with_temperature(P, 1.5), 6), 0.9)),
+    "T 1.5, top-k 6, top-p 0.9": (
+        dict(temperature=1.5, top_k=6, top_p=0.9),
+        with_top_p(with_top_k(with_temperature(P, 1.5), 6), 0.9),
+    ),
 }
 
 
@@ -122,30 +124,45 @@ def test_repetition_penalty_breaks_a_greedy_loop():
     table[:, 1] = 0.0  # every token is most likely followed by token 1 (p = 0.48)
     model = BigramLM(table)
     plain = generate_tokens(model, [[0]], GenerationConfig(max_new_tokens=4, temperature=0))[0].tokens
-    penalised = generate_tokens(model, [[0]], GenerationConfig(max_new_tokens=4, temperature=0,
-                                                                 repetition_penalty=3.0))[0].tokens
+    penalised = generate_tokens(model, [[0]], GenerationConfig(max_new_tokens=4, temperature=0, repetition_penalty=3.0))[0].tokens
     assert plain == [1, 1, 1, 1]
     # Seen tokens (the prompt's 0, then each output) are penalised, so greedy walks to unseen
     # ones; once all are seen the penalty is shared and the likeliest, 1, wins again.
     assert penalised == [1, 2, 3, 1]
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(min_p=2), dict(repetition_penalty=0), dict(max_new_tokens=-1), dict(stop=[""]),
-                                 dict(temperature=float("inf")), dict(top_p=float("nan")),
-                                 dict(repetition_penalty=float("inf")), dict(frequency_penalty=float("nan")),
-                                 dict(presence_penalty=float("-inf"))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(min_p=2),
+        dict(repetition_penalty=0),
+        dict(max_new_tokens=-1),
+        dict(stop=[""]),
+        dict(temperature=float("inf")),
+        dict(top_p=float("nan")),
+        dict(repetition_penalty=float("inf")),
+        dict(frequency_penalty=float("nan")),
+        dict(presence_penalty=float("-inf")),
+    ],
+)
 def test_invalid_settings_are_one_clear_error(bad):
     with pytest.raises(InputError, match=next(iter(bad))):
         GenerationConfig(**bad)
 
 
-@pytest.mark.parametrize("settings", [
-    dict(temperature=0.7, top_k=20),
-    dict(top_p=0.9),
-    dict(min_p=0.05),
-    dict(temperature=1.3, top_k=50, top_p=0.8, min_p=0.02),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7, top_k=20),
+        dict(top_p=0.9),
+        dict(min_p=0.05),
+        dict(temperature=1.3, top_k=50, top_p=0.8, min_p=0.02),
+    ],
+)
 def test_the_sampled_distribution_equals_transformers_warpers(settings):
     """temperature, top-k, top-p and min-p, chained as `generate` chains them, keep the same tokens
     with the same probabilities as Hugging Face's logits warpers."""
@@ -167,8 +184,9 @@ def test_the_sampled_distribution_equals_transformers_warpers(settings):
     def column(value):
         return torch.full((B, 1), value, dtype=torch.long if isinstance(value, int) else torch.float64)
 
-    values, ids = top_candidates(logits.log_softmax(-1) / cfg.temperature, column(cfg.top_k or V),
-                                 column(cfg.top_p), column(cfg.min_p))
+    values, ids = top_candidates(
+        logits.log_softmax(-1) / cfg.temperature, column(cfg.top_k or V), column(cfg.top_p), column(cfg.min_p)
+    )
     ours = torch.zeros(B, V, dtype=torch.float64).scatter(1, ids, values.softmax(-1))
     assert ((ours > 0) == (theirs > 0)).all()
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-9)

@@ -30,7 +30,7 @@ def naive_greedy(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
         seq.append(int(model.next_token_logprobs(torch.tensor([seq]))[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def run(scheduler: Scheduler, arrivals: dict[int, list[tuple]]) -> dict[int, list]:
@@ -53,11 +53,20 @@ def tokens(events, index: int = 0) -> list[int]:
 def test_requests_joining_and_leaving_a_running_batch_get_what_they_get_alone():
     model = tiny_gpt()
     prompts = [[1, 2, 3], list(range(5, 25)), [7], [9, 10, 11, 12, 13, 14], [2, 2]]
-    configs = [GREEDY, GenerationConfig(max_new_tokens=4, temperature=0), GenerationConfig(max_new_tokens=12, seed=3, top_k=5),
-               GenerationConfig(max_new_tokens=7, seed=1, temperature=0.8, presence_penalty=0.5), GREEDY]
+    configs = [
+        GREEDY,
+        GenerationConfig(max_new_tokens=4, temperature=0),
+        GenerationConfig(max_new_tokens=12, seed=3, top_k=5),
+        GenerationConfig(max_new_tokens=7, seed=1, temperature=0.8, presence_penalty=0.5),
+        GREEDY,
+    ]
     # requests arrive while others run; the long prompt leaves early, so the batch is trimmed
-    arrivals = {0: [(prompts[0], configs[0]), (prompts[1], configs[1])], 2: [(prompts[2], configs[2])],
-                3: [(prompts[3], configs[3])], 9: [(prompts[4], configs[4])]}
+    arrivals = {
+        0: [(prompts[0], configs[0]), (prompts[1], configs[1])],
+        2: [(prompts[2], configs[2])],
+        3: [(prompts[3], configs[3])],
+        9: [(prompts[4], configs[4])],
+    }
     events = run(Scheduler(model, None, max_batch=8), arrivals)
     for rid, (prompt, config) in enumerate(zip(prompts, configs)):
         alone = generate_tokens(model, [prompt], config)[0]
@@ -123,9 +132,11 @@ def test_families_whose_states_do_not_join_are_served_too(name):
 
     torch.manual_seed(0)
     words = [" ".join(f"w{(i * j) % 7}" for j in range(6)) for i in range(30)]
-    model = {"ngram": lambda: NGramLM.train_texts(words, order=3, discount_fallback=True),
-             "lstm": lambda: RNNLM(RNNConfig(vocab_size=V, d_embed=16, d_hidden=16)).eval(),
-             "t5": lambda: T5(T5Config.preset("tiny", vocab_size=V)).eval()}[name]()
+    model = {
+        "ngram": lambda: NGramLM.train_texts(words, order=3, discount_fallback=True),
+        "lstm": lambda: RNNLM(RNNConfig(vocab_size=V, d_embed=16, d_hidden=16)).eval(),
+        "t5": lambda: T5(T5Config.preset("tiny", vocab_size=V)).eval(),
+    }[name]()
     vocab = model.vocab_size
     prompts = [[1, 2, 3], [4 % vocab, 5 % vocab], [6 % vocab]]
     config = GenerationConfig(max_new_tokens=6, temperature=0)
@@ -183,11 +194,16 @@ def test_add_and_cancel_from_another_thread_while_a_worker_steps():
 
 def test_bad_requests_are_refused_when_added():
     sched = Scheduler(tiny_gpt(), None, max_batch=4)
-    for args, match in [(([],), "at least one token"), (([V],), r"token ids must be in \[0, 40\)"),
-                        (([1], GREEDY, 5), "do not fit"), (([1], GREEDY, 0), "n\\) must be"),
-                        (([1], GREEDY, 1, "nope"), "no adapter named 'nope'"), (([1], GREEDY, 1, None, -1), "logprobs"),
-                        (([1], GenerationConfig(stop=("x",))), "stop strings need a tokenizer"),
-                        (([1] * 49,), "longer than the model's context")]:
+    for args, match in [
+        (([],), "at least one token"),
+        (([V],), r"token ids must be in \[0, 40\)"),
+        (([1], GREEDY, 5), "do not fit"),
+        (([1], GREEDY, 0), "n\\) must be"),
+        (([1], GREEDY, 1, "nope"), "no adapter named 'nope'"),
+        (([1], GREEDY, 1, None, -1), "logprobs"),
+        (([1], GenerationConfig(stop=("x",))), "stop strings need a tokenizer"),
+        (([1] * 49,), "longer than the model's context"),
+    ]:
         with pytest.raises(InputError, match=match):
             sched.add(*args)
     assert not sched.busy
@@ -213,8 +229,10 @@ def make_adapter(base_dir, out, r: int, targets, seed: int):
 def cards(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cards")
     tiny_gpt(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False).save(tmp / "base")
-    return tmp / "base", {"a": make_adapter(tmp / "base", tmp / "a", 2, ("attn",), 1),
-                          "b": make_adapter(tmp / "base", tmp / "b", 4, ("attn", "mlp"), 2)}
+    return tmp / "base", {
+        "a": make_adapter(tmp / "base", tmp / "a", 2, ("attn",), 1),
+        "b": make_adapter(tmp / "base", tmp / "b", 4, ("attn", "mlp"), 2),
+    }
 
 
 def alone(base_dir, adapter_dir):
@@ -252,8 +270,13 @@ def test_the_scheduler_serves_adapters_side_by_side_and_loads_them_at_run_time(c
     sched.load_adapter("b", dirs["b"])  # hot-loaded between requests
     assert set(sched.adapters) == {"a", "b"}
     second = run(sched, {0: [([1, 2, 3], config, 1, "b"), ([6, 7, 8, 9], config, 1, "a")], 1: [([4, 5], config)]})
-    expected = [(first[0], [1, 2, 3], "a"), (first[1], [4, 5], None), (second[2], [1, 2, 3], "b"),
-                (second[3], [6, 7, 8, 9], "a"), (second[4], [4, 5], None)]
+    expected = [
+        (first[0], [1, 2, 3], "a"),
+        (first[1], [4, 5], None),
+        (second[2], [1, 2, 3], "b"),
+        (second[3], [6, 7, 8, 9], "a"),
+        (second[4], [4, 5], None),
+    ]
     for events, prompt, name in expected:
         assert tokens(events) == naive_greedy(alone(base_dir, dirs[name] if name else None), prompt, 8)
     sched.unload_adapter("a")

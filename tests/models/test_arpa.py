@@ -68,20 +68,23 @@ def test_positive_probability_is_clamped_with_a_warning(tmp_path):
     assert _log10_scores(model, "a b")[1] == 0.0
 
 
-@pytest.mark.parametrize("edit, line, message", [
-    (("\\data\\\n", ""), None, "no \\\\data\\\\ header"),
-    (("ngram 2=3", "ngram 2=4"), 16, "has 3 entries but the header says 4"),
-    (("ngram 2=3", "ngram 2=2"), 15, "more entries than"),
-    (("-0.2\ta b", "-0.2\ta c"), 14, "'c' was not seen in the unigrams"),
-    (("-0.2\ta b", "x\ta b"), 14, "not a number"),
-    (("-0.2\ta b", "-0.2\ta b\t-0.4"), 14, "highest order"),
-    (("-0.7\ta\t-0.2", "-0.7\ta\tnan"), 9, "not finite"),
-    (("-0.7\ta\t-0.2", "-0.7\ta b c\t-0.2"), 9, "fields"),
-    (("-0.3\tb </s>", "-0.3\ta b"), 15, "duplicate 2-gram"),
-    (("\\end\\\n", ""), 16, "expected \\\\end\\\\.*end of the file"),
-    (("\\end\\\n", "\\end\\\ntrailing\n"), 18, "only whitespace"),
-    (("\\2-grams:", "\\3-grams:"), 12, "expected section"),
-])
+@pytest.mark.parametrize(
+    "edit, line, message",
+    [
+        (("\\data\\\n", ""), None, "no \\\\data\\\\ header"),
+        (("ngram 2=3", "ngram 2=4"), 16, "has 3 entries but the header says 4"),
+        (("ngram 2=3", "ngram 2=2"), 15, "more entries than"),
+        (("-0.2\ta b", "-0.2\ta c"), 14, "'c' was not seen in the unigrams"),
+        (("-0.2\ta b", "x\ta b"), 14, "not a number"),
+        (("-0.2\ta b", "-0.2\ta b\t-0.4"), 14, "highest order"),
+        (("-0.7\ta\t-0.2", "-0.7\ta\tnan"), 9, "not finite"),
+        (("-0.7\ta\t-0.2", "-0.7\ta b c\t-0.2"), 9, "fields"),
+        (("-0.3\tb </s>", "-0.3\ta b"), 15, "duplicate 2-gram"),
+        (("\\end\\\n", ""), 16, "expected \\\\end\\\\.*end of the file"),
+        (("\\end\\\n", "\\end\\\ntrailing\n"), 18, "only whitespace"),
+        (("\\2-grams:", "\\3-grams:"), 12, "expected section"),
+    ],
+)
 def test_malformed_files_name_the_line(tmp_path, edit, line, message):
     path = _write(tmp_path, GOOD.replace(*edit))
     with pytest.raises(FormatError, match=message) as e:
@@ -93,8 +96,11 @@ def test_malformed_files_name_the_line(tmp_path, edit, line, message):
 def test_missing_prefix_is_filled_in_as_kenlm_does(tmp_path):
     """`a b </s>` is listed but `a b` is not (a pruned file): the trigram still counts, and
     `a b` itself scores by back-off, bo(a) + p(b)."""
-    text = GOOD.replace("ngram 2=3", "ngram 2=2\nngram 3=1").replace("-0.2\ta b\n", "").replace(
-        "\\end\\", "\\3-grams:\n-0.05\ta b </s>\n\n\\end\\")
+    text = (
+        GOOD.replace("ngram 2=3", "ngram 2=2\nngram 3=1")
+        .replace("-0.2\ta b\n", "")
+        .replace("\\end\\", "\\3-grams:\n-0.05\ta b </s>\n\n\\end\\")
+    )
     model = NGramLM.load(_write(tmp_path, text))
     assert _log10_scores(model, "a b") == pytest.approx([-0.1, -0.2 - 0.8, -0.05])
     assert _log10_scores(model, "b a b") == pytest.approx([-0.5 - 0.8, -0.3 - 0.7, -0.2 - 0.8, -0.05])

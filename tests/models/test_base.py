@@ -24,8 +24,9 @@ def _ngram():
 
 FAMILIES = {
     "gpt-learned": lambda: GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16)),
-    "gpt-sinusoidal-postnorm": lambda: GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16,
-                                                     pos="sinusoidal", prenorm=False)),
+    "gpt-sinusoidal-postnorm": lambda: GPT(
+        GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=16, pos="sinusoidal", prenorm=False)
+    ),
     "gpt-llama-gqa": lambda: GPT(GPTConfig.preset("tiny-llama", vocab_size=V)),
     "lstm": lambda: RNNLM(RNNConfig(vocab_size=V, cell="lstm", d_embed=8, d_hidden=8, n_layers=2)),
     "gru": lambda: RNNLM(RNNConfig(vocab_size=V, cell="gru", d_embed=8, d_hidden=8, n_layers=1)),

@@ -23,9 +23,19 @@ def _randomized(model):
 
 
 def _hf_config(**kw):
-    return transformers.BertConfig(**{
-        "vocab_size": V, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 24, "max_position_embeddings": 24, "type_vocab_size": 2, "pad_token_id": PAD, **kw})
+    return transformers.BertConfig(
+        **{
+            "vocab_size": V,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 24,
+            "max_position_embeddings": 24,
+            "type_vocab_size": 2,
+            "pad_token_id": PAD,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +111,7 @@ def test_pseudo_log_likelihood_matches_masking_each_position_in_hf(hf_pretrainin
         n = int(mask[b].sum())
         expect = 0.0
         for i in range(1, n - 1):  # Salazar et al.: every token but [CLS] and [SEP]
-            x = ids[b:b + 1, :n].clone()
+            x = ids[b : b + 1, :n].clone()
             x[0, i] = MASK
             with torch.no_grad():
                 expect += mlm(input_ids=x).logits[0, i].log_softmax(-1)[ids[b, i]].item()
@@ -180,6 +190,6 @@ def test_sizes():
     assert BERTConfig.sized(4).d_model == 256
     tiny = BERT(BERTConfig.preset("tiny"))
     c = tiny.config
-    per_layer = 4 * c.d_model ** 2 + 2 * c.d_model * c.d_ff
-    weights = c.n_layers * per_layer + c.d_model ** 2 + c.vocab_size * c.d_model
+    per_layer = 4 * c.d_model**2 + 2 * c.d_model * c.d_ff
+    weights = c.n_layers * per_layer + c.d_model**2 + c.vocab_size * c.d_model
     assert tiny.flops_per_token(16, training=False) == 2 * weights + 4 * c.n_layers * c.d_model * 16

@@ -130,7 +130,8 @@ def test_verify_passes_intact_checkpoints_old_and_new(summed, ckpt, capsys):
     assert tok.encode("hello") == load_tokenizer(summed / "tokenizer.json").encode("hello")
     assert main(["verify", str(summed.parent / "nope")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {summed.parent / 'nope'}: no such directory; pass a checkpoint or training run directory"]
+        f"error: {summed.parent / 'nope'}: no such directory; pass a checkpoint or training run directory"
+    ]
 
 
 def test_a_tampered_tokenizer_or_config_is_caught(summed):
@@ -167,9 +168,13 @@ def test_corrupt_or_missing_files(ckpt):
         lmstack.load(ckpt)
 
 
-BAD_CONFIGS = {"gpt": ({"n_embd": 64, "n_head": 3}, "must be divisible by n_head"), "rnn": ({"cell": "xyz"}, "cell must be"),
-               "ffn": ({"order": 1}, "order must be >= 2"), "bert": ({"d_model": 30, "n_heads": 4}, "must be divisible"),
-               "t5": ({"activation": "swish"}, "activation must be")}
+BAD_CONFIGS = {
+    "gpt": ({"n_embd": 64, "n_head": 3}, "must be divisible by n_head"),
+    "rnn": ({"cell": "xyz"}, "cell must be"),
+    "ffn": ({"order": 1}, "order must be >= 2"),
+    "bert": ({"d_model": 30, "n_heads": 4}, "must be divisible"),
+    "t5": ({"activation": "swish"}, "activation must be"),
+}
 
 
 @pytest.mark.parametrize("family", BAD_CONFIGS)
@@ -184,6 +189,7 @@ def test_an_invalid_model_config_is_an_input_error(family):
 
 def test_a_hugging_face_directory_points_to_convert(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(CheckpointError,
-                       match=r"a Hugging Face 'gpt2' checkpoint, not an lmstack one; import it with `lmstack convert"):
+    with pytest.raises(
+        CheckpointError, match=r"a Hugging Face 'gpt2' checkpoint, not an lmstack one; import it with `lmstack convert"
+    ):
         lmstack.load(tmp_path)

@@ -21,7 +21,7 @@ def test_matches_hand_written_bengio_formula():
     W_h, b_h = m.hidden[0].weight, m.hidden[0].bias
     for b in range(2):
         for t in range(6):
-            ctx = [start] * max(0, 3 - (t + 1)) + idx[b, max(0, t - 2): t + 1].tolist()
+            ctx = [start] * max(0, 3 - (t + 1)) + idx[b, max(0, t - 2) : t + 1].tolist()
             x = m.embed.weight[ctx].flatten()
             y = m.out.bias + m.out.weight @ torch.tanh(W_h @ x + b_h) + m.direct.weight @ x
             torch.testing.assert_close(got[b, t], torch.log_softmax(y, -1), atol=1e-5, rtol=0)

@@ -17,8 +17,9 @@ VARIANTS = {
     "postnorm-sinusoidal": GPTConfig.preset("tiny", vocab_size=V, prenorm=False, pos="sinusoidal", bias=False),
     "rmsnorm-learned-swiglu-mqa": GPTConfig.preset("tiny", vocab_size=V, norm="rmsnorm", mlp="swiglu", n_kv_head=1),
     # Qwen's and Mistral's switches at once: heads of 24 (q is 96 wide in a 64-wide model), a window of 8.
-    "qwen-mistral-switches": GPTConfig.preset("tiny-llama", vocab_size=V, qkv_bias=True, qk_norm=True, head_dim=24,
-                                              sliding_window=8),
+    "qwen-mistral-switches": GPTConfig.preset(
+        "tiny-llama", vocab_size=V, qkv_bias=True, qk_norm=True, head_dim=24, sliding_window=8
+    ),
 }
 
 
@@ -348,11 +349,30 @@ def test_qwen3_param_count_matches_transformers():
     """Qwen3-0.6B's shape (heads of 128 in a 1024-wide model, q/k norms, tied): transformers' count."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    shape = dict(vocab_size=151936, n_embd=1024, n_layer=28, n_head=16, n_kv_head=8, head_dim=128, block_size=40960,
-                 mlp_hidden=3072, qk_norm=True, tie_embeddings=True)
+    shape = dict(
+        vocab_size=151936,
+        n_embd=1024,
+        n_layer=28,
+        n_head=16,
+        n_kv_head=8,
+        head_dim=128,
+        block_size=40960,
+        mlp_hidden=3072,
+        qk_norm=True,
+        tie_embeddings=True,
+    )
     with torch.device("meta"):
         ours = GPT(GPTConfig.preset("tiny-llama", **shape))
-        ref = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                                           num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                                           head_dim=128, tie_word_embeddings=True))
+        ref = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=151936,
+                hidden_size=1024,
+                intermediate_size=3072,
+                num_hidden_layers=28,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=128,
+                tie_word_embeddings=True,
+            )
+        )
         assert ours.num_params() == ref.num_parameters()

@@ -18,52 +18,135 @@ V = 300  # room for a byte-level BPE: 256 bytes + merges + <|endoftext|>
 TOL = 1e-4
 
 HF_CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                            bos_token_id=0, eos_token_id=0),
-    "gpt2-untied-n_inner": lambda: transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                                           n_inner=48, tie_word_embeddings=False,
-                                                           bos_token_id=0, eos_token_id=0),
-    "llama-gqa": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                                  intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                                                  num_key_value_heads=2, rms_norm_eps=1e-5,
-                                                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    ),
+    "gpt2-untied-n_inner": lambda: transformers.GPT2Config(
+        vocab_size=V,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=48,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "llama-gqa": lambda: transformers.LlamaConfig(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
     # Llama 3.1-style RoPE scaling; with head_dim 8 and an original context of 64 the four
     # frequencies (wavelengths 6, 63, 628, 6283) hit all three branches: kept, blended, slowed.
     "llama3-rope-scaling": lambda: transformers.LlamaConfig(
-        vocab_size=V, max_position_embeddings=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "llama-tied-bias-mqa": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                                            intermediate_size=64, num_hidden_layers=2,
-                                                            num_attention_heads=4, num_key_value_heads=1,
-                                                            attention_bias=True, mlp_bias=True,
-                                                            tie_word_embeddings=True),
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama-tied-bias-mqa": lambda: transformers.LlamaConfig(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
     # SmolLM2-135M's shape scaled down: a Llama config with 3 heads sharing 1 KV head, tied embeddings.
-    "smollm2": lambda: transformers.LlamaConfig(vocab_size=V, max_position_embeddings=64, hidden_size=48,
-                                                intermediate_size=128, num_hidden_layers=2, num_attention_heads=3,
-                                                num_key_value_heads=1, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                                                rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-    "qwen2": lambda: transformers.Qwen2Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2),
+    "smollm2": lambda: transformers.LlamaConfig(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=48,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    ),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     # Qwen2.5-0.5B's switches: tied embeddings, a window configured but off.
-    "qwen2.5-tied": lambda: transformers.Qwen2Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                     num_key_value_heads=1, tie_word_embeddings=True,
-                                                     use_sliding_window=False, sliding_window=16, max_window_layers=1),
+    "qwen2.5-tied": lambda: transformers.Qwen2Config(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=16,
+        max_window_layers=1,
+    ),
     # head_dim 16 with 4 heads of a 32-wide model: q is 64 wide, twice the hidden size.
-    "qwen3": lambda: transformers.Qwen3Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                              intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    ),
     # A window of 8 on 40-token inputs: most keys are outside it.
-    "mistral": lambda: transformers.MistralConfig(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                  num_key_value_heads=2, sliding_window=8),
-    "qwen3-window": lambda: transformers.Qwen3Config(vocab_size=V, max_position_embeddings=64, hidden_size=32,
-                                                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                     num_key_value_heads=2, head_dim=8, use_sliding_window=True,
-                                                     sliding_window=8, max_window_layers=0),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    ),
+    "qwen3-window": lambda: transformers.Qwen3Config(
+        vocab_size=V,
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    ),
 }
 
 
@@ -110,17 +193,26 @@ def test_import_matches_transformers(tmp_path, name):
 def test_import_keeps_the_architecture(tmp_path):
     _, path = _hf_model("llama-gqa", tmp_path)
     cfg = from_hf(path)[0].config
-    assert (cfg.pos, cfg.norm, cfg.mlp, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == \
-        ("rope", "rmsnorm", "swiglu", 2, 500000.0, False)
+    assert (cfg.pos, cfg.norm, cfg.mlp, cfg.n_kv_head, cfg.rope_theta, cfg.tie_embeddings) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        2,
+        500000.0,
+        False,
+    )
 
 
-@pytest.mark.parametrize("name, switches", [
-    ("qwen2", dict(bias=False, qkv_bias=True, qk_norm=False, head_dim=8, sliding_window=None, tie_embeddings=False)),
-    ("qwen2.5-tied", dict(bias=False, qkv_bias=True, qk_norm=False, head_dim=8, sliding_window=None, tie_embeddings=True)),
-    ("qwen3", dict(bias=False, qkv_bias=False, qk_norm=True, head_dim=16, sliding_window=None, tie_embeddings=True)),
-    ("mistral", dict(bias=False, qkv_bias=False, qk_norm=False, head_dim=8, sliding_window=8, tie_embeddings=False)),
-    ("qwen3-window", dict(bias=False, qkv_bias=False, qk_norm=True, head_dim=8, sliding_window=8, tie_embeddings=False)),
-])
+@pytest.mark.parametrize(
+    "name, switches",
+    [
+        ("qwen2", dict(bias=False, qkv_bias=True, qk_norm=False, head_dim=8, sliding_window=None, tie_embeddings=False)),
+        ("qwen2.5-tied", dict(bias=False, qkv_bias=True, qk_norm=False, head_dim=8, sliding_window=None, tie_embeddings=True)),
+        ("qwen3", dict(bias=False, qkv_bias=False, qk_norm=True, head_dim=16, sliding_window=None, tie_embeddings=True)),
+        ("mistral", dict(bias=False, qkv_bias=False, qk_norm=False, head_dim=8, sliding_window=8, tie_embeddings=False)),
+        ("qwen3-window", dict(bias=False, qkv_bias=False, qk_norm=True, head_dim=8, sliding_window=8, tie_embeddings=False)),
+    ],
+)
 def test_import_reads_each_familys_switches(tmp_path, name, switches):
     _, path = _hf_model(name, tmp_path)
     cfg = from_hf(path)[0].config
@@ -140,8 +232,9 @@ def test_greedy_generation_matches_transformers_generate(tmp_path, name):
     mask = torch.tensor([[0] * 6 + [1] * 3, [1] * 9])
     n = 24
     with torch.no_grad():
-        want = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0,
-                            eos_token_id=None)[:, 9:].tolist()
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)[
+            :, 9:
+        ].tolist()
     config = GenerationConfig(max_new_tokens=n, temperature=0)
     assert [g.tokens for g in generate_tokens(ours, prompts, config)] == want
     ours.static_capacity = 40  # what compile_decoding sets, without paying for the compile
@@ -166,13 +259,24 @@ EXPORTABLE = {  # name: (the class transformers loads, config)
     "gpt2": ("GPT2LMHeadModel", GPTConfig.preset("tiny", vocab_size=V, n_embd=32)),
     "gpt2-untied": ("GPT2LMHeadModel", GPTConfig.preset("tiny", vocab_size=V, n_embd=32, tie_embeddings=False, mlp_hidden=40)),
     "llama-gqa": ("LlamaForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_theta=1e5)),
-    "llama3-rope-scaling": ("LlamaForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, rope_scaling=dict(
-        factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64))),
-    "llama-tied-bias": ("LlamaForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, bias=True,
-                                                             tie_embeddings=True)),
+    "llama3-rope-scaling": (
+        "LlamaForCausalLM",
+        GPTConfig.preset(
+            "tiny-llama",
+            vocab_size=V,
+            n_embd=32,
+            rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64),
+        ),
+    ),
+    "llama-tied-bias": (
+        "LlamaForCausalLM",
+        GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, bias=True, tie_embeddings=True),
+    ),
     "qwen2": ("Qwen2ForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qkv_bias=True, tie_embeddings=True)),
-    "qwen2-window": ("Qwen2ForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qkv_bias=True,
-                                                          sliding_window=8)),
+    "qwen2-window": (
+        "Qwen2ForCausalLM",
+        GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qkv_bias=True, sliding_window=8),
+    ),
     "qwen3": ("Qwen3ForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, qk_norm=True, head_dim=16)),
     "mistral": ("MistralForCausalLM", GPTConfig.preset("tiny-llama", vocab_size=V, n_embd=32, sliding_window=8)),
 }
@@ -195,11 +299,14 @@ def test_export_loads_in_transformers_and_matches(tmp_path, name):
     torch.testing.assert_close(back.state_dict(), ours.state_dict(), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("config", [
-    GPTConfig.preset("tiny", vocab_size=V, prenorm=False, pos="sinusoidal"),
-    GPTConfig.preset("tiny-llama", vocab_size=V, bias=True, sliding_window=8),  # Mistral has no biases
-    GPTConfig.preset("tiny-llama", vocab_size=V, qkv_bias=True, qk_norm=True),  # Qwen2's biases + Qwen3's norm
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTConfig.preset("tiny", vocab_size=V, prenorm=False, pos="sinusoidal"),
+        GPTConfig.preset("tiny-llama", vocab_size=V, bias=True, sliding_window=8),  # Mistral has no biases
+        GPTConfig.preset("tiny-llama", vocab_size=V, qkv_bias=True, qk_norm=True),  # Qwen2's biases + Qwen3's norm
+    ],
+)
 def test_export_refuses_variants_without_hf_equivalent(tmp_path, config):
     with pytest.raises(CheckpointError, match="no Hugging Face equivalent"):
         to_hf(GPT(config), tmp_path / "hf")
@@ -225,17 +332,26 @@ def test_mismatched_tensor_shape_is_named(tmp_path):
         from_hf(path)
 
 
-@pytest.mark.parametrize("name, change, message", [
-    ("llama-gqa", {"model_type": "gemma"}, "model_type 'gemma'"),
-    ("llama-gqa", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
-    ("llama-gqa", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    # Qwen2's window from layer 1 of 2 up: half full, half sliding attention.
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
-     "sliding-window attention on only some layers"),
-    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"], "use_sliding_window": True, "sliding_window": 8},
-     "sliding-window attention on only some layers"),
-    ("qwen3", {"attention_bias": True}, "attention_bias=true"),
-])
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("llama-gqa", {"model_type": "gemma"}, "model_type 'gemma'"),
+        ("llama-gqa", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "RoPE scaling 'linear'"),
+        ("llama-gqa", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        # Qwen2's window from layer 1 of 2 up: half full, half sliding attention.
+        (
+            "qwen2",
+            {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1, "layer_types": None},
+            "sliding-window attention on only some layers",
+        ),
+        (
+            "qwen3",
+            {"layer_types": ["full_attention", "sliding_attention"], "use_sliding_window": True, "sliding_window": 8},
+            "sliding-window attention on only some layers",
+        ),
+        ("qwen3", {"attention_bias": True}, "attention_bias=true"),
+    ],
+)
 def test_unsupported_configs_are_refused(tmp_path, name, change, message):
     _, path = _hf_model(name, tmp_path)
     cfg = json.loads((path / "config.json").read_text())
@@ -327,8 +443,9 @@ def test_chat_template_comes_along_and_exports_back(tmp_path, hf_tokenizer):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == CHAT
 
 
-@pytest.mark.parametrize("stored", [CHAT, [{"name": "tool_use", "template": "{{ tools }}"},
-                                            {"name": "default", "template": CHAT}]])
+@pytest.mark.parametrize(
+    "stored", [CHAT, [{"name": "tool_use", "template": "{{ tools }}"}, {"name": "default", "template": CHAT}]]
+)
 def test_chat_template_in_tokenizer_config(tmp_path, hf_tokenizer, stored):
     """Older directories keep it in tokenizer_config.json: one string, or named templates of which
     apply_chat_template uses "default"."""

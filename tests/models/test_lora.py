@@ -66,8 +66,7 @@ def _peft_load(hf_model, adapter_dir):
 @pytest.mark.parametrize("style", STYLES)
 def test_peft_adapter_loads_into_lmstack(tmp_path, style, rslora):
     base, _, hf_dir = _gpt(tmp_path, style)
-    ref = peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=STYLES[style][1],
-                                                           use_rslora=rslora))
+    ref = peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=STYLES[style][1], use_rslora=rslora))
     _randomise(ref).save_pretrained(tmp_path / "adapter")
     with torch.no_grad():
         want = ref(X).logits
@@ -95,7 +94,7 @@ def test_lmstack_adapter_loads_into_peft(tmp_path, style):
     ref = _peft_load(_hf(hf_dir), tmp_path / "adapter")
     # rsLoRA's alpha / sqrt(r) everywhere, GPT-2's rank-12 c_attn too (its alpha_pattern keeps the scale).
     scales = [m.scaling["default"] for m in ref.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
-    assert scales == pytest.approx([8 / 4 ** 0.5] * len(scales)) and len(scales) == (14 if style == "llama-gqa" else 8)
+    assert scales == pytest.approx([8 / 4**0.5] * len(scales)) and len(scales) == (14 if style == "llama-gqa" else 8)
     with torch.no_grad():
         want = ref(X).logits
         assert (model(X) - want).abs().max() <= TOL
@@ -161,8 +160,9 @@ def test_dropout_acts_on_the_adapter_input_in_train_mode(tmp_path):
 
 def test_modules_to_save_round_trip_with_peft(tmp_path):
     _, base_dir, hf_dir = _gpt(tmp_path, "llama-gqa")
-    ref = peft.get_peft_model(_hf(hf_dir), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
-                                                           modules_to_save=["embed_tokens", "lm_head"]))
+    ref = peft.get_peft_model(
+        _hf(hf_dir), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    )
     _randomise(ref)
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -183,8 +183,9 @@ def test_modules_to_save_round_trip_with_peft(tmp_path):
 
 def _hf_bert(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=32
+    )
     model = transformers.BertForMaskedLM(cfg).eval()
     model.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
@@ -192,9 +193,19 @@ def _hf_bert(tmp_path):
 
 def _hf_t5(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=V,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+    )
     model = transformers.T5ForConditionalGeneration(cfg).eval()
     model.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf"
@@ -215,8 +226,10 @@ def test_bert_adapters_match_peft(tmp_path):
         want = ref(X).logits
         assert (model(X) - want).abs().max() <= TOL
     # PEFT's own adapter on query, key, value (independent A's) loads into the fused qkv.
-    theirs = peft.get_peft_model(transformers.BertForMaskedLM.from_pretrained(hf_dir).eval(),
-                                 peft.LoraConfig(r=2, target_modules=["query", "key", "value", "dense"]))
+    theirs = peft.get_peft_model(
+        transformers.BertForMaskedLM.from_pretrained(hf_dir).eval(),
+        peft.LoraConfig(r=2, target_modules=["query", "key", "value", "dense"]),
+    )
     _randomise(theirs, seed=3).save_pretrained(tmp_path / "peft")
     fresh, _ = from_hf_bert(hf_dir)
     lora.load_adapter(fresh, tmp_path / "peft")

@@ -18,7 +18,6 @@ from lmstack.models.ngram import BOS_ID, EOS_ID, UNK_ID, NGramLM
 SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k")
 
 
-
 # --- KenLM fixtures ---------------------------------------------------------------------------
 
 
@@ -90,8 +89,11 @@ def test_perplexity_matches_kenlm_query_summary(which, request, ts_split, shared
 def test_per_word_scores_match_kenlm_query(shared, ts_split):
     """`query -v word` on the first five test lines: each token's log10 p (OOVs as <unk>)."""
     model = NGramLM.load(shared / "fixtures" / "kenlm" / "ts.train.3.arpa")
-    want = [float(item.rsplit(" ", 1)[1]) for item in
-            (shared / "fixtures" / "kenlm" / "ts.test.3.first5.words.txt").read_text().split("\t") if item.strip()]
+    want = [
+        float(item.rsplit(" ", 1)[1])
+        for item in (shared / "fixtures" / "kenlm" / "ts.test.3.first5.words.txt").read_text().split("\t")
+        if item.strip()
+    ]
     got = []
     for line in (ts_split / "test.txt").read_text(encoding="utf-8").split("\n")[:5]:
         ids = torch.tensor([[BOS_ID, *model.encode(line), EOS_ID]])
@@ -123,13 +125,17 @@ def test_score_options_follow_kenlm_python():
 # --- the LM contract --------------------------------------------------------------------------
 
 words = st.sampled_from(["a", "b", "c", "d", "e"])
-corpora = st.lists(st.lists(words, max_size=8).map(" ".join), min_size=1, max_size=12).filter(
-    lambda lines: any(lines))
+corpora = st.lists(st.lists(words, max_size=8).map(" ".join), min_size=1, max_size=12).filter(lambda lines: any(lines))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(corpus=corpora, order=st.integers(1, 6), smoothing=st.sampled_from(SMOOTHINGS),
-       k=st.floats(0.01, 2.0), seed=st.integers(0, 2**16))
+@given(
+    corpus=corpora,
+    order=st.integers(1, 6),
+    smoothing=st.sampled_from(SMOOTHINGS),
+    k=st.floats(0.01, 2.0),
+    seed=st.integers(0, 2**16),
+)
 def test_next_token_distribution_sums_to_one(corpus, order, smoothing, k, seed):
     model = NGramLM.train_texts(corpus, order=order, smoothing=smoothing, k=k, discount_fallback=True)
     g = torch.Generator().manual_seed(seed)
@@ -144,8 +150,7 @@ def test_next_token_distribution_sums_to_one(corpus, order, smoothing, k, seed):
 
 
 def test_incremental_decoding_matches_batch_view():
-    model = NGramLM.train_texts(["the cat sat on the mat", "the dog sat on the cat", "a cat"], order=3,
-                                discount_fallback=True)
+    model = NGramLM.train_texts(["the cat sat on the mat", "the dog sat on the cat", "a cat"], order=3, discount_fallback=True)
     seq = torch.tensor([[BOS_ID, *model.encode("the cat sat on the dog")]])
     full = model.next_token_logprobs(seq)
     state, lp = model.start(seq[:, :2])
@@ -161,8 +166,7 @@ def test_reorder_keeps_each_rows_context():
     state, lp = model.start(rows)
     state = model.reorder(state, torch.tensor([1, 1, 0]))
     _, nxt = model.step(state, torch.tensor([model.word_ids["c"]] * 3))
-    want = model.next_token_logprobs(torch.tensor([[*rows[1], model.word_ids["c"]],
-                                                   [*rows[0], model.word_ids["c"]]]))[:, -1]
+    want = model.next_token_logprobs(torch.tensor([[*rows[1], model.word_ids["c"]], [*rows[0], model.word_ids["c"]]]))[:, -1]
     assert torch.allclose(nxt, want[[0, 0, 1]])
 
 
@@ -170,8 +174,7 @@ def test_sample_cli_is_reproducible_and_stays_in_vocabulary(lmstack_cli, tmp_pat
     f = tmp_path / "c.txt"
     f.write_text("the cat sat on the mat\nthe dog sat on the log\na cat saw a dog\n" * 4, encoding="utf-8")
     lmstack_cli("ngram", "train", f, "--order", "3", "--out", tmp_path / "m", "--discount-fallback")
-    args = ("ngram", "sample", "--model", tmp_path / "m", "--num", "4", "--seed", "3", "--prompt", "the",
-            "--temperature", "1.5")
+    args = ("ngram", "sample", "--model", tmp_path / "m", "--num", "4", "--seed", "3", "--prompt", "the", "--temperature", "1.5")
     first = lmstack_cli(*args)
     assert first == lmstack_cli(*args)
     samples = first.splitlines()
@@ -230,8 +233,9 @@ def test_subword_ngram_with_a_tokenizer(tmp_path, lmstack_cli):
     tok.save(tmp_path / "tok")
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world\nhold the door\nhello door\n", encoding="utf-8")
-    lmstack_cli("ngram", "train", corpus, "--order", "4", "--out", tmp_path / "m", "--tokenizer", tmp_path / "tok",
-                "--discount-fallback")
+    lmstack_cli(
+        "ngram", "train", corpus, "--order", "4", "--out", tmp_path / "m", "--tokenizer", tmp_path / "tok", "--discount-fallback"
+    )
     assert (tmp_path / "m" / "tokenizer.json").exists()
     model, _ = lmstack.load(tmp_path / "m")
     assert model.tokenizer is not None

@@ -19,9 +19,18 @@ def _hf(tmp_path, feed_forward_proj="relu", tie_word_embeddings=True, untie_head
     max_distance, so the sequences below reach the logarithmic buckets and the last one."""
     torch.manual_seed(0)
     cfg = transformers.T5Config(
-        vocab_size=V, d_model=16, d_kv=6, d_ff=24, num_layers=2, num_decoder_layers=3, num_heads=3,
-        relative_attention_num_buckets=8, relative_attention_max_distance=12,
-        feed_forward_proj=feed_forward_proj, tie_word_embeddings=tie_word_embeddings, decoder_start_token_id=0,
+        vocab_size=V,
+        d_model=16,
+        d_kv=6,
+        d_ff=24,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=3,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        feed_forward_proj=feed_forward_proj,
+        tie_word_embeddings=tie_word_embeddings,
+        decoder_start_token_id=0,
     )
     hf = transformers.T5ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # larger than the default init, so every mismatch shows in the logits
@@ -44,8 +53,9 @@ def _batch():
     return src, src_mask, tgt
 
 
-@pytest.mark.parametrize("proj,tie,untie_head",
-                         [("relu", True, False), ("gated-gelu", False, False), ("gated-gelu", False, True)])
+@pytest.mark.parametrize(
+    "proj,tie,untie_head", [("relu", True, False), ("gated-gelu", False, False), ("gated-gelu", False, True)]
+)
 def test_teacher_forced_logits_match_transformers(tmp_path, proj, tie, untie_head):
     hf = _hf(tmp_path, proj, tie, untie_head)
     ours, tok = from_hf_t5(tmp_path)
@@ -103,8 +113,16 @@ def test_greedy_and_beam_search_equal_transformers_generate(tmp_path):
         # no eos: neither side ends early; no cache: transformers' decoder cache assumes as many
         # decoder layers as encoder layers, and this model has 3 and 2
         with torch.no_grad():
-            return hf.generate(torch.tensor([src]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                               use_cache=False, output_scores=True, return_dict_in_generate=True, **kw)
+            return hf.generate(
+                torch.tensor([src]),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=None,
+                use_cache=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **kw,
+            )
 
     greedy = hf_generate().sequences[0, 1:].tolist()  # after the decoder start token
     assert generate_tokens(ours, [src], GenerationConfig(max_new_tokens=10, temperature=0))[0].tokens == greedy
@@ -210,7 +228,11 @@ def test_sizes():
     # one example of 10 source and 4 target tokens, counted by hand
     inner, S, T = c.n_heads * c.d_kv, 10, 4
     enc = c.n_layers * (2 * (4 * c.d_model * inner + 2 * c.d_model * c.d_ff) * S + 4 * inner * S * S)
-    dec = c.n_decoder_layers * (2 * (6 * c.d_model * inner + 2 * c.d_model * c.d_ff) * T
-                                + 4 * c.d_model * inner * S + 4 * inner * T * T + 4 * inner * T * S)
+    dec = c.n_decoder_layers * (
+        2 * (6 * c.d_model * inner + 2 * c.d_model * c.d_ff) * T
+        + 4 * c.d_model * inner * S
+        + 4 * inner * T * T
+        + 4 * inner * T * S
+    )
     head = 2 * c.d_model * c.vocab_size * T
     assert tiny.flops_per_token(S, T, training=False) == (enc + dec + head) // (S + T)

@@ -47,8 +47,12 @@ def swept(tmp_path_factory, shared):
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     config = root / "sweep.toml"
     config.write_text(SWEEP.format(out=root / "out", data=root / "corpus.txt"), encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "lmstack.cli", "scaling", "sweep", "--config", str(config)],
-                          capture_output=True, text=True, env=dict(os.environ, LMSTACK_NO_PROGRESS="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmstack.cli", "scaling", "sweep", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, LMSTACK_NO_PROGRESS="1"),
+    )
     assert proc.returncode == 0, proc.stderr
     return config, root / "out", proc.stdout
 
@@ -120,15 +124,40 @@ def _synthetic_table(path, k=4, noise=0.005, tokenizer="t"):
         for n in np.geomspace(1e7, 1e9, k):
             for d in np.geomspace(1e9, 1e11, k):
                 loss = float(HOFFMANN.loss(n, d) * (1 + noise * rng.standard_normal()))
-                f.write(json.dumps({"name": f"n{n:.2g}-d{d:.2g}", "n_params": n, "n_params_non_embedding": n,
-                                    "tokens": d, "val_loss": loss, "tokenizer": tokenizer}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "name": f"n{n:.2g}-d{d:.2g}",
+                            "n_params": n,
+                            "n_params_non_embedding": n,
+                            "tokens": d,
+                            "val_loss": loss,
+                            "tokenizer": tokenizer,
+                        }
+                    )
+                    + "\n"
+                )
     return path
 
 
 def test_fit_command_predicts_held_out_run_and_writes_json_and_plots(tmp_path, cli):
     table = _synthetic_table(tmp_path / "runs.jsonl")
-    args = ["scaling", "fit", table, "--hold-out", "1", "--bootstrap", "5", "--predict", "1e9", "2e10",
-            "--compute", "1e21", "--out", tmp_path / "fit.json"]
+    args = [
+        "scaling",
+        "fit",
+        table,
+        "--hold-out",
+        "1",
+        "--bootstrap",
+        "5",
+        "--predict",
+        "1e9",
+        "2e10",
+        "--compute",
+        "1e21",
+        "--out",
+        tmp_path / "fit.json",
+    ]
     if importlib.util.find_spec("matplotlib"):
         args += ["--plots", tmp_path / "plots"]
     proc = cli(*args, check=True)
@@ -137,8 +166,7 @@ def test_fit_command_predicts_held_out_run_and_writes_json_and_plots(tmp_path, c
     held = result["held_out"][0]
     assert (held["n"], held["d"]) == (1e9, 1e11)  # the run with the most compute
     assert abs(held["error"]) < 0.05 and f"{held['error']:+.2%}" in proc.stdout
-    assert result["predictions"][0]["loss"] == pytest.approx(
-        HOFFMANN.loss(1e9, 2e10), rel=0.02)
+    assert result["predictions"][0]["loss"] == pytest.approx(HOFFMANN.loss(1e9, 2e10), rel=0.02)
     alloc = result["allocation"][0]
     assert alloc["compute"] == 1e21 and 6 * alloc["n"] * alloc["d"] == pytest.approx(1e21)
     assert alloc["tokens_per_param"] == pytest.approx(alloc["d"] / alloc["n"])
@@ -215,12 +243,15 @@ def test_fit_command_can_use_non_embedding_parameters(tmp_path, cli):
     assert fits["non_embedding"]["A"] == pytest.approx(fits["total"]["A"] * 2 ** -fits["total"]["alpha"], rel=1e-2)
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (lambda rows: rows.__setitem__(2, list(rows[2].values())), ":3: a run must be a JSON object of named columns, got list"),
-    (lambda rows: rows[4].__setitem__("tokens", "lots"), ":5: tokens is 'lots', not a number"),
-    (lambda rows: rows[0].__setitem__("val_loss", [2.5]), ":1: val_loss is [2.5], not a number"),
-    (lambda rows: rows.__setitem__(1, None), ":2: a run must be a JSON object of named columns, got NoneType"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda rows: rows.__setitem__(2, list(rows[2].values())), ":3: a run must be a JSON object of named columns, got list"),
+        (lambda rows: rows[4].__setitem__("tokens", "lots"), ":5: tokens is 'lots', not a number"),
+        (lambda rows: rows[0].__setitem__("val_loss", [2.5]), ":1: val_loss is [2.5], not a number"),
+        (lambda rows: rows.__setitem__(1, None), ":2: a run must be a JSON object of named columns, got NoneType"),
+    ],
+)
 def test_malformed_table_rows_are_named_by_line(tmp_path, damage, problem):
     table = _synthetic_table(tmp_path / "runs.jsonl")
     rows = [json.loads(line) for line in table.read_text().splitlines()]

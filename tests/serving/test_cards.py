@@ -34,8 +34,25 @@ def adapter(tmp_path, name: str, n_embd: int = 32):
 def test_card_create_list_show_and_serve(tmp_path, capsys):
     src, base = adapter(tmp_path, "adapter")
     cards = tmp_path / "cards"
-    assert main(["card", "create", "--adapter", str(src), "--name", "pirate", "--system", "You are a pirate. 🏴‍☠️",
-                 "--description", "talks like a pirate", "--out", str(cards / "pirate")]) == 0
+    assert (
+        main(
+            [
+                "card",
+                "create",
+                "--adapter",
+                str(src),
+                "--name",
+                "pirate",
+                "--system",
+                "You are a pirate. 🏴‍☠️",
+                "--description",
+                "talks like a pirate",
+                "--out",
+                str(cards / "pirate"),
+            ]
+        )
+        == 0
+    )
     assert main(["card", "show", str(cards / "pirate")]) == 0
     shown = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert shown["name"] == "pirate" and shown["system"] == "You are a pirate. 🏴‍☠️" and shown["language"] == "en"

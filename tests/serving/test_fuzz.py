@@ -33,8 +33,9 @@ def test_no_server_errors(api_schema):
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
         def check(case):
             response = case.call(timeout=60)
-            assert response.status_code < 500, f"{case.method} {case.path} {case.body!r:.300} -> " \
-                f"{response.status_code}: {response.text[:300]}"
+            assert response.status_code < 500, (
+                f"{case.method} {case.path} {case.body!r:.300} -> {response.status_code}: {response.text[:300]}"
+            )
             if response.status_code >= 400:
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 

@@ -35,16 +35,24 @@ def test_local_completions_equals_lmstack_eval_harness(tmp_path, lmstack_cli, mo
     data.write_text("".join(json.dumps(r) + "\n" for r in ITEMS))
     (tmp_path / "toy.yaml").write_text(
         f"task: lmstack_serve_toy\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
-    ours = json.loads(lmstack_cli("eval", "harness", "--model", tmp_path / "tiny", "--tasks", "lmstack_serve_toy",
-                                  "--include-path", tmp_path, "--json"))["results"]["lmstack_serve_toy"]
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n'
+    )
+    ours = json.loads(
+        lmstack_cli(
+            "eval", "harness", "--model", tmp_path / "tiny", "--tasks", "lmstack_serve_toy", "--include-path", tmp_path, "--json"
+        )
+    )["results"]["lmstack_serve_toy"]
     served, served_tok = load_for_text(tmp_path / "tiny")
     app = create_app(served, served_tok, Scheduler(served, served_tok, max_batch=8), name="tiny")
     with running(app) as url:
-        out = lm_eval.simple_evaluate(model="local-completions", model_args=f"model=tiny,base_url={url}/v1/completions",
-                                      tasks=["lmstack_serve_toy"], task_manager=TaskManager(include_path=str(tmp_path)),
-                                      log_samples=True)
+        out = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=f"model=tiny,base_url={url}/v1/completions",
+            tasks=["lmstack_serve_toy"],
+            task_manager=TaskManager(include_path=str(tmp_path)),
+            log_samples=True,
+        )
     theirs = out["results"]["lmstack_serve_toy"]
     assert theirs["acc,none"] == pytest.approx(ours["acc,none"])
     assert theirs["acc_norm,none"] == pytest.approx(ours["acc_norm,none"])
@@ -56,8 +64,11 @@ def test_local_completions_equals_lmstack_eval_harness(tmp_path, lmstack_cli, mo
     lm = LmstackLM(model=served, tokenizer=served_tok)
     assert len(out["samples"]["lmstack_serve_toy"]) == len(ITEMS)
     for s in out["samples"]["lmstack_serve_toy"]:
-        requests = [Instance("loglikelihood", {}, tuple(a), 0) for a in s["arguments"].values()] \
-            if isinstance(s["arguments"], dict) else [Instance("loglikelihood", {}, tuple(a), 0) for a in s["arguments"]]
+        requests = (
+            [Instance("loglikelihood", {}, tuple(a), 0) for a in s["arguments"].values()]
+            if isinstance(s["arguments"], dict)
+            else [Instance("loglikelihood", {}, tuple(a), 0) for a in s["arguments"]]
+        )
         want = [lp for lp, _ in lm.loglikelihood(requests)]
         got = [r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in s["resps"]]
         assert got == pytest.approx(want, abs=1e-4)

@@ -34,8 +34,10 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     model, tok = tiny_gpt()
     model.save(root / "tiny", tok)
-    refs = {"pirate": make_card(root / "tiny", model, root / "cards" / "pirate", "pirate", PIRATE, seed=1),
-            "sailor": make_card(root / "tiny", model, root / "cards" / "sailor", "sailor", SAILOR, seed=2)}
+    refs = {
+        "pirate": make_card(root / "tiny", model, root / "cards" / "pirate", "pirate", PIRATE, seed=1),
+        "sailor": make_card(root / "tiny", model, root / "cards" / "sailor", "sailor", SAILOR, seed=2),
+    }
     other, other_tok = tiny_gpt(block_size=32)
     other.save(root / "other", other_tok)
     make_card(root / "other", other, root / "cards" / "alien", "alien", "You are an alien.")
@@ -52,8 +54,16 @@ def served(workdir):
     """(base URL, model, tokenizer, app) of a server with an API key and the pirate card."""
     root, _ = workdir
     model, tok = load_for_text(root / "tiny")
-    app = create_app(model, tok, Scheduler(model, tok, max_batch=16), name="tiny", cards={"pirate": root / "cards" / "pirate"},
-                     cards_dir=root / "cards", api_key=KEY, max_queue=1000)
+    app = create_app(
+        model,
+        tok,
+        Scheduler(model, tok, max_batch=16),
+        name="tiny",
+        cards={"pirate": root / "cards" / "pirate"},
+        cards_dir=root / "cards",
+        api_key=KEY,
+        max_queue=1000,
+    )
     with running(app) as url:
         yield url, model, tok, app
 
@@ -78,7 +88,7 @@ def chat_reference(model, tok, messages, max_tokens):
 
 def sse(response) -> list:
     """The data of each server-sent event, the final [DONE] included."""
-    return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
 
 
 def test_completions_and_chat_equal_in_process_generation(served):
@@ -108,8 +118,9 @@ def test_completions_and_chat_equal_in_process_generation(served):
 def test_sampling_n_and_seed(served):
     url, *_ = served
     c = client(url)
-    args = dict(model="tiny", prompt="the", max_tokens=8, temperature=1.0, top_p=0.9, n=3, seed=7,
-                extra_body={"min_p": 0.01, "top_k": 20})
+    args = dict(
+        model="tiny", prompt="the", max_tokens=8, temperature=1.0, top_p=0.9, n=3, seed=7, extra_body={"min_p": 0.01, "top_k": 20}
+    )
     first, again = c.completions.create(**args), c.completions.create(**args)
     assert [ch.index for ch in first.choices] == [0, 1, 2]
     assert [ch.text for ch in first.choices] == [ch.text for ch in again.choices]  # seeded: repeatable
@@ -121,15 +132,22 @@ def test_streaming_matches_and_follows_openai_chunks(served):
     c = client(url)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat?"}]
     want = chat_reference(model, tok, messages, 15)
-    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=15, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=15, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [want.finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.tokens)
     # the raw events: each a valid chunk, then data: [DONE]
-    r = post(url, "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 15, "temperature": 0,
-                                          "stream": True}, stream=True)
+    r = post(
+        url,
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": messages, "max_tokens": 15, "temperature": 0, "stream": True},
+        stream=True,
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse(r)
     assert events[-1] == "[DONE]"
@@ -151,12 +169,16 @@ def test_raw_json_follows_the_schema(served):
     lp = raw["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 3
     assert all(len(top) <= 2 for top in lp["top_logprobs"])
-    r = post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                           "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+    r = post(
+        url,
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2},
+    )
     raw = r.json()
     chat_types.ChatCompletion.model_validate(raw)
     assert raw["object"] == "chat.completion" and raw["usage"]["total_tokens"] == sum(
-        raw["usage"][k] for k in ("prompt_tokens", "completion_tokens"))
+        raw["usage"][k] for k in ("prompt_tokens", "completion_tokens")
+    )
     assert all(len(t["top_logprobs"]) == 2 for t in raw["choices"][0]["logprobs"]["content"])
     models = requests.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
     types.Model.model_validate(models["data"][0])
@@ -168,8 +190,9 @@ def test_echo_logprobs_equal_lmstack_score(served, checkpoint, lmstack_cli):
     text = "the cat sat on the mat"
     want = json.loads(lmstack_cli("score", "--model", checkpoint, "--prompt", text, "--top", "3", "--json"))
     ids = [tok.eot_id, *tok.encode(text)]  # what `lmstack score` scores the text after
-    raw = post(url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
-                                        "logprobs": 3, "temperature": 0}).json()
+    raw = post(
+        url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3, "temperature": 0}
+    ).json()
     lp = raw["choices"][0]["logprobs"]
     assert raw["choices"][0]["text"] == tok.decode(ids)
     assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
@@ -179,8 +202,9 @@ def test_echo_logprobs_equal_lmstack_score(served, checkpoint, lmstack_cli):
     for top, t in zip(lp["top_logprobs"][1:], want["tokens"]):
         assert list(top.values()) == pytest.approx([a["logprob"] for a in t["top"]], abs=1e-5)
     # echo with generated tokens: the prompt's entries come first, then one per new token
-    raw = post(url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2, "echo": True, "logprobs": 1,
-                                        "temperature": 0}).json()
+    raw = post(
+        url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2, "echo": True, "logprobs": 1, "temperature": 0}
+    ).json()
     assert len(raw["choices"][0]["logprobs"]["tokens"]) == len(ids) + 2
 
 
@@ -203,8 +227,18 @@ def test_errors_are_openai_errors(served):
     with pytest.raises(openai.BadRequestError) as e:
         client(url).completions.create(model="tiny", prompt="hi", max_tokens=model.max_context)
     assert e.value.code == "context_length_exceeded"
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"n": 0}, {"max_tokens": -1}, {"prompt": []}, {"prompt": [10**6]},
-                {"stop": [""]}, {"logprobs": 99}, {"prompt": 5}, {"seed": -1}):
+    for bad in (
+        {"temperature": -1},
+        {"top_p": 0},
+        {"n": 0},
+        {"max_tokens": -1},
+        {"prompt": []},
+        {"prompt": [10**6]},
+        {"stop": [""]},
+        {"logprobs": 99},
+        {"prompt": 5},
+        {"seed": -1},
+    ):
         error_body(post(url, "/v1/completions", {**body, **bad}), 400)
     error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": []}), 400)
     error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400)
@@ -218,8 +252,7 @@ def test_queue_full_is_429(checkpoint):
     engine = app.state.server.engine
     with running(app) as url:
         with engine.model_lock:  # the worker cannot step: the first request waits in the queue
-            first = ThreadPoolExecutor(1).submit(post, url, "/v1/completions", {"model": "tiny", "prompt": "a",
-                                                                                "max_tokens": 2})
+            first = ThreadPoolExecutor(1).submit(post, url, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
             while not engine.scheduler.queued:
                 threading.Event().wait(0.01)
             err = error_body(post(url, "/v1/completions", {"model": "tiny", "prompt": "b", "max_tokens": 2}), 429)
@@ -236,8 +269,12 @@ def test_disconnect_cancels_the_request(checkpoint):
     app = create_app(model, tok, scheduler, name="tiny")
     with running(app) as url:
         with app.state.server.engine.model_lock:  # no step runs: the request cannot finish on its own
-            r = requests.post(url + "/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 60,
-                                                            "ignore_eos": True, "stream": True}, stream=True, timeout=60)
+            r = requests.post(
+                url + "/v1/completions",
+                json={"model": "tiny", "prompt": "a", "max_tokens": 60, "ignore_eos": True, "stream": True},
+                stream=True,
+                timeout=60,
+            )
             assert r.status_code == 200 and app.state.server.engine.listeners
             r.close()  # the client leaves
             deadline = threading.Event()
@@ -258,8 +295,12 @@ def test_64_concurrent_streams(served):
     prompts = [f"the cat {i}" for i in range(64)]
 
     def one(prompt):
-        r = post(url, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0,
-                                          "stream": True}, stream=True)
+        r = post(
+            url,
+            "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 0, "stream": True},
+            stream=True,
+        )
         assert r.status_code == 200
         events = sse(r)
         assert events[-1] == "[DONE]"
@@ -269,8 +310,9 @@ def test_64_concurrent_streams(served):
 
     with ThreadPoolExecutor(64) as pool:
         texts = list(pool.map(one, prompts))
-    want = generate_tokens(model, [encode_prompt(tok, p) for p in prompts], GenerationConfig(max_new_tokens=10,
-                                                                                               temperature=0), tok)
+    want = generate_tokens(
+        model, [encode_prompt(tok, p) for p in prompts], GenerationConfig(max_new_tokens=10, temperature=0), tok
+    )
     assert texts == [w.text for w in want]
     metrics = requests.get(url + "/metrics").text
     assert 'lmstack_requests_total{endpoint="/v1/completions",status="200"}' in metrics
@@ -282,8 +324,9 @@ def test_tokenizer_endpoints(served):
     ids = post(url, "/tokenize", {"prompt": "the mat"}).json()["tokens"]
     assert ids == tok.encode("the mat")
     assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"] == "the mat"
-    assert requests.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()["eos_token"] == \
-        "<|endoftext|>"
+    assert (
+        requests.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()["eos_token"] == "<|endoftext|>"
+    )
 
 
 def test_cards_are_listed_served_and_hot_loaded(served, workdir):
@@ -303,8 +346,11 @@ def test_cards_are_listed_served_and_hot_loaded(served, workdir):
 
     # hot-load sailor while 16 streams run; it is served to the next request
     def stream(i):
-        chunks = list(c.chat.completions.create(model="pirate" if i % 2 else "tiny", messages=messages, max_tokens=12,
-                                                temperature=0, stream=True))
+        chunks = list(
+            c.chat.completions.create(
+                model="pirate" if i % 2 else "tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+            )
+        )
         return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
     with ThreadPoolExecutor(16) as pool:
@@ -326,10 +372,11 @@ def test_cards_are_listed_served_and_hot_loaded(served, workdir):
 
     # refused: outside the cards folder, a card for another base, a name in use, nothing there
     for path in ("../tiny", str(root / "tiny"), "sailor/../../tiny", "/etc"):
-        assert error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}), 400)["param"] == \
-            "lora_path"
-    assert "another base" in error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "alien", "lora_path": "alien"}),
-                                        400)["message"]
+        assert error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path}), 400)["param"] == "lora_path"
+    assert (
+        "another base"
+        in error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "alien", "lora_path": "alien"}), 400)["message"]
+    )
     error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "sailor", "lora_path": "sailor"}), 400)
     error_body(post(url, "/v1/load_lora_adapter", {"lora_name": "ghost", "lora_path": "ghost"}), 404)
     # unloaded: gone from the list, 404 for the next request

@@ -18,8 +18,9 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test n
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no system Chromium + chromedriver (apt-get install "
-                                "chromium chromium-driver; .ci/run does)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="no system Chromium + chromedriver (apt-get install chromium chromium-driver; .ci/run does)"
+)
 SYSTEM = "You are a pirate."
 
 

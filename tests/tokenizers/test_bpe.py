@@ -27,10 +27,18 @@ def hf_merges(lines, vocab_size, pattern, min_frequency=0):
     """Merges learned by Hugging Face's BpeTrainer with a byte-level pre-tokenizer."""
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pattern == "gpt2")
-    tok.pre_tokenizer = byte_level if pattern == "gpt2" else pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(PATTERNS[pattern]), "isolated"), byte_level])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], min_frequency=min_frequency,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.pre_tokenizer = (
+        byte_level
+        if pattern == "gpt2"
+        else pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PATTERNS[pattern]), "isolated"), byte_level])
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        min_frequency=min_frequency,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(lines, trainer)
     merges = json.loads(tok.to_str())["model"]["merges"]
     return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
@@ -40,9 +48,15 @@ def our_merges(tok):
     return [(to_bytelevel(tok.tokens[a]), to_bytelevel(tok.tokens[b])) for a, b in tok.merges]
 
 
-@pytest.mark.parametrize("corpus,pattern,vocab_size", [
-    ("shakespeare", "gpt2", 1000), ("tang", "gpt2", 2000), ("shakespeare", "gpt4", 1500), ("tang", "gpt4", 1500),
-])
+@pytest.mark.parametrize(
+    "corpus,pattern,vocab_size",
+    [
+        ("shakespeare", "gpt2", 1000),
+        ("tang", "gpt2", 2000),
+        ("shakespeare", "gpt4", 1500),
+        ("tang", "gpt4", 1500),
+    ],
+)
 def test_merges_equal_huggingface_in_order(texts, corpus, pattern, vocab_size):
     lines = texts[corpus].splitlines(keepends=True)
     tok = BPETokenizer.train(lines, vocab_size, special_tokens=(EOT,), pattern=pattern)
@@ -88,10 +102,37 @@ def test_tiktoken_and_python_paths_give_identical_ids_on_corpora(trained, texts,
         assert slow.decode(ids) == text
 
 
-SNIPPETS = ["世界", "唐詩。", "😀", "👨‍👩‍👧", "e\u0301", "n\u0303\u0327", "\x00", "\x1c", "\x7f", "\u200b", " ", "   ",
-            "\n", "\r\n", "\t\t", "\n\n\n ", "'s", "'LL", "123456", "Hello", " world", EOT, "\ufeff", "\U0010ffff",
-            # Letters and digits new in Unicode 17 (the regex module knows them, tiktoken does not).
-            "\U00010940's", " \U000107bb\U000107bc", "\U00011de07", "x\U00016ff2"]
+SNIPPETS = [
+    "世界",
+    "唐詩。",
+    "😀",
+    "👨‍👩‍👧",
+    "e\u0301",
+    "n\u0303\u0327",
+    "\x00",
+    "\x1c",
+    "\x7f",
+    "\u200b",
+    " ",
+    "   ",
+    "\n",
+    "\r\n",
+    "\t\t",
+    "\n\n\n ",
+    "'s",
+    "'LL",
+    "123456",
+    "Hello",
+    " world",
+    EOT,
+    "\ufeff",
+    "\U0010ffff",
+    # Letters and digits new in Unicode 17 (the regex module knows them, tiktoken does not).
+    "\U00010940's",
+    " \U000107bb\U000107bc",
+    "\U00011de07",
+    "x\U00016ff2",
+]
 messy_text = st.lists(st.one_of(st.text(), st.sampled_from(SNIPPETS)), max_size=12).map("".join)
 
 
@@ -205,10 +246,13 @@ def test_vocab_smaller_than_alphabet_is_one_clear_error():
         BPETokenizer.train(["hello"], 257, special_tokens=(EOT, "<|pad|>"))
 
 
-@pytest.mark.parametrize("content", [
-    '{"lmstack_tokenizer": 1, "kind": "bpe", "tokens": [',  # truncated
-    '{"lmstack_tokenizer": 1, "kind": "bpe", "special_tokens": {}, "pattern": "gpt2", "tokens": ["a"], "merges": []}',
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"lmstack_tokenizer": 1, "kind": "bpe", "tokens": [',  # truncated
+        '{"lmstack_tokenizer": 1, "kind": "bpe", "special_tokens": {}, "pattern": "gpt2", "tokens": ["a"], "merges": []}',
+    ],
+)
 def test_corrupt_tokenizer_file_is_one_clear_error(tmp_path, content):
     (tmp_path / "tokenizer.json").write_text(content)
     with pytest.raises(FormatError, match="corrupt"):
@@ -236,8 +280,20 @@ def test_bad_training_input(tmp_path):
 
 def test_cli_train_encode_decode(cli, tmp_path, shared):
     out = tmp_path / "tok"
-    cli("tokenizer", "train", shared / "data" / "tinyshakespeare.txt", "--kind", "bpe", "--vocab-size", "600",
-        "--pattern", "gpt4", "--out", out, check=True)
+    cli(
+        "tokenizer",
+        "train",
+        shared / "data" / "tinyshakespeare.txt",
+        "--kind",
+        "bpe",
+        "--vocab-size",
+        "600",
+        "--pattern",
+        "gpt4",
+        "--out",
+        out,
+        check=True,
+    )
     tok = load_tokenizer(out)
     assert tok.kind == "bpe" and tok.vocab_size == 600
     ids = cli("tokenizer", "encode", "--tokenizer", out, "Thou art 世界", check=True).stdout.split()

@@ -72,12 +72,15 @@ def test_corrupt_tokenizer_file(tmp_path):
         load_tokenizer(tmp_path)
 
 
-@pytest.mark.parametrize("change,problem", [
-    (dict(lmstack_tokenizer=99), "format version 99, but this lmstack reads version 1"),
-    (dict(lmstack_tokenizer="1"), "format version '1'"),
-    (dict(special_tokens=["<|endoftext|>"]), "'special_tokens' must map"),
-    (dict(special_tokens={"": 40}), "'special_tokens' must map"),
-])
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        (dict(lmstack_tokenizer=99), "format version 99, but this lmstack reads version 1"),
+        (dict(lmstack_tokenizer="1"), "format version '1'"),
+        (dict(special_tokens=["<|endoftext|>"]), "'special_tokens' must map"),
+        (dict(special_tokens={"": 40}), "'special_tokens' must map"),
+    ],
+)
 def test_tokenizer_files_this_version_cannot_read_are_named(tmp_path, change, problem):
     (tmp_path / "tokenizer.json").write_text(json.dumps({**CHAR.to_dict(), **change}))
     with pytest.raises(FormatError, match=problem):
@@ -86,7 +89,7 @@ def test_tokenizer_files_this_version_cannot_read_are_named(tmp_path, change, pr
 
 @pytest.mark.parametrize("kind", [CharTokenizer, WordTokenizer, BPETokenizer, UnigramTokenizer])
 def test_an_empty_special_token_is_refused(kind):
-    """"" would match between every two characters of a text encoded with specials allowed."""
+    """ "" would match between every two characters of a text encoded with specials allowed."""
     with pytest.raises(InputError, match="special tokens must be non-empty strings, got ''"):
         kind.train(["abc\n"], special_tokens=(EOT, ""))
     with pytest.raises(InputError, match="non-empty"):

@@ -23,8 +23,7 @@ def gpt2(files):
 def reference(files):
     """tiktoken's GPT-2 encoding, built offline from the same two files."""
     ranks = data_gym_to_mergeable_bpe_ranks(str(files[1]), str(files[0]))
-    return tiktoken.Encoding("gpt2-files", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks,
-                             special_tokens={EOT: 50256})
+    return tiktoken.Encoding("gpt2-files", pat_str=PATTERNS["gpt2"], mergeable_ranks=ranks, special_tokens={EOT: 50256})
 
 
 @pytest.mark.parametrize("corpus,n_chars", [("tinyshakespeare.txt", None), ("zh_tang_poems.txt", 300_000)])

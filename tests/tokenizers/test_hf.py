@@ -15,8 +15,10 @@ from lmstack.tokenizers.hf import load_hf, save_hf
 @pytest.fixture(scope="module")
 def sample(shared):
     data = shared / "data"
-    return [data.joinpath("tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000],
-            data.joinpath("zh_tang_poems.txt").read_text(encoding="utf-8")[:100_000]]
+    return [
+        data.joinpath("tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000],
+        data.joinpath("zh_tang_poems.txt").read_text(encoding="utf-8")[:100_000],
+    ]
 
 
 @pytest.fixture(scope="module", params=["gpt2", "gpt4"])
@@ -37,8 +39,11 @@ def test_export_gives_the_same_ids_in_huggingface(exported, sample):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.one_of(st.text(), st.sampled_from(["世界", "😀", "e\u0301", "  \n\n ", "'re", EOT, "\t"])),
-                max_size=10).map("".join))
+@given(
+    st.lists(st.one_of(st.text(), st.sampled_from(["世界", "😀", "e\u0301", "  \n\n ", "'re", EOT, "\t"])), max_size=10).map(
+        "".join
+    )
+)
 def test_export_agrees_on_any_string(exported, s):
     tok, hf = exported
     # Hugging Face always splits out added tokens, so compare with specials allowed.
@@ -48,8 +53,12 @@ def test_export_agrees_on_any_string(exported, s):
 def test_import_of_a_huggingface_trained_tokenizer_keeps_its_ids(tmp_path, sample):
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.train_from_iterator(sample, trainers.BpeTrainer(
-        vocab_size=1200, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.train_from_iterator(
+        sample,
+        trainers.BpeTrainer(
+            vocab_size=1200, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = load_hf(tmp_path / "tokenizer.json")
     assert tok.special_tokens == {EOT: 0}  # Hugging Face puts specials first
@@ -73,11 +82,14 @@ def test_gpt2_exports_to_huggingface_with_gpt2_ids(shared, tmp_path):
     assert again.encode(text) == gpt2.encode(text) and again.special_tokens == gpt2.special_tokens
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda d: d["model"].update(type="WordPiece"), "not BPE"),
-    (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "not byte-level"),
-    (lambda d: d["model"]["merges"].append(["zz", "q"]), "KeyError"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: d["model"].update(type="WordPiece"), "not BPE"),
+        (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "not byte-level"),
+        (lambda d: d["model"]["merges"].append(["zz", "q"]), "KeyError"),
+    ],
+)
 def test_unusable_files_are_one_clear_error(exported, tmp_path, edit, match):
     tok, _ = exported
     path = tmp_path / "tokenizer.json"

@@ -36,8 +36,12 @@ def t5_like(train):
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(train, trainers.UnigramTrainer(
-        vocab_size=1000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    tok.train_from_iterator(
+        train,
+        trainers.UnigramTrainer(
+            vocab_size=1000, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return tok, {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
@@ -52,8 +56,7 @@ def bert_like(train):
     tok.decoder = decoders.WordPiece()
     tok.train_from_iterator(train, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials, show_progress=False))
     tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
-    return tok, {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                 "mask_token": "[MASK]"}
+    return tok, {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
 
 
 def llama2_like(train):
@@ -61,15 +64,17 @@ def llama2_like(train):
     spaces as ▁ with one prepended, no pre-tokenizer, and <s> put first by the post-processor."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()  # only for training: merges stay inside words
-    tok.train_from_iterator(train, trainers.BpeTrainer(
-        vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>", *BYTES], show_progress=False))
+    tok.train_from_iterator(
+        train, trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>", *BYTES], show_progress=False)
+    )
     d = json.loads(tok.to_str())
     d["added_tokens"] = [t for t in d["added_tokens"] if t["content"] not in BYTES]  # bytes are ordinary pieces
     tok = Tokenizer.from_str(json.dumps(d))
     tok.pre_tokenizer = pre_tokenizers.Sequence([])
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -207,9 +212,18 @@ def _randomized(model):
 
 def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_path, lmstack_cli, monkeypatch):
     hf_tok, roles = t5_like(corpus[0])
-    cfg = transformers.T5Config(vocab_size=hf_tok.get_vocab_size() + 8, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                decoder_start_token_id=0)
+    cfg = transformers.T5Config(
+        vocab_size=hf_tok.get_vocab_size() + 8,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     ref = _randomized(transformers.T5ForConditionalGeneration(cfg))
     ref.save_pretrained(tmp_path / "hf")
     save_hf_dir(hf_tok, roles, tmp_path / "hf")
@@ -217,8 +231,20 @@ def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_p
     out = lmstack_cli("convert", tmp_path / "hf", tmp_path / "ours")
     assert "weights only" not in out
     prompt, continuation = "translate: Before we proceed", "hear me speak."
-    got = json.loads(lmstack_cli("score", "--model", tmp_path / "ours", "--prompt", prompt, "--continuation",
-                                 continuation, "--top", cfg.vocab_size, "--json"))  # padding ids among the alternatives
+    got = json.loads(
+        lmstack_cli(
+            "score",
+            "--model",
+            tmp_path / "ours",
+            "--prompt",
+            prompt,
+            "--continuation",
+            continuation,
+            "--top",
+            cfg.vocab_size,
+            "--json",
+        )
+    )  # padding ids among the alternatives
     src = torch.tensor([hf_tok.encode(prompt).ids])  # the source as T5 reads it, ending with </s>
     assert src[0, -1] == hf_tok.token_to_id("</s>")
     labels = torch.tensor([hf_tok.encode(continuation, add_special_tokens=False).ids])
@@ -235,8 +261,14 @@ def test_t5_converts_with_its_tokenizer_and_scores_as_transformers(corpus, tmp_p
 
 def test_bert_converts_with_its_tokenizer_and_pseudo_perplexity_is_transformers(corpus, tmp_path, lmstack_cli):
     hf_tok, roles = bert_like(corpus[0])
-    cfg = transformers.BertConfig(vocab_size=hf_tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=hf_tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     ref = _randomized(transformers.BertForMaskedLM(cfg))
     ref.save_pretrained(tmp_path / "hf")
     save_hf_dir(hf_tok, roles, tmp_path / "hf")
@@ -261,21 +293,43 @@ def test_bert_converts_with_its_tokenizer_and_pseudo_perplexity_is_transformers(
 
 def test_llama2_converts_both_ways_with_its_tokenizer_and_decodes_greedily_as_transformers(corpus, tmp_path, lmstack_cli):
     hf_tok, roles = llama2_like(corpus[0])
-    cfg = transformers.LlamaConfig(vocab_size=hf_tok.get_vocab_size(), max_position_embeddings=64, hidden_size=32,
-                                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=hf_tok.get_vocab_size(),
+        max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     ref = _randomized(transformers.LlamaForCausalLM(cfg))
     ref.save_pretrained(tmp_path / "hf")
     save_hf_dir(hf_tok, roles, tmp_path / "hf")
     lmstack_cli("convert", tmp_path / "hf", tmp_path / "ours")
     prompt = "First Citizen: 東京"
-    got = json.loads(lmstack_cli("generate", "--model", tmp_path / "ours", "--prompt", prompt,
-                                 "--temperature", "0", "--max-tokens", "8", "--ignore-eot", "--json"))
+    got = json.loads(
+        lmstack_cli(
+            "generate",
+            "--model",
+            tmp_path / "ours",
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--ignore-eot",
+            "--json",
+        )
+    )
     ids = torch.tensor([hf_tok.encode(prompt).ids])  # the prompt as Llama 2 reads it, after <s>
     assert ids[0, 0] == hf_tok.token_to_id("<s>")
     with torch.no_grad():
-        want = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                            pad_token_id=0)[0, ids.shape[1]:].tolist()
+        want = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, pad_token_id=0)[
+            0, ids.shape[1] :
+        ].tolist()
     assert got["tokens"] == want
     reference = hf_tok.decode(want, skip_special_tokens=False)
     # HF's byte fallback turns a whole run of <0x..> tokens into U+FFFD when any byte of it is

@@ -19,8 +19,30 @@ from lmstack.tokenizers.unigram import MAX_TRAIN_WORD, N_BYTES, UnigramTokenizer
 # Pieces of text that break naive tokenizers: CJK, emoji (with modifiers and ZWJ), combining
 # marks, control characters, whitespace runs of every kind, SentencePiece's own meta symbol.
 TRICKY = st.sampled_from(
-    ["中", "文字", "😀", "👍🏽", "👩\u200d💻", "e\u0301", "\u0308", " ", "   ", "\t", "\n", "\r\n",
-     "\x00", "\x1b", "\x7f", "\u3000", "\u00a0", "\u2028", "\u2581", "the", " the", "ing"]
+    [
+        "中",
+        "文字",
+        "😀",
+        "👍🏽",
+        "👩\u200d💻",
+        "e\u0301",
+        "\u0308",
+        " ",
+        "   ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\x00",
+        "\x1b",
+        "\x7f",
+        "\u3000",
+        "\u00a0",
+        "\u2028",
+        "\u2581",
+        "the",
+        " the",
+        "ing",
+    ]
 )
 TEXTS = st.lists(st.one_of(TRICKY, st.text(max_size=6)), max_size=25).map("".join)
 
@@ -86,12 +108,13 @@ def test_sampling_follows_the_segmentation_distribution():
     text, alpha = "aba", 0.5
     # Every segmentation of "aba" and its probability under P(seg)**alpha.
     segs = {
-        ("a", "b", "a"): -1 - 1.5 - 1, ("ab", "a"): -2 - 1, ("a", "ba"): -1 - 2.2, ("aba",): -2.1,
+        ("a", "b", "a"): -1 - 1.5 - 1,
+        ("ab", "a"): -2 - 1,
+        ("a", "ba"): -1 - 2.2,
+        ("aba",): -2.1,
     }
     z = sum(math.exp(alpha * s) for s in segs.values())
-    draws = Counter(
-        tuple(tok.id_to_piece(i) for i in tok.sample_encode(text, alpha=alpha, seed=s)) for s in range(4000)
-    )
+    draws = Counter(tuple(tok.id_to_piece(i) for i in tok.sample_encode(text, alpha=alpha, seed=s)) for s in range(4000))
     assert set(draws) == set(segs)
     for seg, s in segs.items():
         assert draws[seg] / 4000 == pytest.approx(math.exp(alpha * s) / z, abs=0.03)
@@ -118,8 +141,13 @@ def test_lattice_forward_backward_and_viterbi_match_brute_force():
     score = np.log(np.array([0.2, 0.15, 0.1, 0.12, 0.08, 0.05, 0.2, 0.1]))
     words = ["abcab", "bca", "c", "abcabca"]
     freq = np.array([3.0, 1.0, 2.0, 1.0])
-    edges = [(k, i, j, table[w[i:j]]) for k, w in enumerate(words)
-             for i in range(len(w)) for j in range(i + 1, len(w) + 1) if w[i:j] in table]
+    edges = [
+        (k, i, j, table[w[i:j]])
+        for k, w in enumerate(words)
+        for i in range(len(w))
+        for j in range(i + 1, len(w) + 1)
+        if w[i:j] in table
+    ]
     owner, start, end, piece = (np.array(x) for x in zip(*edges))
     lat = _Lattice(np.array([len(w) for w in words]), owner, start, end, piece)
     expected, loglik = lat.forward_backward(score, freq)
@@ -149,8 +177,13 @@ def test_training_is_deterministic(shared):
     )
     corpus = shared / "data" / "tinyshakespeare.txt"
     prints = {
-        subprocess.run([sys.executable, "-c", script, corpus], env=dict(os.environ, PYTHONHASHSEED=seed),
-                       capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", script, corpus],
+            env=dict(os.environ, PYTHONHASHSEED=seed),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for seed in ("1", "2")
     }
     assert len(prints) == 1 and len(prints.pop().strip()) == 16
@@ -211,9 +244,18 @@ def _sentencepiece(lines, vocab_size):
     byte fallback, so its pieces are comparable with ours ("▁" is a space)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="unigram", vocab_size=vocab_size,
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, split_digits=False, bos_id=-1, eos_id=-1, num_threads=1,
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=False,
+        bos_id=-1,
+        eos_id=-1,
+        num_threads=1,
         minloglevel=2,
     )
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -225,12 +267,16 @@ def _lines(text):
 
 def test_viterbi_equals_sentencepiece_on_its_own_vocabulary(shakespeare):
     sp = _sentencepiece(_lines(shakespeare[:200_000]), 1000)
-    pieces = [(sp.id_to_piece(i).replace("\u2581", " "), sp.get_score(i)) for i in range(sp.get_piece_size())
-              if not (sp.is_unknown(i) or sp.is_byte(i))]
+    pieces = [
+        (sp.id_to_piece(i).replace("\u2581", " "), sp.get_score(i))
+        for i in range(sp.get_piece_size())
+        if not (sp.is_unknown(i) or sp.is_byte(i))
+    ]
     ours = UnigramTokenizer(pieces)
     held_out = _lines(shakespeare[-40_000:])
     mismatched = [
-        ln for ln in held_out
+        ln
+        for ln in held_out
         if [ours.id_to_piece(i).replace(" ", "\u2581") for i in ours.encode(ln)] != sp.encode(ln, out_type=str)
     ]
     assert len(held_out) > 500

@@ -18,8 +18,18 @@ def tiny(small_text):
     """A TrainConfig for a one-layer GPT on `small_text` in a few seconds; keywords override."""
 
     def make(out, **kw):
-        base = dict(out_dir=str(out), data=[str(small_text)], block_size=32, batch_size=4, max_steps=6,
-                    warmup_steps=2, eval_interval=0, eval_batches=2, ckpt_interval=0, model=dict(TINY_GPT))
+        base = dict(
+            out_dir=str(out),
+            data=[str(small_text)],
+            block_size=32,
+            batch_size=4,
+            max_steps=6,
+            warmup_steps=2,
+            eval_interval=0,
+            eval_batches=2,
+            ckpt_interval=0,
+            model=dict(TINY_GPT),
+        )
         return TrainConfig(**{**base, **kw})
 
     return make

@@ -88,10 +88,10 @@ def test_out_of_time_ends_the_run_early_and_resume_keeps_the_plan(tiny, tmp_path
 def test_a_negative_budget_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(InputError, match=r"max_minutes must be >= 0"):
         TrainConfig(max_minutes=-0.5)
-    assert main(["train", "--data", str(tmp_path / "corpus.txt"), "--out-dir", str(tmp_path / "run"),
-                 "--max-minutes", "-1"]) == 2
+    assert main(["train", "--data", str(tmp_path / "corpus.txt"), "--out-dir", str(tmp_path / "run"), "--max-minutes", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: invalid training config: max_minutes must be >= 0 (0 = no time limit)"]
+        "error: invalid training config: max_minutes must be >= 0 (0 = no time limit)"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -99,12 +99,44 @@ def test_a_negative_budget_is_a_one_line_error(tmp_path, capsys):
 def test_two_processes_agree_on_the_plan_and_the_stop(small_text, tmp_path):
     """Under torchrun each rank times its own steps; all must plan the same max_steps and stop at
     the same step, or their collectives would hang or fail."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmstack.cli",
-           "train", "--data", str(small_text), "--out-dir", str(tmp_path), "--max-minutes", "0.1", "--max-steps", "100000",
-           "--block-size", "32", "--batch-size", "4", "--warmup-steps", "10", "--eval-interval", "50",
-           "--eval-batches", "2", "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, LMSTACK_NO_PROGRESS="1", OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "lmstack.cli",
+        "train",
+        "--data",
+        str(small_text),
+        "--out-dir",
+        str(tmp_path),
+        "--max-minutes",
+        "0.1",
+        "--max-steps",
+        "100000",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "10",
+        "--eval-interval",
+        "50",
+        "--eval-batches",
+        "2",
+        "--model",
+        "n_layer=1",
+        "--model",
+        "n_embd=32",
+        "--model",
+        "n_head=2",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, LMSTACK_NO_PROGRESS="1", OMP_NUM_THREADS="1")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     planned = saved_max_steps(tmp_path)
     assert r.stdout.count("budget 0.1 min:") == 1 and f"{planned} steps of ~" in r.stdout  # rank 0 alone reports

@@ -48,9 +48,20 @@ def tiny_model(family: str, tok, dropout: float = 0.0):
     if family == "gpt":
         return GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32, dropout=dropout))
     sp = tok.special_tokens
-    return BERT(BERTConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_position=64,
-                           dropout=dropout, mask_token_id=sp["<|mask|>"], cls_token_id=sp["<|cls|>"],
-                           sep_token_id=sp["<|sep|>"]))
+    return BERT(
+        BERTConfig(
+            vocab_size=tok.vocab_size,
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            d_ff=64,
+            max_position=64,
+            dropout=dropout,
+            mask_token_id=sp["<|mask|>"],
+            cls_token_id=sp["<|cls|>"],
+            sep_token_id=sp["<|sep|>"],
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,20 @@ def setup(tmp_path_factory):
 
 
 def config(root, data, out, family="gpt", **kw):
-    base = dict(task="classify", init_from=str(root / family), data=[str(data)], out_dir=str(out), max_steps=30,
-                lr=1e-2, min_lr=1e-3, warmup_steps=3, batch_size=16, eval_interval=0, val_fraction=0.2, device="cpu")
+    base = dict(
+        task="classify",
+        init_from=str(root / family),
+        data=[str(data)],
+        out_dir=str(out),
+        max_steps=30,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_steps=3,
+        batch_size=16,
+        eval_interval=0,
+        val_fraction=0.2,
+        device="cpu",
+    )
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -168,8 +191,7 @@ def test_bad_input_fails_before_the_run_directory_exists(setup, tmp_path):
     # one "odd" row, held out by the seeded split: its label never reaches training
     rare = good + [{"text": "film odd story", "label": "odd"}]
     seed = next(s for s in range(100) if rare[-1] in split(rare, 0.2, s)[1])
-    fails(rare, r"label 'odd' \(.*bad.jsonl:21\) is held out for validation but never occurs in the training rows",
-          seed=seed)
+    fails(rare, r"label 'odd' \(.*bad.jsonl:21\) is held out for validation but never occurs in the training rows", seed=seed)
     with pytest.raises(InputError, match=r"reads JSONL rows"):
         classify(config(root, root / "gpt" / "config.json", tmp_path / "run"))
     with pytest.raises(InputError, match="no such checkpoint directory"):
@@ -179,8 +201,23 @@ def test_bad_input_fails_before_the_run_directory_exists(setup, tmp_path):
 
 def test_the_finetune_command_trains_a_classifier(setup, tmp_path, lmstack_cli):
     root, data, _ = setup
-    out = lmstack_cli("finetune", "--task", "classify", "--init-from", root / "bert", "--data", data, "--out-dir", tmp_path,
-                      "--max-steps", 2, "--batch-size", 8, "--device", "cpu")
+    out = lmstack_cli(
+        "finetune",
+        "--task",
+        "classify",
+        "--init-from",
+        root / "bert",
+        "--data",
+        data,
+        "--out-dir",
+        tmp_path,
+        "--max-steps",
+        2,
+        "--batch-size",
+        8,
+        "--device",
+        "cpu",
+    )
     done = out.strip().splitlines()[-1]
     assert done.startswith("done: step 2") and "val_accuracy" in done and "val_macro_f1" in done
     assert load_classifier(done.rsplit("checkpoint ", 1)[1]).labels == ["neg", "pos"]

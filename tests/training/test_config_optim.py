@@ -20,8 +20,9 @@ def parse(*argv):
 def test_flags_override_the_file_which_overrides_defaults(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('lr = 0.01\nbatch_size = 8\ndata = ["a.txt"]\n[model]\nn_layer = 3\nn_head = 2\n')
-    cfg = config_mod.resolve(config_mod.read_file(f), parse("--batch-size", "4", "--model", "n_layer=5",
-                                                            "--model", "dropout=0.1", "--compile"))
+    cfg = config_mod.resolve(
+        config_mod.read_file(f), parse("--batch-size", "4", "--model", "n_layer=5", "--model", "dropout=0.1", "--compile")
+    )
     assert (cfg.lr, cfg.batch_size, cfg.data, cfg.compile) == (0.01, 4, ["a.txt"], True)
     assert cfg.model == {"n_layer": 5, "n_head": 2, "dropout": 0.1}
     assert cfg.max_steps == TrainConfig().max_steps

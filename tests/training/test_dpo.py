@@ -48,9 +48,13 @@ def rule_rows(n: int, seed: int, kind: str) -> list[dict]:
         w = rng.choice(WORDS)
         prompt = f"{rng.choice(['Shout', 'Say', 'Spell'])} {w}"
         liked, other = f"Answer: {w}!", f"Answer: {w}."
-        rows.append({"pairs": {"prompt": prompt, "chosen": liked, "rejected": other},
-                     "sft": {"prompt": prompt, "response": liked if rng.random() < 0.5 else other},
-                     "prompts": {"prompt": prompt}}[kind])
+        rows.append(
+            {
+                "pairs": {"prompt": prompt, "chosen": liked, "rejected": other},
+                "sft": {"prompt": prompt, "response": liked if rng.random() < 0.5 else other},
+                "prompts": {"prompt": prompt},
+            }[kind]
+        )
     return rows
 
 
@@ -72,13 +76,35 @@ def sft_model(tmp_path_factory, small_text) -> str:
     from lmstack.training.pretrain import train
 
     out = tmp_path_factory.mktemp("sft")
-    train(TrainConfig(out_dir=str(out / "base"), data=[str(small_text)], block_size=64, batch_size=4, max_steps=30,
-                      warmup_steps=3, eval_interval=0, eval_batches=2, ckpt_interval=0,
-                      model={"n_layer": 1, "n_head": 2, "n_embd": 48}))
+    train(
+        TrainConfig(
+            out_dir=str(out / "base"),
+            data=[str(small_text)],
+            block_size=64,
+            batch_size=4,
+            max_steps=30,
+            warmup_steps=3,
+            eval_interval=0,
+            eval_batches=2,
+            ckpt_interval=0,
+            model={"n_layer": 1, "n_head": 2, "n_embd": 48},
+        )
+    )
     data = write_jsonl(out / "sft.jsonl", rule_rows(200, 2, "sft"))
-    last = finetune(FinetuneConfig(init_from=str(checkpoint.latest(out / "base")), data=[str(data)], out_dir=str(out / "run"),
-                                   max_length=64, batch_size=8, max_steps=80, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-                                   eval_interval=0))
+    last = finetune(
+        FinetuneConfig(
+            init_from=str(checkpoint.latest(out / "base")),
+            data=[str(data)],
+            out_dir=str(out / "run"),
+            max_length=64,
+            batch_size=8,
+            max_steps=80,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=5,
+            eval_interval=0,
+        )
+    )
     return last["checkpoint"]
 
 
@@ -179,12 +205,24 @@ def test_dpo_loss_equals_trl_on_the_same_batch(tmp_path):
     for i, p in enumerate(pairs + pairs):
         n = len(p.chosen) if i < len(pairs) else len(p.rejected)
         completion[i, len(p.prompt) : len(p.prompt) + n] = True
-    inputs = {"input_ids": batch["idx"].masked_fill(~real, vocab["<pad>"]), "attention_mask": real.long(),
-              "completion_mask": completion.long(), "ref_chosen_logps": ref[:, 0], "ref_rejected_logps": ref[:, 1]}
+    inputs = {
+        "input_ids": batch["idx"].masked_fill(~real, vocab["<pad>"]),
+        "attention_mask": real.long(),
+        "completion_mask": completion.long(),
+        "ref_chosen_logps": ref[:, 0],
+        "ref_rejected_logps": ref[:, 1],
+    }
     train = Dataset.from_list([{"prompt": "say a", "chosen": "a.", "rejected": "b."}] * 4)
     for kind in ("sigmoid", "ipo", "hinge"):
-        args = TRLConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=[kind], precompute_ref_log_probs=True,
-                         use_cpu=True, report_to=[], per_device_train_batch_size=2)
+        args = TRLConfig(
+            output_dir=str(tmp_path / "trl"),
+            beta=0.1,
+            loss_type=[kind],
+            precompute_ref_log_probs=True,
+            use_cpu=True,
+            report_to=[],
+            per_device_train_batch_size=2,
+        )
         trainer = DPOTrainer(model=hf, args=args, train_dataset=train, processing_class=hf_tok)
         hf.eval()
         with torch.no_grad():
@@ -198,8 +236,18 @@ def test_dpo_loss_equals_trl_on_the_same_batch(tmp_path):
 
 def test_lora_run_starts_at_ln2_and_checkpoints_only_the_adapter(tiny, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", rule_rows(40, 2, "pairs"))
-    cfg = DPOConfig(init_from=str(tiny), data=[str(data)], out_dir=str(tmp_path / "run"), max_length=96, batch_size=4,
-                    max_steps=4, lr=1e-2, warmup_steps=1, eval_interval=0, lora={"r": 4, "alpha": 8})
+    cfg = DPOConfig(
+        init_from=str(tiny),
+        data=[str(data)],
+        out_dir=str(tmp_path / "run"),
+        max_length=96,
+        batch_size=4,
+        max_steps=4,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_interval=0,
+        lora={"r": 4, "alpha": 8},
+    )
     last = dpo(cfg)
     records = read_metrics(tmp_path / "run")
     assert records[0]["step"] == 0 and records[0]["val_loss"] == pytest.approx(LN2, abs=1e-6)
@@ -213,8 +261,18 @@ def test_lora_run_starts_at_ln2_and_checkpoints_only_the_adapter(tiny, tmp_path)
 
 def test_resumed_run_recomputes_the_same_reference_and_continues_exactly(tiny, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", rule_rows(12, 3, "pairs"))
-    common = dict(init_from=str(tiny), data=[str(data)], max_length=96, batch_size=2, lr=1e-2, warmup_steps=1,
-                  eval_interval=0, ckpt_interval=2, keep_last=5, max_steps=4)
+    common = dict(
+        init_from=str(tiny),
+        data=[str(data)],
+        max_length=96,
+        batch_size=2,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_interval=0,
+        ckpt_interval=2,
+        keep_last=5,
+        max_steps=4,
+    )
     whole = dpo(DPOConfig(out_dir=str(tmp_path / "a"), **common))
     dpo(DPOConfig(out_dir=str(tmp_path / "b"), **{**common, "max_steps": 2}))
     resumed = dpo(DPOConfig(out_dir=str(tmp_path / "b"), **common), resume=True)
@@ -243,8 +301,11 @@ def test_bad_pairs_are_named_by_row_and_fail_before_the_run_directory_exists(tin
     pairs, report = read_pairs(long, tok, 96, max_prompt_length=40)
     assert len(pairs[1].prompt) == 40 and report.prompts_cut == 1
     assert pairs[1].prompt[-1] == prompt_ids(tok, [{"role": "user", "content": "x"}])[-1]  # still ends in the open turn
-    for bad, message in [('{"prompt": "a", "chosen": "b"}', "no 'rejected' field"), ("{oops", "not valid JSON"),
-                         ('{"prompt": 3, "chosen": "b", "rejected": "c"}', "must be a string or a list")]:
+    for bad, message in [
+        ('{"prompt": "a", "chosen": "b"}', "no 'rejected' field"),
+        ("{oops", "not valid JSON"),
+        ('{"prompt": 3, "chosen": "b", "rejected": "c"}', "must be a string or a list"),
+    ]:
         (tmp_path / "bad.jsonl").write_text(bad + "\n")
         with pytest.raises(InputError, match=rf"bad\.jsonl:1: .*{message}"):
             read_pairs(tmp_path / "bad.jsonl", tok, 96)
@@ -273,8 +334,20 @@ def test_dpo_raises_the_held_out_rate_of_the_preferred_behaviour(sft, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(200, 3, "pairs"))
     held_out = rule_rows(40, 99, "prompts")
     before = preferred_rate(sft, held_out)
-    last = dpo(DPOConfig(init_from=sft, data=[str(data)], out_dir=str(tmp_path / "dpo"), max_length=64, batch_size=8,
-                         max_steps=30, lr=3e-4, min_lr=3e-5, warmup_steps=3, eval_interval=10))
+    last = dpo(
+        DPOConfig(
+            init_from=sft,
+            data=[str(data)],
+            out_dir=str(tmp_path / "dpo"),
+            max_length=64,
+            batch_size=8,
+            max_steps=30,
+            lr=3e-4,
+            min_lr=3e-5,
+            warmup_steps=3,
+            eval_interval=10,
+        )
+    )
     after = preferred_rate(last["checkpoint"], held_out)
     assert last["val_reward_accuracy"] == 1.0
     assert after >= before + 0.3 and after >= 0.8, (before, after)

@@ -40,9 +40,20 @@ def setup(tmp_path_factory):
 
 
 def config(root, out, family="gpt", data=None, **kw):
-    base = dict(task="embed", init_from=str(root / family), data=[str(data or root / "sentences.txt")], out_dir=str(out),
-                max_steps=12, lr=3e-3, min_lr=1e-4, warmup_steps=2, batch_size=16, eval_interval=0, val_fraction=0.2,
-                device="cpu")
+    base = dict(
+        task="embed",
+        init_from=str(root / family),
+        data=[str(data or root / "sentences.txt")],
+        out_dir=str(out),
+        max_steps=12,
+        lr=3e-3,
+        min_lr=1e-4,
+        warmup_steps=2,
+        batch_size=16,
+        eval_interval=0,
+        val_fraction=0.2,
+        device="cpu",
+    )
     return FinetuneConfig(**{**base, **kw})
 
 

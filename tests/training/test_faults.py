@@ -54,16 +54,37 @@ def shards(small_text, tmp_path_factory):
 
 
 def config(out, shards, **kw) -> TrainConfig:
-    base = dict(out_dir=str(out), data=[str(shards)], block_size=32, batch_size=4, max_steps=8, warmup_steps=2,
-                eval_interval=0, eval_batches=1, ckpt_interval=2, keep_last=2, model=dict(TINY), decay_steps=12)
+    base = dict(
+        out_dir=str(out),
+        data=[str(shards)],
+        block_size=32,
+        batch_size=4,
+        max_steps=8,
+        warmup_steps=2,
+        eval_interval=0,
+        eval_batches=1,
+        ckpt_interval=2,
+        keep_last=2,
+        model=dict(TINY),
+        decay_steps=12,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def flags(cfg: TrainConfig) -> list[str]:
     """The `lmstack train` flags for a config built by `config`."""
     out = ["--data", *cfg.data, "--out-dir", cfg.out_dir]
-    for name in ("block_size", "batch_size", "max_steps", "warmup_steps", "eval_interval", "eval_batches",
-                 "ckpt_interval", "keep_last", "decay_steps"):
+    for name in (
+        "block_size",
+        "batch_size",
+        "max_steps",
+        "warmup_steps",
+        "eval_interval",
+        "eval_batches",
+        "ckpt_interval",
+        "keep_last",
+        "decay_steps",
+    ):
         out += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
     return out + [a for k, v in cfg.model.items() for a in ("--model", f"{k}={v}")]
 
@@ -87,11 +108,15 @@ def test_a_bad_model_config_fails_before_tokenizing_and_writes_nothing(small_tex
     monkeypatch.setattr(pretrain, "_base_tokenizer", lambda *a, **k: pytest.fail("a tokenizer was trained"))
     out = tmp_path / "run"
     args = ["train", "--data", str(small_text), "--out-dir", str(out)]
-    cases = [(["--model", "n_embd=64", "--model", "n_head=3"], "invalid gpt model config: n_embd (64) must be divisible by "
-              "n_head (3)"),
-             (["--family", "transformer"], "--family 'transformer': not a model family; known: "),
-             (["--model", "n_layers=2"], "--model: GPTConfig has no fields ['n_layers']"),
-             (["--tokenizer", "sentencepiece"], "--tokenizer 'sentencepiece' is neither a tokenizer file/directory nor a kind")]
+    cases = [
+        (
+            ["--model", "n_embd=64", "--model", "n_head=3"],
+            "invalid gpt model config: n_embd (64) must be divisible by n_head (3)",
+        ),
+        (["--family", "transformer"], "--family 'transformer': not a model family; known: "),
+        (["--model", "n_layers=2"], "--model: GPTConfig has no fields ['n_layers']"),
+        (["--tokenizer", "sentencepiece"], "--tokenizer 'sentencepiece' is neither a tokenizer file/directory nor a kind"),
+    ]
     for extra, message in cases:
         assert main(args + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -103,8 +128,19 @@ def test_a_failed_run_removes_what_it_made_but_reusable_shards(small_text, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a user's file in the run directory stays untouched
-    bad = TrainConfig(out_dir=str(out), data=[str(small_text)], block_size=32, batch_size=4, max_steps=4, warmup_steps=0,
-                      eval_interval=0, ckpt_interval=0, model=dict(TINY), lr=1e30, min_lr=0.0)
+    bad = TrainConfig(
+        out_dir=str(out),
+        data=[str(small_text)],
+        block_size=32,
+        batch_size=4,
+        max_steps=4,
+        warmup_steps=0,
+        eval_interval=0,
+        ckpt_interval=0,
+        model=dict(TINY),
+        lr=1e30,
+        min_lr=0.0,
+    )
     with pytest.raises(DivergenceError):
         train(bad)
     assert sorted(p.name for p in out.iterdir()) == ["data", "notes.txt"]
@@ -131,8 +167,11 @@ def test_a_run_killed_before_its_first_checkpoint_is_started_again(shards, tmp_p
     with open(run / METRICS_FILE, "a") as f:
         f.write('{"step": 4, "tok')
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 3]  # the cut-off line is dropped, not fatal
-    with pytest.raises(CheckpointError, match=r"stopped before its first checkpoint, so there is nothing to resume; "
-                                              r"start it again with the same command"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"stopped before its first checkpoint, so there is nothing to resume; "
+        r"start it again with the same command",
+    ):
         train(cfg, resume=True)
     train(cfg)  # started again: the records are the new run's, not appended to the dead one's
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 3]
@@ -178,8 +217,10 @@ def test_resume_falls_back_past_a_damaged_checkpoint_bit_for_bit(shards, tmp_pat
         capsys.readouterr()
         train(config(run, shards, max_steps=10), resume=True)
         said = capsys.readouterr().out
-        assert (f"checkpoint step_0000006 is damaged, so the run resumes from step_0000004 (step_0000006 is set aside as "
-                f"damaged_step_0000006): {run / 'checkpoints' / 'step_0000006' / file}") in said, name
+        assert (
+            f"checkpoint step_0000006 is damaged, so the run resumes from step_0000004 (step_0000006 is set aside as "
+            f"damaged_step_0000006): {run / 'checkpoints' / 'step_0000006' / file}"
+        ) in said, name
         assert losses(run) == losses(tmp_path / "ref"), name  # steps 5..10 retrained from step 4, bit for bit
         assert (run / checkpoint.CHECKPOINTS / "damaged_step_0000006").is_dir(), name  # kept for a look, out of the way
 
@@ -188,8 +229,11 @@ def test_no_intact_checkpoint_says_to_start_again(shards, tmp_path):
     run = tmp_path / "run"
     train(config(run, shards, max_steps=2))
     truncate(checkpoint.latest(run) / "optimizer.safetensors")
-    with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from \(.*optimizer.safetensors: corrupt.*\); "
-                                              r"delete .*checkpoints and start the run again"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"no intact checkpoint to resume from \(.*optimizer.safetensors: corrupt.*\); "
+        r"delete .*checkpoints and start the run again",
+    ):
         train(config(run, shards, max_steps=4), resume=True)
 
 
@@ -223,8 +267,10 @@ def test_sigint_checkpoints_exits_130_and_says_how_to_resume(shards, tmp_path, m
     run, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
     assert main(["train", *flags(config(run, shards, max_steps=100, ckpt_interval=0))]) == 130
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last == (f"stopped by SIGINT at step 3; checkpoint {run / 'checkpoints' / 'step_0000003'}; "
-                    f"continue with `lmstack train --resume {run}`")
+    assert last == (
+        f"stopped by SIGINT at step 3; checkpoint {run / 'checkpoints' / 'step_0000003'}; "
+        f"continue with `lmstack train --resume {run}`"
+    )
     assert signal.getsignal(signal.SIGINT) is handler  # put back after the run
 
 

@@ -37,8 +37,17 @@ def tiny(small_text):  # module-scoped twin of conftest's `tiny`
     from lmstack.training.config import TrainConfig
 
     def make(out, **kw):
-        base = dict(out_dir=str(out), data=[str(small_text)], block_size=32, batch_size=4, max_steps=6,
-                    warmup_steps=2, eval_interval=0, eval_batches=2, ckpt_interval=0)
+        base = dict(
+            out_dir=str(out),
+            data=[str(small_text)],
+            block_size=32,
+            batch_size=4,
+            max_steps=6,
+            warmup_steps=2,
+            eval_interval=0,
+            eval_batches=2,
+            ckpt_interval=0,
+        )
         return TrainConfig(**{**base, **kw})
 
     return make
@@ -68,12 +77,14 @@ def chat_model(base):
 
 def test_sft_loss_is_minus_mean_log_p_of_the_answers_as_score_computes_it(base):
     model, tok = chat_model(base)
-    rows = [render(tok, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}])
-            for r in format_rows(4, 0)]
+    rows = [
+        render(tok, [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}])
+        for r in format_rows(4, 0)
+    ]
     examples = [Example(torch.tensor(ids).numpy(), torch.tensor(mask).numpy()) for ids, mask in rows]
     loss = AnswerLoss(model)(collate([[e] for e in examples], max(len(e.ids) for e in examples)))
     # the answer is the masked end of each row: score it given everything before it
-    requests = [(ids[: mask.index(True)], ids[mask.index(True):]) for ids, mask in rows]
+    requests = [(ids[: mask.index(True)], ids[mask.index(True) :]) for ids, mask in rows]
     logp = sum(lp for lp, _ in loglikelihoods(model, requests))
     n = sum(len(c) for _, c in requests)
     assert float(loss.detach()) == pytest.approx(-logp / n, abs=1e-5)
@@ -107,9 +118,19 @@ def greedy_answers(ckpt, rows) -> list[str]:
 
 def test_a_tiny_model_learns_a_held_out_answer_format(base, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", format_rows(200, 2))
-    cfg = FinetuneConfig(init_from=str(base), data=[str(data)], out_dir=str(tmp_path / "run"), max_length=64,
-                         batch_size=8, max_steps=80, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=0,
-                         val_fraction=0.1)
+    cfg = FinetuneConfig(
+        init_from=str(base),
+        data=[str(data)],
+        out_dir=str(tmp_path / "run"),
+        max_length=64,
+        batch_size=8,
+        max_steps=80,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_interval=0,
+        val_fraction=0.1,
+    )
     last = finetune(cfg)
     evals = [r for r in read_metrics(tmp_path / "run") if "val_logp_answer" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 80
@@ -120,16 +141,42 @@ def test_a_tiny_model_learns_a_held_out_answer_format(base, tmp_path, capsys):
     assert sum(follows) >= 16, answers
     # `lmstack generate --chat` frames the prompt the same way and ends the reply at its end of turn
     capsys.readouterr()
-    assert main(["generate", "--model", last["checkpoint"], "--chat", "--prompt", "Say apple", "--temperature", "0",
-                 "--max-tokens", "30", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                last["checkpoint"],
+                "--chat",
+                "--prompt",
+                "Say apple",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "30",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["text"].startswith("Answer: ") and out["finish_reason"] == "stop" and "<|end|>" not in out["text"]
 
 
 def test_lora_run_trains_adapters_only_and_resumes_exactly(base, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", format_rows(60, 3))
-    common = dict(init_from=str(base), data=[str(data)], max_length=64, batch_size=4, lr=3e-3, warmup_steps=2,
-                  eval_interval=0, ckpt_interval=3, keep_last=5, lora={"r": 4, "alpha": 8})
+    common = dict(
+        init_from=str(base),
+        data=[str(data)],
+        max_length=64,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_interval=0,
+        ckpt_interval=3,
+        keep_last=5,
+        lora={"r": 4, "alpha": 8},
+    )
     whole = finetune(FinetuneConfig(out_dir=str(tmp_path / "a"), max_steps=6, **common))
     ckpt = checkpoint.latest(tmp_path / "a")
     assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
@@ -168,8 +215,28 @@ def test_bad_input_fails_before_the_run_directory_exists(base, tmp_path, capsys)
 @pytest.mark.parametrize("name", ["instruct", "chat-zh"])
 def test_shipped_configs_run(base, tmp_path, name, capsys):
     out = tmp_path / name
-    assert main(["finetune", "--config", name, "--init-from", str(base), "--out-dir", str(out), "--max-steps", "2",
-                 "--max-length", "64", "--batch-size", "2", "--eval-interval", "0"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--config",
+                name,
+                "--init-from",
+                str(base),
+                "--out-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--max-length",
+                "64",
+                "--batch-size",
+                "2",
+                "--eval-interval",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "done: step 2" in capsys.readouterr().out
     assert (checkpoint.latest(out) / "model.safetensors").exists()
 

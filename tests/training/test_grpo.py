@@ -62,10 +62,16 @@ def test_loss_at_ratio_one_is_minus_advantage_weighted_mean():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     adv = torch.tensor([1.0, -2.0, 0.5])
     lengths = mask.sum(-1).float()
-    expected = {"sequence": (-adv).mean(), "token": (-adv * lengths).sum() / lengths.sum(),
-                "constant": (-adv * lengths).sum() / (3 * 4)}
-    grads = {"sequence": -adv[:, None] / lengths[:, None] / 3, "token": -adv[:, None] / lengths.sum(),
-             "constant": -adv[:, None] / 12}
+    expected = {
+        "sequence": (-adv).mean(),
+        "token": (-adv * lengths).sum() / lengths.sum(),
+        "constant": (-adv * lengths).sum() / (3 * 4),
+    }
+    grads = {
+        "sequence": -adv[:, None] / lengths[:, None] / 3,
+        "token": -adv[:, None] / lengths.sum(),
+        "constant": -adv[:, None] / 12,
+    }
     for agg, value in expected.items():
         loss, stats = grpo_loss(logp, logp.detach(), adv, mask, agg=agg)
         (g,) = torch.autograd.grad(loss, logp)
@@ -109,9 +115,13 @@ def test_k3_is_the_closed_form_and_an_unbiased_kl():
 
 def test_a_reply_cut_at_the_length_limit_scores_zero_even_when_right():
     items = [Item("q", 12.0)]
-    groups = [[Generation([1], "3 * 4 = 12\nAnswer: 12", "stop", 0.0),
-               Generation([1], "3 * 4 = 12\nAnswer: 12", "length", 0.0),
-               Generation([1], "3 * 4 = 13\nAnswer: 13", "stop", 0.0)]]
+    groups = [
+        [
+            Generation([1], "3 * 4 = 12\nAnswer: 12", "stop", 0.0),
+            Generation([1], "3 * 4 = 12\nAnswer: 12", "length", 0.0),
+            Generation([1], "3 * 4 = 13\nAnswer: 13", "stop", 0.0),
+        ]
+    ]
     rewards, right, ended = score_groups(groups, items, format_reward=0.5)
     assert rewards.tolist() == [[1.5, 0.0, 0.5]]  # right + well formed, cut, well formed but wrong
     assert right.tolist() == [[1.0, 1.0, 0.0]] and ended.tolist() == [[True, False, True]]
@@ -169,16 +179,42 @@ def base(tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo_base")
     text = out / "arith.txt"
     arithmetic.write(text, arithmetic.generate(200, seed=1, levels=(1,)), "text")
-    train(TrainConfig(out_dir=str(out / "run"), data=[str(text)], tokenizer="char", block_size=224, batch_size=4,
-                      max_steps=4, warmup_steps=1, eval_interval=0, eval_batches=1, ckpt_interval=0, device="cpu",
-                      model={"n_layer": 1, "n_head": 2, "n_embd": 32}))
+    train(
+        TrainConfig(
+            out_dir=str(out / "run"),
+            data=[str(text)],
+            tokenizer="char",
+            block_size=224,
+            batch_size=4,
+            max_steps=4,
+            warmup_steps=1,
+            eval_interval=0,
+            eval_batches=1,
+            ckpt_interval=0,
+            device="cpu",
+            model={"n_layer": 1, "n_head": 2, "n_embd": 32},
+        )
+    )
     return checkpoint.latest(out / "run")
 
 
 def test_a_short_run_logs_rewards_and_checkpoints(base, tmp_path):
-    cfg = GRPOConfig(out_dir=str(tmp_path / "g"), init_from=str(base), group=4, batch_size=2, max_steps=2, lr=1e-3,
-                     max_new_tokens=12, n_train=10, n_eval=4, eval_interval=0, kl=0.1, updates=2, device="cpu",
-                     temperature=1.5)
+    cfg = GRPOConfig(
+        out_dir=str(tmp_path / "g"),
+        init_from=str(base),
+        group=4,
+        batch_size=2,
+        max_steps=2,
+        lr=1e-3,
+        max_new_tokens=12,
+        n_train=10,
+        n_eval=4,
+        eval_interval=0,
+        kl=0.1,
+        updates=2,
+        device="cpu",
+        temperature=1.5,
+    )
     last = grpo(cfg)
     rows = read_metrics(tmp_path / "g")
     steps = [r for r in rows if "loss" in r]

@@ -84,8 +84,9 @@ def test_under_lora_the_reference_is_the_base_with_the_adapters_off(tiny):
         policy = torch.log_softmax(model.eval()(batch["idx"]), -1).gather(-1, batch["targets"][..., None])[..., 0]
     assert torch.allclose(ref.logprobs(batch), want, atol=1e-5)
     assert not torch.allclose(policy, want, atol=1e-3)
-    assert torch.allclose(torch.log_softmax(model(batch["idx"]), -1).gather(-1, batch["targets"][..., None])[..., 0],
-                          policy, atol=1e-6)  # the adapters are back on afterwards
+    assert torch.allclose(
+        torch.log_softmax(model(batch["idx"]), -1).gather(-1, batch["targets"][..., None])[..., 0], policy, atol=1e-6
+    )  # the adapters are back on afterwards
 
 
 def test_a_reward_model_with_another_tokenizer_scores_the_decoded_replies(tiny, tmp_path):
@@ -97,8 +98,19 @@ def test_a_reward_model_with_another_tokenizer_scores_the_decoded_replies(tiny, 
     add_chat_tokens(tok)
     GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=1, n_head=2, n_embd=32)).save(tmp_path / "other", tok)
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(8, 1, "pairs"))
-    rm = train_reward(RewardConfig(init_from=str(tmp_path / "other"), data=[str(data)], out_dir=str(tmp_path / "rm"),
-                                   max_length=96, batch_size=2, max_steps=2, warmup_steps=0, lr=1e-2, eval_interval=0))
+    rm = train_reward(
+        RewardConfig(
+            init_from=str(tmp_path / "other"),
+            data=[str(data)],
+            out_dir=str(tmp_path / "rm"),
+            max_length=96,
+            batch_size=2,
+            max_steps=2,
+            warmup_steps=0,
+            lr=1e-2,
+            eval_interval=0,
+        )
+    )
     scorer = load_reward_model(rm["checkpoint"])
     policy, ptok = load(tiny)
     assert ptok.encode("Say apple") != scorer.tokenizer.encode("Say apple")
@@ -110,8 +122,7 @@ def test_a_reward_model_with_another_tokenizer_scores_the_decoded_replies(tiny, 
     end = turn_end_id(ptok)
     got = rollout(objective, Reference(policy), scorer, ptok, conversations, prompts, cfg, 5, end, torch.device("cpu"))
     mask = got.batch["targets"] != -100
-    texts = [ptok.decode([t for t in row[m].tolist() if t != end]).strip()
-             for row, m in zip(got.batch["targets"], mask)]
+    texts = [ptok.decode([t for t in row[m].tolist() if t != end]).strip() for row, m in zip(got.batch["targets"], mask)]
     spoken = [i for i, t in enumerate(texts) if t]
     assert spoken
     want = torch.full((len(texts),), float("nan"))
@@ -143,13 +154,38 @@ def sft(tmp_path_factory, small_text):
 @pytest.mark.slow
 def test_ppo_raises_the_reward_models_mean_score_on_held_out_prompts_with_bounded_kl(sft, tmp_path):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(200, 3, "pairs"))
-    rm = train_reward(RewardConfig(init_from=sft, data=[str(pairs)], out_dir=str(tmp_path / "rm"), max_length=64,
-                                   batch_size=8, max_steps=30, lr=1e-3, min_lr=1e-4, warmup_steps=3, eval_interval=0))
+    rm = train_reward(
+        RewardConfig(
+            init_from=sft,
+            data=[str(pairs)],
+            out_dir=str(tmp_path / "rm"),
+            max_length=64,
+            batch_size=8,
+            max_steps=30,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=3,
+            eval_interval=0,
+        )
+    )
     assert rm["val_accuracy"] == 1.0
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rule_rows(100, 4, "prompts"))
-    ppo(PPOConfig(init_from=sft, reward_model=rm["checkpoint"], prompts=[str(prompts)], out_dir=str(tmp_path / "ppo"),
-                  max_new_tokens=16, batch_size=8, max_steps=30, lr=1e-3, min_lr=1e-4, warmup_steps=2, eval_interval=10,
-                  val_fraction=0.2))
+    ppo(
+        PPOConfig(
+            init_from=sft,
+            reward_model=rm["checkpoint"],
+            prompts=[str(prompts)],
+            out_dir=str(tmp_path / "ppo"),
+            max_new_tokens=16,
+            batch_size=8,
+            max_steps=30,
+            lr=1e-3,
+            min_lr=1e-4,
+            warmup_steps=2,
+            eval_interval=10,
+            val_fraction=0.2,
+        )
+    )
     evals = [r for r in read_metrics(tmp_path / "ppo") if "val_reward" in r]
     assert [e["step"] for e in evals] == [0, 10, 20, 30]
     assert evals[-1]["val_reward"] > evals[0]["val_reward"] + 0.5

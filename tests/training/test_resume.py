@@ -17,6 +17,7 @@ from lmstack.training.pretrain import train
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny, tmp_path):
     # dropout and gradient accumulation on, so RNG state and micro-batch positions must resume exactly
     kw = dict(model={"n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.2}, tokens_per_step=8 * 32, decay_steps=20)
@@ -29,13 +30,38 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny, tmp_path):
     assert a == b  # bit for bit
     assert a[-1] < a[0]
 
+
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues(cli, small_text, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lmstack.cli", "train", "--data", str(small_text), "--out-dir", str(run),
-           "--block-size", "32", "--batch-size", "4", "--max-steps", "100000", "--eval-interval", "0",
-           "--ckpt-interval", "0", "--model", "n_layer=1", "--model", "n_embd=32", "--model", "n_head=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, LMSTACK_NO_PROGRESS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmstack.cli",
+        "train",
+        "--data",
+        str(small_text),
+        "--out-dir",
+        str(run),
+        "--block-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "100000",
+        "--eval-interval",
+        "0",
+        "--ckpt-interval",
+        "0",
+        "--model",
+        "n_layer=1",
+        "--model",
+        "n_embd=32",
+        "--model",
+        "n_head=2",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, LMSTACK_NO_PROGRESS="1")
+    )
     for _ in range(300):  # wait (up to about a minute) for the first logged step
         if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text():
             break

@@ -46,9 +46,21 @@ def test_gpt_reward_is_transformers_sequence_classification_score_and_the_loss_i
 
 def test_a_reward_model_learns_a_held_out_preference_and_scores_text(tiny, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(80, 1, "pairs"))
-    last = train_reward(RewardConfig(init_from=str(tiny), data=[str(data)], out_dir=str(tmp_path / "rm"), max_length=96,
-                                     batch_size=8, max_steps=25, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=0,
-                                     val_fraction=0.2))
+    last = train_reward(
+        RewardConfig(
+            init_from=str(tiny),
+            data=[str(data)],
+            out_dir=str(tmp_path / "rm"),
+            max_length=96,
+            batch_size=8,
+            max_steps=25,
+            lr=1e-2,
+            min_lr=1e-3,
+            warmup_steps=2,
+            eval_interval=0,
+            val_fraction=0.2,
+        )
+    )
     evals = [r for r in read_metrics(tmp_path / "rm") if "val_accuracy" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 25
     assert evals[-1]["val_accuracy"] == 1.0 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
@@ -58,8 +70,24 @@ def test_a_reward_model_learns_a_held_out_preference_and_scores_text(tiny, tmp_p
     rejected = scorer.score([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
     assert bool((chosen > rejected).all())
     capsys.readouterr()
-    assert main(["align", "score-reward", "--reward-model", last["checkpoint"], "--prompt", "Say lemon",
-                 "--continuation", "Answer: lemon!", "--continuation", "Answer: lemon.", "--json"]) == 0
+    assert (
+        main(
+            [
+                "align",
+                "score-reward",
+                "--reward-model",
+                last["checkpoint"],
+                "--prompt",
+                "Say lemon",
+                "--continuation",
+                "Answer: lemon!",
+                "--continuation",
+                "Answer: lemon.",
+                "--json",
+            ]
+        )
+        == 0
+    )
     import json
 
     liked, other = [json.loads(line)["reward"] for line in capsys.readouterr().out.splitlines()]
@@ -74,8 +102,18 @@ def test_wrong_checkpoints_and_empty_replies_get_one_clear_error(tiny, tmp_path)
     with pytest.raises(InputError, match="no preference pairs"):
         train_reward(RewardConfig(init_from=str(tiny), out_dir=str(tmp_path / "rm")))
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(10, 1, "pairs"))
-    last = train_reward(RewardConfig(init_from=str(tiny), data=[str(data)], out_dir=str(tmp_path / "rm"), max_length=96,
-                                     batch_size=2, max_steps=1, warmup_steps=0, eval_interval=0))
+    last = train_reward(
+        RewardConfig(
+            init_from=str(tiny),
+            data=[str(data)],
+            out_dir=str(tmp_path / "rm"),
+            max_length=96,
+            batch_size=2,
+            max_steps=1,
+            warmup_steps=0,
+            eval_interval=0,
+        )
+    )
     with pytest.raises(InputError, match="response 1 is empty"):
         load_reward_model(last["checkpoint"]).score(["a", "b"], ["fine", " "])
 
@@ -87,8 +125,14 @@ def test_bert_reward_is_transformers_sequence_classification_score_of_the_pooled
     from lmstack.models.bert import from_hf_bert
 
     torch.manual_seed(0)
-    hf_cfg = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64)
+    hf_cfg = BertConfig(
+        vocab_size=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertForPreTraining(hf_cfg).save_pretrained(tmp_path / "bert")  # with a pooler
     model, _ = from_hf_bert(tmp_path / "bert")
     objective = RewardModel(model).eval()
@@ -97,12 +141,14 @@ def test_bert_reward_is_transformers_sequence_classification_score_of_the_pooled
     hf = BertForSequenceClassification.from_pretrained(tmp_path / "bert", num_labels=1).eval()
     hf.classifier.load_state_dict(objective.head.state_dict())
     cls, sep = [1], [2]
-    pairs = [Pair(cls + [5, 6, 7] + sep, [8, 9] + sep, [10] + sep, "a"),
-             Pair(cls + [11] + sep, [12, 13, 14] + sep, [15] + sep, "b")]
+    pairs = [
+        Pair(cls + [5, 6, 7] + sep, [8, 9] + sep, [10] + sep, "a"),
+        Pair(cls + [11] + sep, [12, 13, 14] + sep, [15] + sep, "b"),
+    ]
     batch = collate_pairs(pairs)
     types = torch.zeros_like(batch["idx"])
     for i, p in enumerate(pairs + pairs):
-        types[i, len(p.prompt):] = 1  # [CLS] prompt [SEP] is segment 0, the reply and its [SEP] segment 1
+        types[i, len(p.prompt) :] = 1  # [CLS] prompt [SEP] is segment 0, the reply and its [SEP] segment 1
     with torch.no_grad():
         theirs = hf(batch["idx"], attention_mask=(batch["segments"] > 0).long(), token_type_ids=types).logits[:, 0]
         ours = objective.rewards(batch)
@@ -116,11 +162,34 @@ def test_a_bert_reward_model_trains_on_pairs_and_scores_text(tmp_path):
     tok = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyzASY :.!"], special_tokens=("[CLS]", "[SEP]", "[MASK]"))
     ids = tok.special_tokens
     torch.manual_seed(0)
-    BERT(BERTConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_position=64, dropout=0.0,
-                    cls_token_id=ids["[CLS]"], sep_token_id=ids["[SEP]"], mask_token_id=ids["[MASK]"])).save(tmp_path / "b", tok)
+    BERT(
+        BERTConfig(
+            vocab_size=tok.vocab_size,
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            d_ff=64,
+            max_position=64,
+            dropout=0.0,
+            cls_token_id=ids["[CLS]"],
+            sep_token_id=ids["[SEP]"],
+            mask_token_id=ids["[MASK]"],
+        )
+    ).save(tmp_path / "b", tok)
     data = write_jsonl(tmp_path / "pairs.jsonl", rule_rows(60, 1, "pairs"))
-    last = train_reward(RewardConfig(init_from=str(tmp_path / "b"), data=[str(data)], out_dir=str(tmp_path / "rm"),
-                                     batch_size=8, max_steps=20, lr=3e-3, warmup_steps=2, eval_interval=0, val_fraction=0.2))
+    last = train_reward(
+        RewardConfig(
+            init_from=str(tmp_path / "b"),
+            data=[str(data)],
+            out_dir=str(tmp_path / "rm"),
+            batch_size=8,
+            max_steps=20,
+            lr=3e-3,
+            warmup_steps=2,
+            eval_interval=0,
+            val_fraction=0.2,
+        )
+    )
     assert last["val_accuracy"] >= 0.9
     scorer = load_reward_model(last["checkpoint"])
     assert float(scorer.score(["Say lemon"], ["Answer: lemon!"])[0]) > float(scorer.score(["Say lemon"], ["Answer: lemon."])[0])

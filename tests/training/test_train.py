@@ -67,8 +67,20 @@ SHRINK = {
     "gpt": ["--model", "n_layer=1", "--model", "n_head=2", "--model", "n_embd=32"],
     "rnn": ["--preset", "tiny"],
     "bert": ["--model", "d_model=32", "--model", "n_layers=1", "--model", "n_heads=2", "--model", "d_ff=64"],
-    "t5": ["--model", "d_model=32", "--model", "d_kv=8", "--model", "d_ff=64", "--model", "n_layers=1",
-           "--model", "n_decoder_layers=1", "--model", "n_heads=2"],
+    "t5": [
+        "--model",
+        "d_model=32",
+        "--model",
+        "d_kv=8",
+        "--model",
+        "d_ff=64",
+        "--model",
+        "n_layers=1",
+        "--model",
+        "n_decoder_layers=1",
+        "--model",
+        "n_heads=2",
+    ],
 }
 TRAIN_CONFIGS = ["shakespeare-char", "shakespeare-bpe", "lstm-zaremba-medium", "bert-mlm", "t5-span", "gpt2-124m"]
 CASES = [(name, None) for name in TRAIN_CONFIGS] + [("bert-mlm", "nsp"), ("bert-mlm", "rtd")]
@@ -79,9 +91,29 @@ def test_each_shipped_config_trains_end_to_end(name, objective, small_text, tmp_
     from lmstack.training.config import read_file
 
     family = read_file(shipped_configs()[name]).get("family", "gpt")
-    args = ["train", "--config", name, "--data", str(small_text), "--out-dir", str(tmp_path), "--max-steps", "2",
-            "--batch-size", "2", "--block-size", "32", "--tokens-per-step", "0", "--eval-batches", "1",
-            "--vocab-size", "300", "--no-compile", *SHRINK[family]]
+    args = [
+        "train",
+        "--config",
+        name,
+        "--data",
+        str(small_text),
+        "--out-dir",
+        str(tmp_path),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "32",
+        "--tokens-per-step",
+        "0",
+        "--eval-batches",
+        "1",
+        "--vocab-size",
+        "300",
+        "--no-compile",
+        *SHRINK[family],
+    ]
     if name == "gpt2-124m":
         args += ["--preset", "tiny"]
     if objective:
@@ -117,14 +149,37 @@ def test_out_of_memory_names_the_micro_batch_setting(tiny, tmp_path, monkeypatch
 
 
 def test_prepare_only_then_train_from_the_shard_directory(small_text, tmp_path, capsys):
-    assert main(["train", "--prepare-only", "--data", str(small_text), "--out-dir", str(tmp_path / "prep"),
-                 "--tokenizer", "word"]) == 0
+    assert (
+        main(["train", "--prepare-only", "--data", str(small_text), "--out-dir", str(tmp_path / "prep"), "--tokenizer", "word"])
+        == 0
+    )
     assert "prepared" in capsys.readouterr().out
     shard_dir = tmp_path / "prep" / "data"
     manifest = json.loads((shard_dir / "manifest.json").read_text())
-    assert main(["train", "--data", str(shard_dir), "--out-dir", str(tmp_path / "run"), "--max-steps", "1",
-                 "--block-size", "16", "--batch-size", "2", "--model", "n_layer=1", "--model", "n_embd=16",
-                 "--model", "n_head=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(shard_dir),
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "1",
+                "--block-size",
+                "16",
+                "--batch-size",
+                "2",
+                "--model",
+                "n_layer=1",
+                "--model",
+                "n_embd=16",
+                "--model",
+                "n_head=2",
+            ]
+        )
+        == 0
+    )
     _, tok = load(checkpoint.latest(tmp_path / "run"))
     assert tok.kind == "word" and tok.fingerprint() == manifest["tokenizer"]
     assert not (tmp_path / "run" / "data").exists()  # the given shards were used, not re-made

@@ -15,8 +15,24 @@ import lmstack
 from lmstack.errors import InputError, LmstackError
 
 # Command modules, in the order `lmstack --help` lists them.
-COMMANDS = ("quickstart", "tokenizer", "convert", "ngram", "eval", "generate", "score", "train", "finetune", "align", "lora",
-            "card", "embed", "scaling", "serve", "verify")
+COMMANDS = (
+    "quickstart",
+    "tokenizer",
+    "convert",
+    "ngram",
+    "eval",
+    "generate",
+    "score",
+    "train",
+    "finetune",
+    "align",
+    "lora",
+    "card",
+    "embed",
+    "scaling",
+    "serve",
+    "verify",
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -140,8 +156,11 @@ def check_utf8_args(argv: list[str]) -> None:
     """Bytes that are not UTF-8 on the command line arrive as lone surrogates; say which
     argument holds them, as a file that is not UTF-8 gets told, instead of failing deep inside."""
     for i, arg in enumerate(argv):
-        name, value = arg.split("=", 1) if arg.startswith("--") and "=" in arg else (
-            argv[i - 1] if i and argv[i - 1].startswith("--") else "argument", arg)
+        name, value = (
+            arg.split("=", 1)
+            if arg.startswith("--") and "=" in arg
+            else (argv[i - 1] if i and argv[i - 1].startswith("--") else "argument", arg)
+        )
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -149,8 +168,10 @@ def check_utf8_args(argv: list[str]) -> None:
                 shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             except UnicodeEncodeError:
                 shown = ascii(value)[1:-1]
-            raise InputError(f"{name} '{shown}': not valid UTF-8 (at character {e.start}); pass UTF-8 text, e.g. "
-                             "convert it with `iconv -f LATIN1 -t UTF-8` or use a UTF-8 locale") from None
+            raise InputError(
+                f"{name} '{shown}': not valid UTF-8 (at character {e.start}); pass UTF-8 text, e.g. "
+                "convert it with `iconv -f LATIN1 -t UTF-8` or use a UTF-8 locale"
+            ) from None
 
 
 def check_device(name: str | None) -> None:
@@ -164,8 +185,7 @@ def check_device(name: str | None) -> None:
     except RuntimeError:
         raise InputError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
-        raise InputError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found); "
-                         "use --device cpu")
+        raise InputError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found); use --device cpu")
 
 
 def add_group(sub, name: str, help: str, description: str | None = None):

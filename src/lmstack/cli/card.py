@@ -8,10 +8,14 @@ from lmstack.cli import add_group
 
 
 def register(sub) -> None:
-    group = add_group(sub, "card", help="persona cards: a LoRA adapter with a name, a system prompt and a description",
-                      description="A card directory is a LoRA adapter (from `lmstack finetune --lora`) plus card.json "
-                      "(name, description, system prompt, language, base fingerprint). `lmstack serve` loads cards "
-                      "into a running base model; a card made for another base is refused.")
+    group = add_group(
+        sub,
+        "card",
+        help="persona cards: a LoRA adapter with a name, a system prompt and a description",
+        description="A card directory is a LoRA adapter (from `lmstack finetune --lora`) plus card.json "
+        "(name, description, system prompt, language, base fingerprint). `lmstack serve` loads cards "
+        "into a running base model; a card made for another base is refused.",
+    )
     p = group.add_parser("create", help="make a card directory from a LoRA adapter")
     p.add_argument("--adapter", required=True, metavar="DIR", help="LoRA adapter directory")
     p.add_argument("--name", required=True, help="card name (its model name in the API): letters, digits, . _ : -")

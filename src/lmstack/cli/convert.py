@@ -10,7 +10,8 @@ from lmstack.io import check_output_dir, output_dir
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "convert", help="convert checkpoints between Hugging Face and lmstack formats",
+        "convert",
+        help="convert checkpoints between Hugging Face and lmstack formats",
         description="Import a local Hugging Face checkpoint (GPT-2, Llama and SmolLM2, Mistral, Qwen2/2.5, Qwen3, "
         "BERT, T5) as an lmstack checkpoint, or export an lmstack GPT as a directory `transformers` loads "
         "(GPT-2, Llama, Mistral, Qwen2 or Qwen3, whichever computes the same function). "
@@ -22,8 +23,12 @@ def register(sub) -> None:
     )
     p.add_argument("src", metavar="SRC_DIR", help="checkpoint directory to read")
     p.add_argument("dst", metavar="DST_DIR", help="directory to write (created if missing)")
-    p.add_argument("--to", choices=["lmstack", "hf"], default=None,
-                   help="target format (default: the other one; an HF source becomes lmstack and vice versa)")
+    p.add_argument(
+        "--to",
+        choices=["lmstack", "hf"],
+        default=None,
+        help="target format (default: the other one; an HF source becomes lmstack and vice versa)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite a DST_DIR that already holds a checkpoint")
     p.set_defaults(func=cmd_convert)
 
@@ -44,8 +49,10 @@ def cmd_convert(args) -> int:
     to = args.to or ("lmstack" if from_hf_format else "hf")
     if to == "lmstack":
         if not from_hf_format:
-            raise InputError(f"{src}: not a Hugging Face model directory (no model_type in config.json); "
-                             "it is already lmstack's format or not a checkpoint")
+            raise InputError(
+                f"{src}: not a Hugging Face model directory (no model_type in config.json); "
+                "it is already lmstack's format or not a checkpoint"
+            )
         model, tokenizer = from_hf(src)
     elif from_hf_format:
         raise InputError(f"{src}: already a Hugging Face model directory; use --to lmstack to import it")
@@ -72,6 +79,8 @@ def _weights_only_note(src: Path, to: str) -> str:
     from lmstack.tokenizers.hf_wrapped import installed
 
     if to == "lmstack" and (src / "tokenizer.json").exists() and not installed():
-        return (" (weights only: its tokenizer.json needs Hugging Face's tokenizers library; "
-                "pip install 'lmstack[hf]' and convert again)")
+        return (
+            " (weights only: its tokenizer.json needs Hugging Face's tokenizers library; "
+            "pip install 'lmstack[hf]' and convert again)"
+        )
     return " (weights only: no tokenizer in a form both sides read; keep using the source's tokenizer)"

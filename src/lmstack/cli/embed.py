@@ -1,7 +1,7 @@
 """`lmstack embed`: one sentence vector per line of a file, and a cosine-similarity check.
 
-    lmstack embed --model runs/simcse/checkpoints/step_0000300 --file sentences.txt --out vectors.npy
-    lmstack embed --model runs/simcse/checkpoints/step_0000300 --file sentences.txt --query "a cat on a mat"
+lmstack embed --model runs/simcse/checkpoints/step_0000300 --file sentences.txt --out vectors.npy
+lmstack embed --model runs/simcse/checkpoints/step_0000300 --file sentences.txt --query "a cat on a mat"
 """
 
 from __future__ import annotations
@@ -14,19 +14,24 @@ SUFFIXES = (".npy", ".jsonl")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "embed", help="sentence vectors for the lines of a file, with a cosine-similarity check",
-        description="Encode every non-blank line of --file (or the \"text\" of every row of a .jsonl file) into one vector "
+        "embed",
+        help="sentence vectors for the lines of a file, with a cosine-similarity check",
+        description='Encode every non-blank line of --file (or the "text" of every row of a .jsonl file) into one vector '
         "with a BERT or GPT checkpoint: a base model, a `lmstack finetune --task embed` checkpoint or an adapter "
         "directory. --out writes the vectors (.npy: a float32 [lines, width] array; .jsonl: one {line, text, vector} "
         "object per line), in file order. Then it prints the most similar pairs of lines by cosine similarity, or with "
         "--query the lines nearest to that text.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint or adapter directory (with tokenizer.json)")
-    p.add_argument("--file", required=True, metavar="FILE", help="one sentence per line, or JSONL rows with a \"text\" field")
+    p.add_argument("--file", required=True, metavar="FILE", help='one sentence per line, or JSONL rows with a "text" field')
     p.add_argument("--out", metavar="PATH", help="write the vectors to PATH.npy or PATH.jsonl (atomically)")
-    p.add_argument("--pooling", default="", choices=["", "cls", "mean", "last"],
-                   help="cls (BERT's [CLS] state), mean (over the real tokens) or last (the last token's state); "
-                   "default: the one the checkpoint was trained with, else mean")
+    p.add_argument(
+        "--pooling",
+        default="",
+        choices=["", "cls", "mean", "last"],
+        help="cls (BERT's [CLS] state), mean (over the real tokens) or last (the last token's state); "
+        "default: the one the checkpoint was trained with, else mean",
+    )
     p.add_argument("--query", metavar="TEXT", help="print the lines nearest to TEXT instead of the most similar pairs")
     p.add_argument("--top", type=int, default=5, help="pairs (or nearest lines) to print (default: 5)")
     p.add_argument("--batch-size", type=int, default=32, help="sentences per forward pass (default: 32)")
@@ -50,8 +55,10 @@ def cmd_embed(args) -> int:
     vectors = encoder.encode(texts, args.batch_size)
     if args.out:
         write_vectors(args.out, rows, vectors)
-    print(f"{len(texts)} vectors of width {vectors.shape[1]} ({encoder.pooling} pooling)"
-          + (f" written to {args.out}" if args.out else ""))
+    print(
+        f"{len(texts)} vectors of width {vectors.shape[1]} ({encoder.pooling} pooling)"
+        + (f" written to {args.out}" if args.out else "")
+    )
     unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     if args.query:
         q = encoder.encode([args.query])[0]

@@ -21,7 +21,8 @@ _MODES_HELP = (
 def register(sub) -> None:
     g = add_group(sub, "eval", "measure language models on text")
     p = g.add_parser(
-        "perplexity", help="perplexity (per token and per word) and bits per byte on text files",
+        "perplexity",
+        help="perplexity (per token and per word) and bits per byte on text files",
         description="Score text files under any model. Reports tokens, nats, perplexity per token, perplexity "
         "per word (words = whitespace-separated words plus one end-of-line per line, KenLM's count) and bits "
         "per byte, which compare models with different tokenizers. Modes: " + _MODES_HELP + ". In lines mode "
@@ -32,15 +33,21 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory or an .arpa file")
     _add_scoring_options(p)
     p.add_argument("--mode", choices=("lines", "stream", "pseudo"), help="how to score (default: by family, see above)")
-    p.add_argument("--context", type=int, metavar="N",
-                   help="stream mode: window length in tokens (default: the model's context, or 1024 for RNNs)")
+    p.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="stream mode: window length in tokens (default: the model's context, or 1024 for RNNs)",
+    )
     p.add_argument("--stride", type=int, metavar="S", help="stream mode: window step in tokens (default: context/2)")
     p.set_defaults(func=cmd_perplexity)
 
     c = g.add_parser(
-        "compare", help="one table of several models on the same text (bits per byte, perplexity per word)",
-        description="Score the same files under several models, each in its default mode (" + _MODES_HELP +
-        "), and print one aligned table: bits per byte, perplexity per word, perplexity per token, tokens, "
+        "compare",
+        help="one table of several models on the same text (bits per byte, perplexity per word)",
+        description="Score the same files under several models, each in its default mode ("
+        + _MODES_HELP
+        + "), and print one aligned table: bits per byte, perplexity per word, perplexity per token, tokens, "
         "tokens/s and parameters. Bits per byte and perplexity per word do not depend on the tokenizer, so an "
         "n-gram, an LSTM and a GPT line up.",
     )
@@ -50,40 +57,47 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
     t = g.add_parser(
-        "tasks", help="benchmark tasks from local JSONL: multiple choice or numeric exact match",
-        description="mc: multiple choice by log-likelihood, lines {\"question\", \"choices\": [...], \"answer\": "
+        "tasks",
+        help="benchmark tasks from local JSONL: multiple choice or numeric exact match",
+        description='mc: multiple choice by log-likelihood, lines {"question", "choices": [...], "answer": '
         "index}; reports acc (highest total log-probability) and acc_norm (highest per character). numeric: "
         "greedy few-shot generation scored by exact match of the extracted number (GSM8K's '#### N', else "
-        "'the answer is N', else the last number), lines {\"question\", \"answer\"} as in gsm8k_test.jsonl "
+        '\'the answer is N\', else the last number), lines {"question", "answer"} as in gsm8k_test.jsonl '
         "or svamp.jsonl.",
     )
     t.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
     t.add_argument("--kind", required=True, choices=("mc", "numeric"), help="task kind")
     t.add_argument("--file", required=True, metavar="F", help="JSONL file of items")
     t.add_argument("--shots-file", metavar="F", help="numeric: JSONL file to take few-shot examples from")
-    t.add_argument("--shots", type=int, default=0, metavar="N",
-                   help="numeric: examples shown before each question (default: 0)")
+    t.add_argument("--shots", type=int, default=0, metavar="N", help="numeric: examples shown before each question (default: 0)")
     t.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items")
-    t.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                   help="numeric: most generated tokens (default: 256)")
+    t.add_argument("--max-tokens", type=int, default=256, metavar="N", help="numeric: most generated tokens (default: 256)")
     t.add_argument("--batch-size", type=int, default=8, metavar="N", help="numeric: prompts per batch (default: 8)")
     t.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     t.add_argument("--json", action="store_true", help="print one JSON object with every item's result")
     t.set_defaults(func=cmd_tasks)
 
     ct = g.add_parser(
-        "cot", help="what reasoning buys: log P(A|Q) vs log P(A|Q,T), accuracy with and without reasoning",
+        "cot",
+        help="what reasoning buys: log P(A|Q) vs log P(A|Q,T), accuracy with and without reasoning",
         description="For each problem of --task (arithmetic: held-out generated problems; gsm8k, svamp: the shared files; "
         "or a JSONL file of {question, answer[, paraphrases]} rows): log P(A | Q) of the answer line 'Answer: N' right "
         "after the question, against log P(A | Q, T) after the model's own sampled reasoning T; the fraction of problems "
         "where T helps; greedy accuracy answering at once and with reasoning; how often a trace mixes languages; and "
-        "prompt sensitivity, |log P(A | Q1) - log P(A | Q2)| over the paraphrases in the file.")
+        "prompt sensitivity, |log P(A | Q1) - log P(A | Q2)| over the paraphrases in the file.",
+    )
     ct.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
     ct.add_argument("--task", required=True, metavar="TASK", help="arithmetic | gsm8k | svamp | FILE.jsonl")
     ct.add_argument("--limit", type=int, default=200, metavar="N", help="problems to evaluate (default: 200)")
     ct.add_argument("--lang", choices=("en", "zh", "mix"), default="mix", help="arithmetic: language (default: mix)")
-    ct.add_argument("--level", type=int, nargs="+", default=[1, 2, 3, 4], metavar="K",
-                    help="arithmetic: steps per problem, one or more of 1 2 3 4 (default: all)")
+    ct.add_argument(
+        "--level",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3, 4],
+        metavar="K",
+        help="arithmetic: steps per problem, one or more of 1 2 3 4 (default: all)",
+    )
     ct.add_argument("--max-tokens", type=int, default=128, metavar="N", help="longest reasoning sampled (default: 128)")
     ct.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the traces (default: 1.0)")
     ct.add_argument("--seed", type=int, default=0, help="seeds the problems and the traces (default: 0)")
@@ -92,7 +106,8 @@ def register(sub) -> None:
     ct.set_defaults(func=cmd_cot)
 
     h = g.add_parser(
-        "harness", help="EleutherAI lm-evaluation-harness tasks on an lmstack checkpoint",
+        "harness",
+        help="EleutherAI lm-evaluation-harness tasks on an lmstack checkpoint",
         description="Run lm-evaluation-harness tasks (its own, or YAML tasks of yours with --include-path) on any "
         "lmstack checkpoint through the adapter (model type `lmstack`): loglikelihood, loglikelihood_rolling "
         "and generate_until answered by lmstack's scoring and batched generation. Needs `pip install "
@@ -112,8 +127,7 @@ def register(sub) -> None:
 def _add_scoring_options(p) -> None:
     p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--batch-tokens", type=int, default=1 << 16, metavar="N",
-                   help="padded tokens per model call (default: 65536)")
+    p.add_argument("--batch-tokens", type=int, default=1 << 16, metavar="N", help="padded tokens per model call (default: 65536)")
 
 
 def _check_files(files) -> list[Path]:
@@ -142,8 +156,16 @@ def cmd_perplexity(args) -> int:
     paths = _check_files(args.files + args.data)
     model, tokenizer = load_for_text(args.model, args.device)
     with progress(desc="scoring", unit=PROGRESS_UNITS.get(args.mode or default_mode(model), "it")) as bar:
-        res = measure(model, tokenizer, _documents(paths), mode=args.mode, context=args.context, stride=args.stride,
-                      max_batch_tokens=args.batch_tokens, progress_bar=bar)
+        res = measure(
+            model,
+            tokenizer,
+            _documents(paths),
+            mode=args.mode,
+            context=args.context,
+            stride=args.stride,
+            max_batch_tokens=args.batch_tokens,
+            progress_bar=bar,
+        )
     out = {"model": str(Path(args.model)), "family": model.family, "files": [str(p) for p in paths], **res.to_dict()}
     if args.json:
         print(json.dumps(out))
@@ -190,8 +212,17 @@ def cmd_tasks(args) -> int:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     model, tokenizer = load_for_text(args.model, args.device)
-    res = run(args.kind, model, tokenizer, args.file, limit=args.limit, shots_path=args.shots_file, shots=args.shots,
-              max_new_tokens=args.max_tokens, batch_size=args.batch_size)
+    res = run(
+        args.kind,
+        model,
+        tokenizer,
+        args.file,
+        limit=args.limit,
+        shots_path=args.shots_file,
+        shots=args.shots,
+        max_new_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
     if args.json:
         print(json.dumps({"model": args.model, "kind": args.kind, "file": args.file, **res}, ensure_ascii=False))
     elif args.kind == "mc":
@@ -241,15 +272,20 @@ def cmd_harness(args) -> int:
     tasks = TaskManager(include_path=args.include_path)
     unknown = [t for t in args.tasks if t not in tasks.all_tasks]
     if unknown:
-        raise InputError(f"lm-eval knows no task {unknown[0]!r}; see `lm_eval --tasks list`, or point "
-                         "--include-path at the folder of its YAML file")
+        raise InputError(
+            f"lm-eval knows no task {unknown[0]!r}; see `lm_eval --tasks list`, or point "
+            "--include-path at the folder of its YAML file"
+        )
     lm = LmstackLM(path=args.model, batch_size=args.batch_size, device=args.device)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                      task_manager=tasks)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=tasks
+        )
     except OSError as e:  # the datasets library's ConnectionError, the Hub's offline errors
-        raise InputError(f"the task's data could not be fetched ({e}); run it once where huggingface.co is "
-                         "reachable (the data is then cached), or point --include-path at local task files") from e
+        raise InputError(
+            f"the task's data could not be fetched ({e}); run it once where huggingface.co is "
+            "reachable (the data is then cached), or point --include-path at local task files"
+        ) from e
     if args.json:
         print(json.dumps({"model": args.model, "results": out["results"]}, ensure_ascii=False, default=str))
     else:

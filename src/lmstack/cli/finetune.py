@@ -18,7 +18,8 @@ def register(sub) -> None:
 
     names = ", ".join(sorted(shipped_configs(FinetuneConfig))) or "none"
     p = sub.add_parser(
-        "finetune", help="fine-tune a pretrained model: SFT, classification or embeddings, full or LoRA",
+        "finetune",
+        help="fine-tune a pretrained model: SFT, classification or embeddings, full or LoRA",
         description="Fine-tune the model given by --init-from (an lmstack checkpoint, an adapter directory, or a "
         "Hugging Face directory). --task sft (default) maximises log P(answer | question) on JSONL conversations "
         "({prompt, response} or {messages}), the loss on the assistant's tokens only, or continues pretraining on "
@@ -28,8 +29,11 @@ def register(sub) -> None:
         f"the resolved config, metrics.jsonl and checkpoints. Shipped configs: {names}.",
     )
     p.add_argument("--config", metavar="FILE", help=f"TOML file, or the name of a shipped config ({names})")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                   "(its saved config, with any flags given here on top)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (its saved config, with any flags given here on top)",
+    )
     add_arguments(p.add_argument_group("fine-tuning config (each overrides the --config file)"), FinetuneConfig)
     p.set_defaults(func=cmd_finetune)
 

@@ -11,13 +11,20 @@ from lmstack.io import check_output_dir, output_dir
 
 
 def register(sub) -> None:
-    group = add_group(sub, "lora", help="LoRA adapters: merge one into its base, show what one holds",
-                      description="LoRA adapter directories, in Hugging Face PEFT's format (adapter_config.json + "
-                      "adapter_model.safetensors). Every command that loads a checkpoint also takes an adapter "
-                      "directory: it loads the base the adapter names and attaches the adapter.")
-    p = group.add_parser("merge", help="write base + adapter as one ordinary checkpoint",
-                         description="Load the adapter's base, fold the adapter into its weights and write an "
-                         "ordinary lmstack checkpoint (no adapter cost per token; tokenizer included).")
+    group = add_group(
+        sub,
+        "lora",
+        help="LoRA adapters: merge one into its base, show what one holds",
+        description="LoRA adapter directories, in Hugging Face PEFT's format (adapter_config.json + "
+        "adapter_model.safetensors). Every command that loads a checkpoint also takes an adapter "
+        "directory: it loads the base the adapter names and attaches the adapter.",
+    )
+    p = group.add_parser(
+        "merge",
+        help="write base + adapter as one ordinary checkpoint",
+        description="Load the adapter's base, fold the adapter into its weights and write an "
+        "ordinary lmstack checkpoint (no adapter cost per token; tokenizer included).",
+    )
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--out", required=True, metavar="DIR", help="checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="overwrite an --out that already holds a checkpoint")

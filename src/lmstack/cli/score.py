@@ -7,7 +7,8 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "score", help="log-probability of a text or of a continuation given a prompt",
+        "score",
+        help="log-probability of a text or of a continuation given a prompt",
         description="Score CONTINUATION after PROMPT: the total log p(continuation | prompt) (natural log), its "
         "perplexity and each token's log-probability with the likeliest alternatives. Compare prompts, e.g. "
         "the same answer with and without a chain of thought. Without --continuation the prompt itself is "

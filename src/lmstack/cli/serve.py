@@ -9,24 +9,30 @@ from lmstack.errors import InputError
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve a model over OpenAI's HTTP API, with persona cards and a web chat",
+        "serve",
+        help="serve a model over OpenAI's HTTP API, with persona cards and a web chat",
         description="Serve a checkpoint of any family over an OpenAI-compatible API (/v1/completions, "
         "/v1/chat/completions, /v1/models, streaming), with a chat page at / . Requests share one continuously "
         "batched decoder; a request picks a persona card (a LoRA adapter with a system prompt) by its `model`. "
         "Needs the serving extra: pip install 'lmstack[serve]'.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
-    p.add_argument("--card", action="append", default=[], metavar="NAME=DIR",
-                   help="load a persona card directory under NAME (repeatable)")
-    p.add_argument("--cards-dir", metavar="DIR", help="cards found here are loaded at start; POST "
-                   "/v1/load_lora_adapter loads more from inside it (and only from there)")
+    p.add_argument(
+        "--card", action="append", default=[], metavar="NAME=DIR", help="load a persona card directory under NAME (repeatable)"
+    )
+    p.add_argument(
+        "--cards-dir",
+        metavar="DIR",
+        help="cards found here are loaded at start; POST /v1/load_lora_adapter loads more from inside it (and only from there)",
+    )
     p.add_argument("--name", metavar="NAME", help="the base model's id in the API (default: the --model folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the API")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default: 32)")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="most requests waiting for a batch row; more are answered 429 (default: 256)")
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="most requests waiting for a batch row; more are answered 429 (default: 256)"
+    )
     p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
     p.set_defaults(func=cmd_serve)
 
@@ -62,8 +68,16 @@ def cmd_serve(args) -> int:
     model, tokenizer = load_for_text(args.model, args.device)
     scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch)
     name = args.name or Path(args.model).resolve().name
-    app = create_app(model, tokenizer, scheduler, name=name, cards=cards, cards_dir=args.cards_dir,
-                     api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(
+        model,
+        tokenizer,
+        scheduler,
+        name=name,
+        cards=cards,
+        cards_dir=args.cards_dir,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+    )
     print(f"serving {name} ({len(cards)} cards) on http://{args.host}:{args.port}/ (API at /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

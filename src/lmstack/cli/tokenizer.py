@@ -15,20 +15,38 @@ from lmstack.io import check_output_dir, check_readable, iter_text_chunks, outpu
 def register(sub) -> None:
     g = add_group(sub, "tokenizer", "train and use tokenizers (BPE, Unigram, char, word)")
 
-    p = g.add_parser("train", help="learn a tokenizer from text files",
-                     description="Learn a tokenizer from UTF-8 text files (streamed, so files may be larger than memory).")
+    p = g.add_parser(
+        "train",
+        help="learn a tokenizer from text files",
+        description="Learn a tokenizer from UTF-8 text files (streamed, so files may be larger than memory).",
+    )
     p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
-    p.add_argument("--kind", choices=["bpe", "unigram", "char", "word"], default="bpe",
-                   help="byte-level BPE (GPT-2 style), Unigram LM (SentencePiece style), characters, or whitespace words "
-                   "(default: bpe)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="target vocabulary size including specials (default: 8192 for bpe/unigram; every symbol seen for "
-                   "char/word)")
+    p.add_argument(
+        "--kind",
+        choices=["bpe", "unigram", "char", "word"],
+        default="bpe",
+        help="byte-level BPE (GPT-2 style), Unigram LM (SentencePiece style), characters, or whitespace words (default: bpe)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="target vocabulary size including specials (default: 8192 for bpe/unigram; every symbol seen for char/word)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; gets tokenizer.json")
-    p.add_argument("--special", action="append", default=None, metavar="TOKEN",
-                   help="register a special token (repeatable; default: <|endoftext|>)")
-    p.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2",
-                   help="bpe: pre-tokenization regex, GPT-2's or GPT-4's cl100k (default: gpt2)")
+    p.add_argument(
+        "--special",
+        action="append",
+        default=None,
+        metavar="TOKEN",
+        help="register a special token (repeatable; default: <|endoftext|>)",
+    )
+    p.add_argument(
+        "--pattern",
+        choices=["gpt2", "gpt4"],
+        default="gpt2",
+        help="bpe: pre-tokenization regex, GPT-2's or GPT-4's cl100k (default: gpt2)",
+    )
     p.add_argument("--min-count", type=int, default=1, help="word: words seen fewer times become <unk> (default: 1)")
     p.set_defaults(func=cmd_train)
 
@@ -45,19 +63,25 @@ def register(sub) -> None:
     p.add_argument("ids", nargs="*", type=int, help="token ids (default: read whitespace-separated ids from standard input)")
     p.set_defaults(func=cmd_decode)
 
-    p = g.add_parser("import", help="import GPT-2 files or a Hugging Face tokenizer.json",
-                     description="Import a tokenizer, keeping its ids: a Hugging Face tokenizer.json, or a folder with "
-                     "one (and its tokenizer_config.json), or GPT-2's encoder.json + vocab.bpe (or vocab.json + "
-                     "merges.txt). Byte-level BPE becomes lmstack's own BPE; any other tokenizer.json (SentencePiece-"
-                     "style Unigram or byte-fallback BPE, WordPiece) is kept as it is and run by Hugging Face's "
-                     "tokenizers library (kind hf, `pip install 'lmstack[hf]'`).")
+    p = g.add_parser(
+        "import",
+        help="import GPT-2 files or a Hugging Face tokenizer.json",
+        description="Import a tokenizer, keeping its ids: a Hugging Face tokenizer.json, or a folder with "
+        "one (and its tokenizer_config.json), or GPT-2's encoder.json + vocab.bpe (or vocab.json + "
+        "merges.txt). Byte-level BPE becomes lmstack's own BPE; any other tokenizer.json (SentencePiece-"
+        "style Unigram or byte-fallback BPE, WordPiece) is kept as it is and run by Hugging Face's "
+        "tokenizers library (kind hf, `pip install 'lmstack[hf]'`).",
+    )
     p.add_argument("source", metavar="PATH", help="tokenizer.json, or a folder holding one of the file sets above")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; gets lmstack's tokenizer.json")
     p.set_defaults(func=cmd_import)
 
-    p = g.add_parser("export", help="write a BPE tokenizer as a Hugging Face tokenizer.json",
-                     description="Write an lmstack BPE tokenizer as a Hugging Face tokenizer.json that "
-                     "`tokenizers.Tokenizer.from_file` loads with the same ids.")
+    p = g.add_parser(
+        "export",
+        help="write a BPE tokenizer as a Hugging Face tokenizer.json",
+        description="Write an lmstack BPE tokenizer as a Hugging Face tokenizer.json that "
+        "`tokenizers.Tokenizer.from_file` loads with the same ids.",
+    )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="lmstack tokenizer directory or tokenizer.json")
     p.add_argument("--out", required=True, metavar="FILE", help="output file (a directory gets tokenizer.json)")
     p.set_defaults(func=cmd_export)
@@ -73,8 +97,10 @@ def _load(path: str):
     from lmstack.tokenizers import load_tokenizer
 
     if not Path(path).exists():
-        raise InputError(f"--tokenizer {path}: no such tokenizer folder or tokenizer.json; check the path, or make "
-                         "one with `lmstack tokenizer train`")
+        raise InputError(
+            f"--tokenizer {path}: no such tokenizer folder or tokenizer.json; check the path, or make "
+            "one with `lmstack tokenizer train`"
+        )
     return load_tokenizer(path)
 
 
@@ -112,8 +138,9 @@ def cmd_train(args) -> int:
     tok = cls.train_files(args.files, vocab_size=vocab_size, special_tokens=specials, **opts)
     seconds = time.perf_counter() - t0
     path = _save(tok, args.out)
-    print(f"trained {args.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) "
-          f"in {seconds:.1f} s -> {path}")
+    print(
+        f"trained {args.kind} tokenizer: {tok.vocab_size} tokens ({len(tok.special_tokens)} special) in {seconds:.1f} s -> {path}"
+    )
     return 0
 
 
@@ -175,8 +202,9 @@ def _import_hf(path: Path):
 
     tok = load_tokenizer_json(path)
     if tok is None:
-        raise InputError(f"{path}: not a byte-level BPE, which lmstack reads itself; to import it as it is, "
-                         "pip install 'lmstack[hf]'")
+        raise InputError(
+            f"{path}: not a byte-level BPE, which lmstack reads itself; to import it as it is, pip install 'lmstack[hf]'"
+        )
     return tok
 
 

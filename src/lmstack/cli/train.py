@@ -1,9 +1,9 @@
 """`lmstack train`: pretrain a model from a TOML config, any field overridden by a flag.
 
-    lmstack train --config shakespeare-char.toml          # a shipped config, by name or path
-    lmstack train --config my.toml --max-steps 200 --model n_layer=4
-    lmstack train --resume runs/shakespeare-char --max-steps 8000
-    torchrun --nproc_per_node 8 -m lmstack.cli train --config gpt2-124m.toml
+lmstack train --config shakespeare-char.toml          # a shipped config, by name or path
+lmstack train --config my.toml --max-steps 200 --model n_layer=4
+lmstack train --resume runs/shakespeare-char --max-steps 8000
+torchrun --nproc_per_node 8 -m lmstack.cli train --config gpt2-124m.toml
 """
 
 from __future__ import annotations
@@ -37,16 +37,23 @@ def register(sub) -> None:
 
     names = ", ".join(sorted(shipped_configs()))
     p = sub.add_parser(
-        "train", help="pretrain a model (GPT, RNN, feed-forward, BERT, T5) on text files",
+        "train",
+        help="pretrain a model (GPT, RNN, feed-forward, BERT, T5) on text files",
         description="Pretrain a model. Settings come from the defaults, then --config, then flags. "
         "The run directory (--out-dir) gets the resolved config, tokenizer, token shards, metrics.jsonl "
         f"and checkpoints. Shipped configs: {names}.",
     )
     p.add_argument("--config", metavar="FILE", help=f"TOML file, or the name of a shipped config ({names})")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                   "(its saved config, with any flags given here on top)")
-    p.add_argument("--prepare-only", action="store_true", help="tokenize the data into shards, then stop "
-                   "(run once before a multi-process job)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (its saved config, with any flags given here on top)",
+    )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="tokenize the data into shards, then stop (run once before a multi-process job)",
+    )
     add_arguments(p.add_argument_group("training config (each overrides the --config file)"))
     p.set_defaults(func=cmd_train)
 
@@ -96,8 +103,10 @@ def prepare_only(cfg) -> int:
     except BaseException:
         created.remove(keep=[])
         raise
-    print(f"prepared {train.num_tokens:,} train and {val.num_tokens:,} val tokens in {train.path} "
-          f"(tokenizer: {tok.kind}, {tok.vocab_size} ids)")
+    print(
+        f"prepared {train.num_tokens:,} train and {val.num_tokens:,} val tokens in {train.path} "
+        f"(tokenizer: {tok.kind}, {tok.vocab_size} ids)"
+    )
     return 0
 
 

@@ -18,13 +18,15 @@ from lmstack.errors import CheckpointError, InputError
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "verify", help="check checkpoint files against their checksums (flipped or lost bytes)",
+        "verify",
+        help="check checkpoint files against their checksums (flipped or lost bytes)",
         description="Check checkpoint directories for damage without loading them: every file listed in "
         "checksums.json against its sha256, every safetensors file against its header, and, for a training "
         "checkpoint, the files a resume needs. Exits 0 if all are intact, else names the damaged files.",
     )
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="a checkpoint directory, or a training run directory "
-                   "(each of its checkpoints)")
+    p.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="a checkpoint directory, or a training run directory (each of its checkpoints)"
+    )
     p.set_defaults(func=cmd_verify)
 
 
@@ -41,8 +43,10 @@ def checkpoints_in(path: Path) -> list[Path]:
             raise InputError(f"{path}: no complete checkpoint under {checkpoint.CHECKPOINTS}/ to verify")
         return found
     if not any((path / name).is_file() for name in (CONFIG_FILE, "adapter_config.json")):
-        raise InputError(f"{path}: not a checkpoint directory (no {CONFIG_FILE}) nor a training run (no "
-                         f"{checkpoint.CHECKPOINTS}/); check the path")
+        raise InputError(
+            f"{path}: not a checkpoint directory (no {CONFIG_FILE}) nor a training run (no "
+            f"{checkpoint.CHECKPOINTS}/); check the path"
+        )
     return [path]
 
 
@@ -64,8 +68,10 @@ def cmd_verify(args) -> int:
             damaged.append(why)
             continue
         summed = (ckpt / CHECKSUMS_FILE).exists()
-        print(f"ok {ckpt}" + ("" if summed else f" (no {CHECKSUMS_FILE}: saved by an older lmstack, so only file sizes "
-                                                 "were checked)"))
+        print(
+            f"ok {ckpt}"
+            + ("" if summed else f" (no {CHECKSUMS_FILE}: saved by an older lmstack, so only file sizes were checked)")
+        )
     if damaged:
         raise CheckpointError(f"{len(damaged)} damaged checkpoint(s): {'; '.join(damaged)}")
     return 0

@@ -58,8 +58,14 @@ class Problem:
 
 
 def task_row(p: Problem) -> dict:
-    return {"question": p.question, "solution": p.solution, "answer": p.answer, "lang": p.lang, "level": p.level,
-            "paraphrases": list(p.paraphrases)}
+    return {
+        "question": p.question,
+        "solution": p.solution,
+        "answer": p.answer,
+        "lang": p.lang,
+        "level": p.level,
+        "paraphrases": list(p.paraphrases),
+    }
 
 
 def sft_row(p: Problem) -> dict:
@@ -112,8 +118,11 @@ def _steps(start: int, ops: list[tuple[str, int]]) -> list[tuple[str, int, int, 
 def _english(rng: random.Random, start: int, ops) -> tuple[str, str, str]:
     name, pron = rng.choice(_EN_PEOPLE)
     item = rng.choice(_EN_ITEMS)
-    told = {"+": lambda k: f"{pron} buys {k} more.", "-": lambda k: f"{pron} gives away {k}.",
-            "*": lambda k: f"{pron} {_TIMES_EN[k]} them."}
+    told = {
+        "+": lambda k: f"{pron} buys {k} more.",
+        "-": lambda k: f"{pron} gives away {k}.",
+        "*": lambda k: f"{pron} {_TIMES_EN[k]} them.",
+    }
     shown = {"+": lambda k: f"buys {k}", "-": lambda k: f"gives {k}", "*": lambda k: _TIMES_EN[k]}
     body = " ".join([f"{name} has {start} {item}."] + [told[kind](k) for kind, k in ops])
     lines = [f"{shown[kind](k)}: {a} {kind} {k} = {r}" for kind, a, k, r in _steps(start, ops)]
@@ -124,8 +133,11 @@ def _english(rng: random.Random, start: int, ops) -> tuple[str, str, str]:
 
 def _chinese(rng: random.Random, start: int, ops) -> tuple[str, str, str]:
     (name, pron), item = rng.choice(_ZH_PEOPLE), rng.choice(_ZH_ITEMS)
-    told = {"+": lambda k: f"{pron}又买了{k}个。", "-": lambda k: f"{pron}送出了{k}个。",
-            "*": lambda k: f"{pron}的{item}变成了原来的{_TIMES_ZH[k]}倍。"}
+    told = {
+        "+": lambda k: f"{pron}又买了{k}个。",
+        "-": lambda k: f"{pron}送出了{k}个。",
+        "*": lambda k: f"{pron}的{item}变成了原来的{_TIMES_ZH[k]}倍。",
+    }
     shown = {"+": lambda k: f"买{k}个", "-": lambda k: f"送出{k}个", "*": lambda k: f"变成{_TIMES_ZH[k]}倍"}
     body = "".join([f"{name}有{start}个{item}。"] + [told[kind](k) for kind, k in ops])
     lines = [f"{shown[kind](k)}：{a} {kind} {k} = {r}" for kind, a, k, r in _steps(start, ops)]
@@ -166,8 +178,9 @@ def generate(n: int, seed: int = 0, lang: str = "en", levels=LEVELS, split: str 
         out.append(Problem(question, solution, _steps(start, ops)[-1][3], language, level, (paraphrase,)))
         if len(out) == n:
             return out
-    raise InputError(f"only {len(out)} distinct {split} problems of levels {list(levels)} found; ask for fewer (--n) "
-                     "or allow more levels")
+    raise InputError(
+        f"only {len(out)} distinct {split} problems of levels {list(levels)} found; ask for fewer (--n) or allow more levels"
+    )
 
 
 def write(path: str | os.PathLike, problems: list[Problem], fmt: str = "task") -> None:

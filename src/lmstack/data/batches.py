@@ -82,11 +82,16 @@ class BatchMaker:
             raise InputError(f"unknown objective {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.rows_per_step % self.batch_size:
             raise InputError(f"the global batch ({self.rows_per_step} rows) is not a multiple of --batch-size {self.batch_size}")
-        missing = [s for s in required_specials(self.kind, self.block_size, self.noise_density, self.mean_span)
-                   if s not in self.tokenizer.special_tokens]
+        missing = [
+            s
+            for s in required_specials(self.kind, self.block_size, self.noise_density, self.mean_span)
+            if s not in self.tokenizer.special_tokens
+        ]
         if missing:
-            raise InputError(f"the {self.kind} objective needs special tokens {missing} that the tokenizer lacks; "
-                             "add them with Tokenizer.add_special_tokens (lmstack train does this itself)")
+            raise InputError(
+                f"the {self.kind} objective needs special tokens {missing} that the tokenizer lacks; "
+                "add them with Tokenizer.add_special_tokens (lmstack train does this itself)"
+            )
         self.special_ids = np.array(sorted(self.tokenizer.special_tokens.values()), dtype=np.int64)
         self.n_ordinary = self.tokenizer.base_vocab_size
 

@@ -128,8 +128,10 @@ def _text_and_spans(tokenizer: Tokenizer, messages: list[dict], add_generation_p
     if template is None:
         missing = [t for t in CHAT_ROLES if t not in tokenizer.special_tokens]
         if missing:
-            raise InputError(f"the tokenizer lacks the chat tokens {missing}; register them with "
-                             "lmstack.data.chat.add_chat_tokens (and grow the model's embedding), or set a chat template")
+            raise InputError(
+                f"the tokenizer lacks the chat tokens {missing}; register them with "
+                "lmstack.data.chat.add_chat_tokens (and grow the model's embedding), or set a chat template"
+            )
         template = BUILTIN_TEMPLATE
     compiled = _compile(template)
     variables = _template_tokens(tokenizer)
@@ -149,9 +151,11 @@ def _prefix_spans(tokenizer, compiled, messages, text, variables) -> list[tuple[
         before, _ = _run(compiled, messages[:i], True, variables)
         through, _ = _run(compiled, messages[: i + 1], False, variables)
         if not (through.startswith(before) and text.startswith(through)):
-            raise FormatError("the chat template does not render a conversation as a prefix of its continuation, so "
-                              "assistant turns cannot be located; mark them with {% generation %} blocks in the template")
-        turn = through[len(before):]
+            raise FormatError(
+                "the chat template does not render a conversation as a prefix of its continuation, so "
+                "assistant turns cannot be located; mark them with {% generation %} blocks in the template"
+            )
+        turn = through[len(before) :]
         template_text = _MARKED.sub(lambda m: " " * len(m.group()), turn)  # same offsets, content specials hidden
         ends = [m.end() for m in _special_pattern(tokenizer).finditer(template_text)]
         spans.append((len(before), len(before) + (ends[-1] if ends else len(turn))))
@@ -200,15 +204,15 @@ def _raise_exception(message):
 
 @functools.lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, "jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, "jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise FormatError(f"the tokenizer's chat template is not valid jinja ({e}, line {e.lineno}); "
-                          "fix chat_template in tokenizer.json") from None
+        raise FormatError(
+            f"the tokenizer's chat template is not valid jinja ({e}, line {e.lineno}); fix chat_template in tokenizer.json"
+        ) from None
 
 
 def _template_tokens(tokenizer: Tokenizer) -> dict[str, str]:

@@ -73,8 +73,10 @@ class PairReport:
     responses_cut: int = 0  # pairs with a response cut to fit max_length
 
     def __str__(self) -> str:
-        s = (f"{self.path}: {self.rows - self.skipped} pairs of {self.rows} rows; {self.prompts_cut} prompts cut to their "
-             f"end, {self.responses_cut} pairs with a response cut")
+        s = (
+            f"{self.path}: {self.rows - self.skipped} pairs of {self.rows} rows; {self.prompts_cut} prompts cut to their "
+            f"end, {self.responses_cut} pairs with a response cut"
+        )
         return s + (f"; {self.skipped} bad rows skipped (first: {self.first_skipped})" if self.skipped else "")
 
 
@@ -98,9 +100,9 @@ def prompt_messages(prompt, where: str) -> list[dict]:
         try:
             messages = check_messages(prompt)
         except InputError as e:
-            raise InputError(f"{where}: \"prompt\": {e}") from None
+            raise InputError(f'{where}: "prompt": {e}') from None
     else:
-        raise InputError(f"{where}: \"prompt\" must be a string or a list of chat messages, got {type(prompt).__name__}")
+        raise InputError(f'{where}: "prompt" must be a string or a list of chat messages, got {type(prompt).__name__}')
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise InputError(f"{where}: the prompt must end in a non-empty user turn (the responses answer it)")
     return messages
@@ -116,8 +118,10 @@ def parse_row(line: str, where: str) -> PairRow:
         raise InputError(f"{where}: no {' or '.join(map(repr, missing))} field; each line must be an object such as {EXAMPLE}")
     for side in ("chosen", "rejected"):
         if not isinstance(row[side], str) or not row[side].strip():
-            raise InputError(f"{where}: \"{side}\" is {'empty' if isinstance(row[side], str) else 'not a string'}; a "
-                             "preference needs two non-empty responses (fix or drop the row; --skip-bad-pairs skips such rows)")
+            raise InputError(
+                f'{where}: "{side}" is {"empty" if isinstance(row[side], str) else "not a string"}; a '
+                "preference needs two non-empty responses (fix or drop the row; --skip-bad-pairs skips such rows)"
+            )
     return PairRow(prompt_messages(row["prompt"], where), row["chosen"].strip(), row["rejected"].strip(), where)
 
 
@@ -149,9 +153,11 @@ def read_pair_rows(path: str | os.PathLike, skip_bad: bool = False) -> tuple[lis
 def _chat_reply(tokenizer, messages: list[dict], prompt: list[int], reply: str, where: str) -> list[int]:
     """The ids of `reply` as the assistant's turn after `messages`, through its end-of-turn token."""
     ids, mask = render(tokenizer, [*messages, {"role": "assistant", "content": reply}])
-    if ids[: len(prompt)] != prompt or not any(mask[len(prompt):]):
-        raise InputError(f"{where}: the chat template does not render the reply as a continuation of the prompt; "
-                         "use a template whose conversations extend their prefixes")
+    if ids[: len(prompt)] != prompt or not any(mask[len(prompt) :]):
+        raise InputError(
+            f"{where}: the chat template does not render the reply as a continuation of the prompt; "
+            "use a template whose conversations extend their prefixes"
+        )
     return ids[len(prompt) : len(mask) - mask[::-1].index(True)]
 
 
@@ -160,8 +166,14 @@ def plain_prompt(messages: list[dict]) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
-def encode_pair(tokenizer, row: PairRow, max_length: int, max_prompt_length: int = 0,
-                frame: tuple[list[int], list[int]] | None = None, report: PairReport | None = None) -> Pair:
+def encode_pair(
+    tokenizer,
+    row: PairRow,
+    max_length: int,
+    max_prompt_length: int = 0,
+    frame: tuple[list[int], list[int]] | None = None,
+    report: PairReport | None = None,
+) -> Pair:
     """A row's ids (see the module docstring). `frame` = (ids before, ids after each part), e.g. BERT's
     ([CLS], [SEP]), selects the encoder layout; None the chat format of a causal model."""
     if frame is None:
@@ -178,16 +190,24 @@ def encode_pair(tokenizer, row: PairRow, max_length: int, max_prompt_length: int
     prompt = head + prompt + tail
     room = max_length - len(prompt)
     if room < 1:
-        raise InputError(f"{row.where}: the prompt has {len(prompt)} tokens, leaving no room for a response in "
-                         f"--max-length {max_length}; pass --max-prompt-length N (keeps the last N tokens of each prompt) "
-                         "or raise --max-length")
+        raise InputError(
+            f"{row.where}: the prompt has {len(prompt)} tokens, leaving no room for a response in "
+            f"--max-length {max_length}; pass --max-prompt-length N (keeps the last N tokens of each prompt) "
+            "or raise --max-length"
+        )
     if report is not None:
         report.responses_cut += any(len(s) > room for s in sides)
     return Pair(prompt, sides[0][:room], sides[1][:room], row.where)
 
 
-def read_pairs(path, tokenizer, max_length: int, max_prompt_length: int = 0, skip_bad: bool = False,
-               frame: tuple[list[int], list[int]] | None = None) -> tuple[list[Pair], PairReport]:
+def read_pairs(
+    path,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int = 0,
+    skip_bad: bool = False,
+    frame: tuple[list[int], list[int]] | None = None,
+) -> tuple[list[Pair], PairReport]:
     """The pairs of a file as token ids (`encode_pair`), and a report."""
     rows, report = read_pair_rows(path, skip_bad)
     return [encode_pair(tokenizer, r, max_length, max_prompt_length, frame, report) for r in rows], report
@@ -198,6 +218,7 @@ def read_pairs(path, tokenizer, max_length: int, max_prompt_length: int = 0, ski
 
 def pair_examples(pair: Pair) -> tuple[Example, Example]:
     """The chosen and rejected rows of a pair, with the response tokens marked as targets."""
+
     def row(response):
         ids = np.array(pair.prompt + response, dtype=np.int64)
         return Example(ids, np.arange(len(ids)) >= len(pair.prompt))
@@ -205,8 +226,9 @@ def pair_examples(pair: Pair) -> tuple[Example, Example]:
     return row(pair.chosen), row(pair.rejected)
 
 
-def collate_pairs(pairs: Sequence[Pair], extras: dict[str, torch.Tensor] | None = None,
-                  picked: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    pairs: Sequence[Pair], extras: dict[str, torch.Tensor] | None = None, picked: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
     """A batch of 2B rows, the B chosen first; `extras` are per-pair tensors (e.g. reference
     log-probs), indexed by `picked` (the pairs' indices) into the batch."""
     rows = [pair_examples(p) for p in pairs]
@@ -246,5 +268,7 @@ class PairBatches:
     def in_order(self) -> list[dict[str, torch.Tensor]]:
         """Every pair once, in order, in micro-batches (held-out evaluation, reference log-probs)."""
         n = len(self.pairs)
-        return [collate_pairs(self.pairs[i : i + self.batch_size], self.extras, range(i, min(i + self.batch_size, n)))
-                for i in range(0, n, self.batch_size)]
+        return [
+            collate_pairs(self.pairs[i : i + self.batch_size], self.extras, range(i, min(i + self.batch_size, n)))
+            for i in range(0, n, self.batch_size)
+        ]

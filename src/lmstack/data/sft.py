@@ -72,8 +72,10 @@ class ReadReport:
 
     def __str__(self) -> str:
         kept = self.rows - self.dropped
-        return (f"{self.path}: {kept} examples of {self.rows} rows, {self.tokens} tokens ({self.target_tokens} trained on); "
-                f"{self.truncated} cut to {self.max_length} tokens, {self.dropped} dropped (no reply left after the cut)")
+        return (
+            f"{self.path}: {kept} examples of {self.rows} rows, {self.tokens} tokens ({self.target_tokens} trained on); "
+            f"{self.truncated} cut to {self.max_length} tokens, {self.dropped} dropped (no reply left after the cut)"
+        )
 
 
 def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length: int) -> tuple[list[Example], ReadReport]:
@@ -91,8 +93,7 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length: int
     if not report.rows:
         raise InputError(f"{p}: holds no examples (only blank lines); pass a file with one conversation per line")
     if not examples:
-        raise InputError(f"{p}: no usable example (every row lost its reply to the {max_length}-token cut); "
-                         "raise max_length")
+        raise InputError(f"{p}: no usable example (every row lost its reply to the {max_length}-token cut); raise max_length")
     report.tokens = sum(len(e.ids) for e in examples)
     report.target_tokens = sum(e.targets for e in examples)
     return examples, report
@@ -101,15 +102,16 @@ def read_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length: int
 def row_messages(row, where: str) -> list[dict]:
     """The conversation of one JSONL row: its "messages", or its prompt/response (and system)."""
     if not isinstance(row, dict):
-        raise InputError(f"{where}: not a JSON object; each line must be {{\"messages\": [...]}} or "
-                         "{\"prompt\": ..., \"response\": ...}")
+        raise InputError(
+            f'{where}: not a JSON object; each line must be {{"messages": [...]}} or {{"prompt": ..., "response": ...}}'
+        )
     if "messages" in row:
         return row["messages"]
     if not (isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
-        raise InputError(f"{where}: needs \"messages\", or string \"prompt\" and \"response\" fields (found {sorted(row)})")
+        raise InputError(f'{where}: needs "messages", or string "prompt" and "response" fields (found {sorted(row)})')
     system = row.get("system")
     if system is not None and not isinstance(system, str):
-        raise InputError(f"{where}: \"system\" must be a string")
+        raise InputError(f'{where}: "system" must be a string')
     head = [{"role": "system", "content": system}] if system is not None else []
     return head + [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
 
@@ -130,7 +132,7 @@ def _read_jsonl(p: Path, tokenizer: Tokenizer, report: ReadReport) -> list[Examp
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
         if not any(mask[1:]):
-            raise InputError(f"{where}: no assistant reply, so nothing to learn; add an assistant message (or a \"response\")")
+            raise InputError(f'{where}: no assistant reply, so nothing to learn; add an assistant message (or a "response")')
         report.rows += 1
         if len(ids) > report.max_length:
             report.truncated += 1
@@ -160,8 +162,10 @@ def split(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[
         raise InputError(f"the validation fraction must be in [0, 1), got {val_fraction}")
     n_val = max(1, round(len(examples) * val_fraction)) if val_fraction > 0 else 0
     if n_val >= len(examples):
-        raise InputError(f"{len(examples)} examples are too few to hold out {val_fraction:.0%} for validation; "
-                         "lower the validation fraction or add data")
+        raise InputError(
+            f"{len(examples)} examples are too few to hold out {val_fraction:.0%} for validation; "
+            "lower the validation fraction or add data"
+        )
     held = np.zeros(len(examples), dtype=bool)
     held[np.random.default_rng([seed, 1]).permutation(len(examples))[:n_val]] = True
     return [e for e, h in zip(examples, held) if not h], [e for e, h in zip(examples, held) if h]
@@ -222,8 +226,10 @@ class SFTBatches:
             raise InputError("no fine-tuning examples; check the data file")
         for n, e in enumerate(self.examples):
             if len(e.ids) > self.max_length:
-                raise InputError(f"example {n} has {len(e.ids)} tokens, more than max_length {self.max_length}; "
-                                 "read it with read_examples, which cuts long examples")
+                raise InputError(
+                    f"example {n} has {len(e.ids)} tokens, more than max_length {self.max_length}; "
+                    "read it with read_examples, which cuts long examples"
+                )
             if e.targets == 0:
                 raise InputError(f"example {n} has no token to learn (its mask is empty after the first token); drop it")
         lengths = [len(e.ids) for e in self.examples]

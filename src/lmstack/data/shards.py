@@ -86,7 +86,7 @@ class _ShardWriter:
             take = arr[: self.shard_tokens - self._n]
             self._f.write(take.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
             self._n += len(take)
-            arr = arr[len(take):]
+            arr = arr[len(take) :]
             if self._n == self.shard_tokens:
                 self._close()
         self.documents += ends_document
@@ -189,8 +189,7 @@ def prepare_shards(
     try:
         with contextlib.ExitStack() as stack:
             if workers > 1 and total >= _POOL_MIN_BYTES:
-                pool = stack.enter_context(_mp_context().Pool(
-                    workers, initializer=_init_worker, initargs=(tokenizer.to_dict(),)))
+                pool = stack.enter_context(_mp_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer.to_dict(),)))
                 encoded = pool.imap(_encode_group, groups)
             else:
                 encoded = (_encode_group(g, tokenizer) for g in groups)

@@ -57,8 +57,7 @@ def compare(models: Sequence[ModelSpec], data, max_batch_tokens: int = 1 << 16, 
         model, tokenizer = m if isinstance(m, tuple) else load_for_text(m, device)
         with progress(desc=f"scoring {name}", unit=PROGRESS_UNITS[default_mode(model)]) as bar:
             res = measure(model, tokenizer, docs, max_batch_tokens=max_batch_tokens, progress_bar=bar)
-        rows.append({"model": name, "family": getattr(model, "family", ""), "parameters": _parameters(model),
-                     **res.to_dict()})
+        rows.append({"model": name, "family": getattr(model, "family", ""), "parameters": _parameters(model), **res.to_dict()})
         del model
     return rows
 

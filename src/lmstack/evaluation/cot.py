@@ -52,12 +52,15 @@ def _shared_file(name: str, split: str) -> Path:
     for root in roots:
         if (root / fname).is_file():
             return root / fname
-    raise InputError(f"--task {name}: {fname} not found in {', '.join(map(str, roots))}; pass the file's path "
-                     "instead (--task PATH.jsonl) or set LMSTACK_SHARED to the folder holding data/")
+    raise InputError(
+        f"--task {name}: {fname} not found in {', '.join(map(str, roots))}; pass the file's path "
+        "instead (--task PATH.jsonl) or set LMSTACK_SHARED to the folder holding data/"
+    )
 
 
-def load_task(task: str, split: str = "test", n: int | None = None, seed: int = 0, lang: str = "mix",
-              levels=(1, 2, 3, 4)) -> list[Item]:
+def load_task(
+    task: str, split: str = "test", n: int | None = None, seed: int = 0, lang: str = "mix", levels=(1, 2, 3, 4)
+) -> list[Item]:
     """The problems of `task`: "arithmetic" (n generated problems of the split, in `lang`, with
     `levels` steps), "gsm8k", "svamp" or a JSONL file; at most `n` of them."""
     if n is not None and n < 1:
@@ -65,15 +68,16 @@ def load_task(task: str, split: str = "test", n: int | None = None, seed: int = 
     if task == "arithmetic":
         from lmstack.data.arithmetic import generate
 
-        return [Item(p.question, float(p.answer), list(p.paraphrases))
-                for p in generate(n or 200, seed=seed, lang=lang, levels=levels, split=split)]
+        return [
+            Item(p.question, float(p.answer), list(p.paraphrases))
+            for p in generate(n or 200, seed=seed, lang=lang, levels=levels, split=split)
+        ]
     if task in NAMED:
         path = _shared_file(task, split)
     elif task.endswith(".jsonl"):
         path = Path(task)
     else:
-        raise InputError(f"unknown task {task!r}; use arithmetic, gsm8k, svamp or a .jsonl file of "
-                         "{\"question\", \"answer\"} rows")
+        raise InputError(f'unknown task {task!r}; use arithmetic, gsm8k, svamp or a .jsonl file of {{"question", "answer"}} rows')
     problems = load_numeric(path)  # names the row that lacks an answer
     rows = read_jsonl(path, ())
     items = []
@@ -152,8 +156,9 @@ def mixes_languages(text: str) -> bool:
 # --- eval cot ---------------------------------------------------------------------------------
 
 
-def chain_of_thought(model, tokenizer, items: list[Item], max_new_tokens: int = 128, temperature: float = 1.0,
-                     seed: int = 0, batch_size: int = 16) -> dict:
+def chain_of_thought(
+    model, tokenizer, items: list[Item], max_new_tokens: int = 128, temperature: float = 1.0, seed: int = 0, batch_size: int = 16
+) -> dict:
     """Per problem and in summary: log P(A | Q) against log P(A | Q, T) with T a sampled trace,
     accuracy without and with reasoning, language mixing in traces, and paraphrase sensitivity."""
     from lmstack.evaluation.scoring import loglikelihoods
@@ -165,8 +170,12 @@ def chain_of_thought(model, tokenizer, items: list[Item], max_new_tokens: int = 
     for i in range(0, len(items), batch_size):
         batch = items[i : i + batch_size]
         prompts = [question_ids(tokenizer, it.question) for it in batch]
-        sampled = generate_tokens(model, prompts, [reply_config(tokenizer, max_new_tokens, temperature, seed + i + j)
-                                                   for j in range(len(batch))], tokenizer)
+        sampled = generate_tokens(
+            model,
+            prompts,
+            [reply_config(tokenizer, max_new_tokens, temperature, seed + i + j) for j in range(len(batch))],
+            tokenizer,
+        )
         greedy = generate_tokens(model, prompts, reply_config(tokenizer, max_new_tokens), tokenizer)
         direct_prompts = [p + tokenizer.encode(ANSWER) for p in prompts]
         direct = generate_tokens(model, direct_prompts, reply_config(tokenizer, 8), tokenizer)
@@ -179,14 +188,19 @@ def chain_of_thought(model, tokenizer, items: list[Item], max_new_tokens: int = 
         scores = [lp for lp, _ in loglikelihoods(model, [_fit(model, c, a) for c, a in requests])]
         n = len(batch)
         for k, it in enumerate(batch):
-            results.append({
-                "question": it.question, "answer": it.answer, "trace": traces[k],
-                "logp_direct": scores[k], "logp_with_trace": scores[n + k],
-                "correct_direct": correct(direct[k].text.strip().split("\n")[0], it.answer),
-                "correct_reasoning": correct(greedy[k].text, it.answer),
-                "mixed_languages": mixes_languages(traces[k]),
-                "logp_paraphrases": [scores[2 * n + j] for j, (kk, _) in enumerate(paras) if kk == k],
-            })
+            results.append(
+                {
+                    "question": it.question,
+                    "answer": it.answer,
+                    "trace": traces[k],
+                    "logp_direct": scores[k],
+                    "logp_with_trace": scores[n + k],
+                    "correct_direct": correct(direct[k].text.strip().split("\n")[0], it.answer),
+                    "correct_reasoning": correct(greedy[k].text, it.answer),
+                    "mixed_languages": mixes_languages(traces[k]),
+                    "logp_paraphrases": [scores[2 * n + j] for j, (kk, _) in enumerate(paras) if kk == k],
+                }
+            )
     return summarize(results)
 
 

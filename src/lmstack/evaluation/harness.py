@@ -25,8 +25,16 @@ except ImportError:  # pragma: no cover - exercised only without lm-eval
 class LmstackLM(LM):
     """An lmstack checkpoint (`path=DIR`) or an in-memory (model, tokenizer) pair."""
 
-    def __init__(self, path: str | None = None, model=None, tokenizer=None, batch_size: int | str = 8,
-                 max_gen_toks: int = 256, device: str = "cpu", max_batch_size: int | None = None):
+    def __init__(
+        self,
+        path: str | None = None,
+        model=None,
+        tokenizer=None,
+        batch_size: int | str = 8,
+        max_gen_toks: int = 256,
+        device: str = "cpu",
+        max_batch_size: int | None = None,
+    ):
         """`max_batch_size` is accepted because lm-eval always passes it; batches are `batch_size`."""
         super().__init__()
         if model is None:
@@ -65,8 +73,10 @@ class LmstackLM(LM):
         for r in requests:
             tokens = self.tok.encode(r.args[0])
             window = getattr(self.model, "max_context", None) or max(len(tokens), 1)
-            pairs = [lm_eval_utils.make_disjoint_window(w) for w in
-                     lm_eval_utils.get_rolling_token_windows(tokens, self.tok.eot_id, window, 1)]
+            pairs = [
+                lm_eval_utils.make_disjoint_window(w)
+                for w in lm_eval_utils.get_rolling_token_windows(tokens, self.tok.eot_id, window, 1)
+            ]
             total = sum(lp for lp, _ in loglikelihoods(self.model, pairs)) if pairs else 0.0
             self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
             out.append(total)
@@ -82,8 +92,7 @@ class LmstackLM(LM):
         for i in range(0, len(requests), self.batch_size):
             batch = requests[i : i + self.batch_size]
             configs = [self._config(kwargs) for _, kwargs in (r.args for r in batch)]
-            prompts = [keep_end(self.model, encode_prompt(self.tok, r.args[0]), c.max_new_tokens)
-                       for r, c in zip(batch, configs)]
+            prompts = [keep_end(self.model, encode_prompt(self.tok, r.args[0]), c.max_new_tokens) for r, c in zip(batch, configs)]
             texts = [g.text for g in generate_tokens(self.model, prompts, configs, self.tok)]
             for r, text in zip(batch, texts):
                 self.cache_hook.add_partial("generate_until", r.args, text)
@@ -98,6 +107,7 @@ class LmstackLM(LM):
         return GenerationConfig(
             max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
             temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
-            top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0),
+            top_p=float(kwargs.get("top_p") or 1.0),
+            top_k=int(kwargs.get("top_k") or 0),
             stop=(until,) if isinstance(until, str) else tuple(until),
         )

@@ -95,13 +95,24 @@ class PerplexityResult:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict:
-        out = {**asdict(self), "nats": self.nats, "perplexity": self.perplexity,
-               "perplexity_excluding_oovs": self.perplexity_excluding_oovs,
-               "perplexity_per_word": self.perplexity_per_word, "bits_per_byte": self.bits_per_byte,
-               "tokens_per_s": self.tokens_per_s}
+        out = {
+            **asdict(self),
+            "nats": self.nats,
+            "perplexity": self.perplexity,
+            "perplexity_excluding_oovs": self.perplexity_excluding_oovs,
+            "perplexity_per_word": self.perplexity_per_word,
+            "bits_per_byte": self.bits_per_byte,
+            "tokens_per_s": self.tokens_per_s,
+        }
         if self.mode == "pseudo":  # not a probability of the text: no figure that claims to be one
-            out.update(pseudo_perplexity=self.perplexity, perplexity=None, perplexity_excluding_oovs=None,
-                       perplexity_per_word=None, bits_per_byte=None, note=PSEUDO_NOTE)
+            out.update(
+                pseudo_perplexity=self.perplexity,
+                perplexity=None,
+                perplexity_excluding_oovs=None,
+                perplexity_per_word=None,
+                bits_per_byte=None,
+                note=PSEUDO_NOTE,
+            )
         return out
 
 
@@ -189,8 +200,9 @@ def resolve_window(model, context: int | None, stride: int | None) -> tuple[int,
     if context < 1:
         raise InputError(f"--context must be >= 1 token, got {context}")
     if limit is not None and context > limit:
-        raise ContextLengthError(f"--context {context} is longer than the model's context of {limit} tokens; "
-                                 f"pass --context {limit} or less")
+        raise ContextLengthError(
+            f"--context {context} is longer than the model's context of {limit} tokens; pass --context {limit} or less"
+        )
     if stride is None:
         stride = max(1, context // 2)
     if not 1 <= stride <= context:
@@ -198,8 +210,9 @@ def resolve_window(model, context: int | None, stride: int | None) -> tuple[int,
     return context, stride
 
 
-def window_logprobs(model: LanguageModel, ids: np.ndarray, context: int, stride: int,
-                    max_batch_tokens: int = 1 << 16, progress_bar=None) -> np.ndarray:
+def window_logprobs(
+    model: LanguageModel, ids: np.ndarray, context: int, stride: int, max_batch_tokens: int = 1 << 16, progress_bar=None
+) -> np.ndarray:
     """Natural-log p(ids[t] | up to `context` earlier ids) for t = 1..len-1, each token once.
 
     Window k reads ids[kS : kS + C] and predicts ids[kS + 1 : kS + C + 1]; it keeps only the
@@ -245,8 +258,9 @@ def stream_perplexity(
     module docstring); `context` defaults to the model's own (else 1024), `stride` to half of it."""
     context, stride = resolve_window(model, context, stride)
     started = time.perf_counter()
-    res = PerplexityResult(lines=0, tokens=0, oovs=0, bytes=0, log10_prob=0.0, log10_prob_oovs=0.0,
-                           mode="stream", context=context, stride=stride)
+    res = PerplexityResult(
+        lines=0, tokens=0, oovs=0, bytes=0, log10_prob=0.0, log10_prob_oovs=0.0, mode="stream", context=context, stride=stride
+    )
     parts = [[eot]]
     for doc in documents:
         if progress_bar is not None:  # tokenizing a large text takes a while too: say what is happening
@@ -270,13 +284,16 @@ def stream_perplexity(
     return res
 
 
-PSEUDO_NOTE = ("pseudo-perplexity (Salazar et al. 2020): each token scored by the masked LM with only that "
-               "token masked, given both sides; not a probability of the text, so not comparable with the "
-               "perplexity of causal models")
+PSEUDO_NOTE = (
+    "pseudo-perplexity (Salazar et al. 2020): each token scored by the masked LM with only that "
+    "token masked, given both sides; not a probability of the text, so not comparable with the "
+    "perplexity of causal models"
+)
 
 
-def pseudo_perplexity(model, lines: Iterable[str], encode: Callable[[str], list[int]], batch_size: int = 64,
-                      progress_bar=None) -> PerplexityResult:
+def pseudo_perplexity(
+    model, lines: Iterable[str], encode: Callable[[str], list[int]], batch_size: int = 64, progress_bar=None
+) -> PerplexityResult:
     """A masked LM's pseudo-log-likelihood of every line, `[CLS] line [SEP]` (mode "pseudo"):
     its `perplexity` is then the pseudo-perplexity exp(-PLL / tokens). A line longer than the
     model's context is scored in consecutive pieces that fit."""
@@ -317,8 +334,13 @@ def text_codec(model, tokenizer) -> dict:
     tokenizer with its end-of-text token as both sentence start and end."""
     # (BERT and T5 have an `encode` of their own, over ids; the vocabulary ids tell them apart)
     if all(hasattr(model, a) for a in ("encode", "bos_id", "eos_id", "unk_id")):
-        return {"encode": model.encode, "bos": model.bos_id, "eos": model.eos_id, "unk": model.unk_id,
-                "spell": model.oov_spelling_log10}
+        return {
+            "encode": model.encode,
+            "bos": model.bos_id,
+            "eos": model.eos_id,
+            "unk": model.unk_id,
+            "spell": model.oov_spelling_log10,
+        }
     if tokenizer is None or tokenizer.eot_id is None:
         raise InputError("this checkpoint has no tokenizer with an end-of-text token; save one with the model")
     return {"encode": tokenizer.encode, "bos": tokenizer.eot_id, "eos": tokenizer.eot_id, "unk": None}
@@ -351,8 +373,16 @@ def default_mode(model) -> str:
     return "lines" if hasattr(model, "bos_id") or hasattr(model, "log_prob") else "stream"
 
 
-def measure(model, tokenizer, documents: Iterable[str], mode: str | None = None, context: int | None = None,
-            stride: int | None = None, max_batch_tokens: int = 1 << 16, progress_bar=None) -> PerplexityResult:
+def measure(
+    model,
+    tokenizer,
+    documents: Iterable[str],
+    mode: str | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    max_batch_tokens: int = 1 << 16,
+    progress_bar=None,
+) -> PerplexityResult:
     """Score whole documents (e.g. one per file) in `mode` (default: `default_mode(model)`)."""
     family = getattr(model, "family", type(model).__name__)
     mode = mode or default_mode(model)
@@ -377,11 +407,12 @@ def measure(model, tokenizer, documents: Iterable[str], mode: str | None = None,
     elif isinstance(model, LanguageModel):
         codec = text_codec(model, tokenizer)
     else:
-        raise InputError(f"a {family} model is not a language model of text; eval perplexity scores n-gram, "
-                         "feed-forward, RNN, GPT and T5 checkpoints (and BERT by pseudo-perplexity)")
+        raise InputError(
+            f"a {family} model is not a language model of text; eval perplexity scores n-gram, "
+            "feed-forward, RNN, GPT and T5 checkpoints (and BERT by pseudo-perplexity)"
+        )
     if mode == "lines":
         return perplexity(model, lines, max_batch_tokens=max_batch_tokens, progress_bar=progress_bar, **codec)
     if codec["bos"] != codec["eos"]:
         raise InputError(f"a {family} model scores sentences between its own <s> and </s>; use --mode lines")
-    return stream_perplexity(model, documents, codec["encode"], codec["eos"], context, stride,
-                             max_batch_tokens, progress_bar)
+    return stream_perplexity(model, documents, codec["encode"], codec["eos"], context, stride, max_batch_tokens, progress_bar)

@@ -42,8 +42,10 @@ def _is_seq2seq(model) -> bool:
 
 def _check_scorable(model) -> None:
     if not (_is_seq2seq(model) or hasattr(model, "next_token_logprobs")):
-        raise InputError(f"scoring needs a causal language model or an encoder-decoder; a {_family(model)} model "
-                         "has neither next_token_logprobs nor target_logprobs")
+        raise InputError(
+            f"scoring needs a causal language model or an encoder-decoder; a {_family(model)} model "
+            "has neither next_token_logprobs nor target_logprobs"
+        )
 
 
 def _logprob_rows(model, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
@@ -94,8 +96,9 @@ def score_text(model, tokenizer, prompt: str, continuation: str | None = None, t
     for an encoder-decoder, which needs a source); a JSON-able dict with the total, the perplexity
     and every scored token."""
     if continuation is None and _is_seq2seq(model):
-        raise InputError(f"a {_family(model)} model scores a continuation given the prompt as its source; "
-                         "pass one (--continuation TEXT)")
+        raise InputError(
+            f"a {_family(model)} model scores a continuation given the prompt as its source; pass one (--continuation TEXT)"
+        )
     scored = tokenizer.encode(continuation if continuation is not None else prompt)
     if not scored:
         raise InputError("nothing to score: the continuation (or, without one, the prompt) is empty")

@@ -70,8 +70,9 @@ def multiple_choice(model, tokenizer, items: list[Choice], prompt: str = QA_PROM
     """acc and acc_norm over `items`; each choice is scored as " " + choice after the prompt."""
     from lmstack.evaluation.scoring import loglikelihoods
 
-    requests = [(tokenizer.encode(prompt.format(question=it.question)), tokenizer.encode(" " + c))
-                for it in items for c in it.choices]
+    requests = [
+        (tokenizer.encode(prompt.format(question=it.question)), tokenizer.encode(" " + c)) for it in items for c in it.choices
+    ]
     scores = iter(lp for lp, _ in loglikelihoods(model, requests))
     per_item = []
     for it in items:
@@ -138,8 +139,9 @@ def few_shot_prompt(question: str, shots: list[Problem]) -> str:
     return examples + QA_PROMPT.format(question=question)
 
 
-def numeric_exact_match(model, tokenizer, problems: list[Problem], shots: list[Problem] = (),
-                        max_new_tokens: int = 256, batch_size: int = 8) -> dict:
+def numeric_exact_match(
+    model, tokenizer, problems: list[Problem], shots: list[Problem] = (), max_new_tokens: int = 256, batch_size: int = 8
+) -> dict:
     """Greedy few-shot generation; the fraction of problems whose extracted answer equals the gold.
     A prompt longer than the model's context leaves room for the answer by keeping its end (the
     question), as lm-evaluation-harness does; `truncated` counts them."""
@@ -161,8 +163,12 @@ def numeric_exact_match(model, tokenizer, problems: list[Problem], shots: list[P
             results.append({"question": p.question, "answer": p.answer, "output": out.text, "pred": pred, "correct": correct})
         bar.update(len(batch))
     bar.close()
-    return {"n": len(results), "exact_match": sum(r["correct"] for r in results) / max(len(results), 1),
-            "truncated": truncated, "items": results}
+    return {
+        "n": len(results),
+        "exact_match": sum(r["correct"] for r in results) / max(len(results), 1),
+        "truncated": truncated,
+        "items": results,
+    }
 
 
 # --- one call per task file (what a CLI command runs) ----------------------------------------
@@ -170,9 +176,18 @@ def numeric_exact_match(model, tokenizer, problems: list[Problem], shots: list[P
 KINDS = ("mc", "numeric")
 
 
-def run(kind: str, model, tokenizer, path: str | os.PathLike, *, limit: int | None = None,
-        shots_path: str | os.PathLike | None = None, shots: int = 0, max_new_tokens: int = 256,
-        batch_size: int = 8) -> dict:
+def run(
+    kind: str,
+    model,
+    tokenizer,
+    path: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    shots_path: str | os.PathLike | None = None,
+    shots: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+) -> dict:
     """Evaluate a task file: kind "mc" (multiple choice: acc, acc_norm) or "numeric" (GSM8K /
     SVAMP exact match, with the first `shots` problems of `shots_path` as examples)."""
     if kind not in KINDS:
@@ -184,5 +199,6 @@ def run(kind: str, model, tokenizer, path: str | os.PathLike, *, limit: int | No
     if shots and shots_path is None:
         raise InputError("few-shot examples need a file to take them from (e.g. gsm8k_train.jsonl)")
     examples = load_numeric(shots_path)[:shots] if shots else []
-    return numeric_exact_match(model, tokenizer, load_numeric(path)[:limit], examples,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return numeric_exact_match(
+        model, tokenizer, load_numeric(path)[:limit], examples, max_new_tokens=max_new_tokens, batch_size=batch_size
+    )

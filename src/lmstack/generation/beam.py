@@ -45,21 +45,32 @@ def _follow(model, state, index: list[int], tokens: list[int], sequences: list[l
 def check_beam_settings(num_beams: int, n: int = 1, length_penalty: float = 1.0) -> None:
     """The checks `beam_search` makes, for a caller that wants them before loading a model."""
     if num_beams < 1 or not 1 <= n <= num_beams:
-        raise InputError(f"need num_beams >= 1 (--beams; 1 turns beam search off) and 1 <= n <= num_beams (--num-return); "
-                         f"got num_beams={num_beams}, n={n}")
+        raise InputError(
+            f"need num_beams >= 1 (--beams; 1 turns beam search off) and 1 <= n <= num_beams (--num-return); "
+            f"got num_beams={num_beams}, n={n}"
+        )
     check_finite("length_penalty", length_penalty)
 
 
-def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: int = 32, length_penalty: float = 1.0,
-                n: int = 1, eos_id: int | None = None) -> list[Beam]:
+def beam_search(
+    model,
+    prompt: list[int],
+    num_beams: int = 4,
+    max_new_tokens: int = 32,
+    length_penalty: float = 1.0,
+    n: int = 1,
+    eos_id: int | None = None,
+) -> list[Beam]:
     """The `n` best continuations of `prompt` (ids), best first."""
     check_beam_settings(num_beams, n, length_penalty)
     if not prompt:
         raise InputError("beam search needs a prompt of at least one token (e.g. <|endoftext|>)")
     check_generative(model)
     if not isinstance(model, LanguageModel) and not hasattr(model, "reorder"):
-        raise InputError(f"beam search on a {getattr(model, 'family', type(model).__name__)} model needs its "
-                         "reorder(state, index), which it lacks; use greedy or sampling")
+        raise InputError(
+            f"beam search on a {getattr(model, 'family', type(model).__name__)} model needs its "
+            "reorder(state, index), which it lacks; use greedy or sampling"
+        )
     limit = getattr(model, "max_context", None)
     if limit is not None:
         model.check_context(len(prompt))
@@ -100,7 +111,8 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
         beams = [beams[b] + [token] for b, token, _ in keep]
         sums = torch.tensor([v for _, _, v in keep], dtype=torch.float64, device=device)
         if t + 1 < max_new_tokens:
-            state, logprobs = _follow(model, state, [b for b, _, _ in keep], [tok for _, tok, _ in keep],
-                                      [prompt + b for b in beams], device)
+            state, logprobs = _follow(
+                model, state, [b for b, _, _ in keep], [tok for _, tok, _ in keep], [prompt + b for b in beams], device
+            )
     finished += [Beam(b, s, score(s, len(b)), False) for b, s in zip(beams, sums.tolist())]
     return sorted(finished, key=lambda b: b.score, reverse=True)[:n]

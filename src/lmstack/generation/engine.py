@@ -17,8 +17,19 @@ from lmstack.generation.config import GenerationConfig
 from lmstack.generation.scheduler import Scheduler, _Row, cap_to_context, check_generative, model_device
 from lmstack.progress import progress
 
-__all__ = ["Generation", "cap_to_context", "check_generative", "decode_steps", "encode_prompt", "generate",
-           "generate_groups", "generate_tokens", "keep_end", "model_device", "stream"]
+__all__ = [
+    "Generation",
+    "cap_to_context",
+    "check_generative",
+    "decode_steps",
+    "encode_prompt",
+    "generate",
+    "generate_groups",
+    "generate_tokens",
+    "keep_end",
+    "model_device",
+    "stream",
+]
 
 
 @dataclass
@@ -50,8 +61,9 @@ def keep_end(model, ids: list[int], max_new_tokens: int) -> list[int]:
     if limit is None:
         return ids
     if max_new_tokens >= limit:
-        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
-                         f"{limit} tokens; lower it")
+        raise InputError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {limit} tokens; lower it"
+        )
     return ids[-(limit - max_new_tokens) :]
 
 
@@ -71,8 +83,9 @@ def _result(row: _Row) -> Generation:
     return Generation(row.tokens, text, row.finish_reason or "length", row.logprob)
 
 
-def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None,
-                 fork: int = 1) -> Iterator[list[_Row]]:
+def decode_steps(
+    model, prompts: list[list[int]], configs: list[GenerationConfig], tokenizer=None, fork: int = 1
+) -> Iterator[list[_Row]]:
     """Run the batch on a scheduler, yielding its rows after every step (the batch APIs share
     this). With `fork` > 1 the rows are each prompt `fork` times in a row (`configs` has one per
     row): a prompt is read once and its decoding state copied through the contract's `reorder`."""
@@ -86,8 +99,9 @@ def decode_steps(model, prompts: list[list[int]], configs: list[GenerationConfig
         yield rows
 
 
-def generate_tokens(model, prompts: list[list[int]], config=None, tokenizer=None,
-                    show_progress: bool = False) -> list[Generation]:
+def generate_tokens(
+    model, prompts: list[list[int]], config=None, tokenizer=None, show_progress: bool = False
+) -> list[Generation]:
     """Generate from token-id prompts; `config` is one GenerationConfig for all rows or one per row.
     `show_progress`: a progress bar of decoding steps (on a terminal)."""
     configs = _per_row(config, len(prompts))

@@ -92,9 +92,13 @@ class Sampler:
                 value = [x for part in parts for x in part]
             else:
                 table = next((t for t in parts if t is not None), None)
-                value = None if table is None else torch.cat([
-                    t if t is not None else table.new_zeros(len(s.greedy), table.shape[1])
-                    for t, s in zip(parts, samplers)])
+                value = (
+                    None
+                    if table is None
+                    else torch.cat(
+                        [t if t is not None else table.new_zeros(len(s.greedy), table.shape[1]) for t, s in zip(parts, samplers)]
+                    )
+                )
             setattr(joined, name, value)
         return joined
 

@@ -62,9 +62,11 @@ def model_device(model) -> torch.device:
 def check_generative(model) -> None:
     """Generation needs the contract's incremental view (`start`, `step`), which a masked LM lacks."""
     if not (hasattr(model, "start") and hasattr(model, "step")):
-        raise InputError(f"a {getattr(model, 'family', type(model).__name__)} model does not generate text left to right "
-                         "(it has no start/step decoding); score it with `lmstack eval perplexity` (pseudo-perplexity "
-                         "for a masked LM), or generate with a causal model (n-gram, RNN, GPT) or T5")
+        raise InputError(
+            f"a {getattr(model, 'family', type(model).__name__)} model does not generate text left to right "
+            "(it has no start/step decoding); score it with `lmstack eval perplexity` (pseudo-perplexity "
+            "for a masked LM), or generate with a causal model (n-gram, RNN, GPT) or T5"
+        )
 
 
 def cap_to_context(model, prompt_length: int, max_new_tokens: int) -> int:
@@ -74,9 +76,12 @@ def cap_to_context(model, prompt_length: int, max_new_tokens: int) -> int:
     limit = getattr(model, "max_context", None)
     if limit is None or prompt_length + max_new_tokens <= limit:
         return max_new_tokens
-    warnings.warn(f"max_new_tokens={max_new_tokens} goes past the model's context of {limit} tokens: generation "
-                  f"stops when prompt + output reach {limit} (finish_reason 'length'); ask for fewer tokens "
-                  "or use a model with a longer context", stacklevel=4)
+    warnings.warn(
+        f"max_new_tokens={max_new_tokens} goes past the model's context of {limit} tokens: generation "
+        f"stops when prompt + output reach {limit} (finish_reason 'length'); ask for fewer tokens "
+        "or use a model with a longer context",
+        stacklevel=4,
+    )
     return max(0, limit - prompt_length)
 
 
@@ -189,8 +194,14 @@ class Scheduler:
 
     # --- requests -----------------------------------------------------------------------
 
-    def add(self, prompt: list[int], config: GenerationConfig | Sequence[GenerationConfig] | None = None, n: int = 1,
-            adapter: str | None = None, logprobs: int = 0) -> int:
+    def add(
+        self,
+        prompt: list[int],
+        config: GenerationConfig | Sequence[GenerationConfig] | None = None,
+        n: int = 1,
+        adapter: str | None = None,
+        logprobs: int = 0,
+    ) -> int:
         """Queue a request and return its id; it joins the batch at a coming `step`. `config` is
         one GenerationConfig for every sample (a seeded one gives sample i the seed + i, so the n
         samples differ yet repeat) or one per sample. Bad input raises InputError here, never in
@@ -205,8 +216,10 @@ class Scheduler:
             raise InputError("every prompt needs at least one token (e.g. <|endoftext|>)")
         vocab = self.model.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InputError(f"token ids must be in [0, {vocab}); got range [{min(prompt)}, {max(prompt)}]; "
-                             "does the tokenizer belong to this model?")
+            raise InputError(
+                f"token ids must be in [0, {vocab}); got range [{min(prompt)}, {max(prompt)}]; "
+                "does the tokenizer belong to this model?"
+            )
         if self.tokenizer is None and any(c.stop for c in configs):
             raise InputError("stop strings need a tokenizer to decode the output; pass one or drop the stop strings")
         if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= vocab:
@@ -328,8 +341,9 @@ class Scheduler:
     def _join(self, old: _Cohort, new: _Cohort) -> _Cohort:
         with torch.inference_mode():
             state = self.model.concat([old.state, new.state])
-        return _Cohort(state, torch.cat([old.logprobs, new.logprobs]), old.seats + new.seats,
-                       Sampler.concat([old.sampler, new.sampler]))
+        return _Cohort(
+            state, torch.cat([old.logprobs, new.logprobs]), old.seats + new.seats, Sampler.concat([old.sampler, new.sampler])
+        )
 
     def _choose(self, cohort: _Cohort) -> list[Event]:
         """The next token of every active row of the cohort, as events."""
@@ -344,8 +358,17 @@ class Scheduler:
         for i, token, score in zip(active, chosen.values(), scores):
             seat = cohort.seats[i]
             kept = seat.row.add(token, score)
-            events.append(Event(seat.request.id, seat.index, token if kept else None, seat.row.take_text(),
-                                score if kept else None, tops.get(i, []) if kept else [], seat.row.finish_reason))
+            events.append(
+                Event(
+                    seat.request.id,
+                    seat.index,
+                    token if kept else None,
+                    seat.row.take_text(),
+                    score if kept else None,
+                    tops.get(i, []) if kept else [],
+                    seat.row.finish_reason,
+                )
+            )
         cohort.sampler.observe(chosen)
         return events
 

@@ -79,7 +79,7 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
                 break
             raise fail(lineno, f"expected 'ngram N=COUNT' in the header, got {s[:60]!r}")
         try:
-            n_str, c_str = s[len("ngram "):].split("=")
+            n_str, c_str = s[len("ngram ") :].split("=")
             n, c = int(n_str), int(c_str)
         except ValueError:
             raise fail(lineno, f"malformed header line {s[:60]!r}") from None
@@ -118,8 +118,14 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
 
         def flush():
             nonlocal done
-            blocks.append((np.asarray(flat, np.int64).reshape(len(logps), n), np.asarray(logps),
-                           np.asarray(backoffs), np.asarray(line_nos, np.int64)))
+            blocks.append(
+                (
+                    np.asarray(flat, np.int64).reshape(len(logps), n),
+                    np.asarray(logps),
+                    np.asarray(backoffs),
+                    np.asarray(line_nos, np.int64),
+                )
+            )
             done += len(logps)
             for buf in (logps, backoffs, flat, line_nos):
                 buf.clear()
@@ -187,8 +193,9 @@ def read_arpa(path: str | os.PathLike) -> tuple[list[str], list[ArpaSection]]:
     return vocab, sections
 
 
-def write_arpa(path: str | os.PathLike, counts: list[int],
-               blocks: Iterable[tuple[int, list[str], np.ndarray, np.ndarray | None]]) -> None:
+def write_arpa(
+    path: str | os.PathLike, counts: list[int], blocks: Iterable[tuple[int, list[str], np.ndarray, np.ndarray | None]]
+) -> None:
     """Write an ARPA file atomically from blocks of entries, in order of n: (n, n-gram texts
     "w1 w2", log10 p, log10 back-off or None on the highest order)."""
     with atomic_write(path) as f:

@@ -95,8 +95,10 @@ def grow_vocab(model, vocab_size: int):
     if vocab_size < old_vocab:
         raise InputError(f"the tokenizer has {vocab_size} ids but the model {old_vocab}; a vocabulary only grows")
     if model.family == "ffn":  # its embedding's last row means "before the start", so rows cannot simply be added
-        raise InputError("a feed-forward model cannot grow its vocabulary; use a tokenizer that already has the "
-                         "special tokens (e.g. `lmstack tokenizer train --special`)")
+        raise InputError(
+            "a feed-forward model cannot grow its vocabulary; use a tokenizer that already has the "
+            "special tokens (e.g. `lmstack tokenizer train --special`)"
+        )
     grown = type(model)(dataclasses.replace(model.config, vocab_size=vocab_size))
     old = model.state_dict()
     with torch.no_grad():
@@ -105,7 +107,8 @@ def grow_vocab(model, vocab_size: int):
             if t.shape != src.shape:
                 dim = next(d for d, (a, b) in enumerate(zip(t.shape, src.shape)) if a != b)
                 mean = src.float().mean(dim, keepdim=True).to(src.dtype)
-                src = torch.cat([src, mean.expand(*[vocab_size - old_vocab if d == dim else n
-                                                    for d, n in enumerate(src.shape)])], dim)
+                src = torch.cat(
+                    [src, mean.expand(*[vocab_size - old_vocab if d == dim else n for d, n in enumerate(src.shape)])], dim
+                )
             t.copy_(src)
     return grown.to(next(model.parameters()).device).train(model.training)

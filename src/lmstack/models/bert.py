@@ -123,8 +123,9 @@ class BERT(nn.Module, TorchCheckpoint):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def encode(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, T] ids (mask: 1 = token, 0 = padding) -> [B, T, d_model] contextual states."""
         B, T = ids.shape
         if T > self.config.max_position:
@@ -133,8 +134,9 @@ class BERT(nn.Module, TorchCheckpoint):
                 "truncate or split the input"
             )
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); "
-                             f"got range [{int(ids.min())}, {int(ids.max())}]")
+            raise InputError(
+                f"token ids must be in [0, {self.config.vocab_size}); got range [{int(ids.min())}, {int(ids.max())}]"
+            )
         types = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
         x = self.embed_tokens(ids) + self.embed_positions(torch.arange(T, device=ids.device)) + self.embed_types(types)
         x = self.drop(self.embed_norm(x))
@@ -147,8 +149,13 @@ class BERT(nn.Module, TorchCheckpoint):
         h = self.mlm_norm(ACTIVATIONS[self.config.activation](self.mlm_dense(hidden)))
         return F.linear(h, self.embed_tokens.weight, self.mlm_bias)
 
-    def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None):
+    def forward(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ):
         """Masked-LM logits [B, T, V] (+ mean cross-entropy over targets != -100)."""
         logits = self.mlm_logits(self.encode(ids, attention_mask, token_type_ids))
         if targets is None:
@@ -170,8 +177,9 @@ class BERT(nn.Module, TorchCheckpoint):
         return self.classifier(self.drop(self.pooled(ids, attention_mask, token_type_ids)))
 
     @torch.no_grad()
-    def pseudo_log_likelihood(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                              batch_size: int = 64) -> torch.Tensor:
+    def pseudo_log_likelihood(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 64
+    ) -> torch.Tensor:
         """[B, T] ids -> [B] PLL = sum_i log p(x_i | x_{\\i}) (Salazar et al. 2020).
 
         Each scored position is replaced by the mask token in its own copy of the sentence and the
@@ -187,7 +195,7 @@ class BERT(nn.Module, TorchCheckpoint):
         rows, cols = scored.nonzero(as_tuple=True)
         out = torch.zeros(tokens.shape[0], dtype=torch.float32, device=tokens.device)
         for s in range(0, len(rows), batch_size):
-            r, i = rows[s:s + batch_size], cols[s:s + batch_size]
+            r, i = rows[s : s + batch_size], cols[s : s + batch_size]
             copies = tokens[r].clone()
             n = torch.arange(len(r), device=tokens.device)
             copies[n, i] = c.mask_token_id
@@ -212,7 +220,6 @@ class BERT(nn.Module, TorchCheckpoint):
         return 3 * forward if training else forward
 
 
-
 def from_hf_bert(hf_dir: str | os.PathLike):
     """Import a local Hugging Face `BertForMaskedLM` (or `BertForPreTraining`) directory.
 
@@ -227,16 +234,22 @@ def from_hf_bert(hf_dir: str | os.PathLike):
     hf_dir = Path(hf_dir)
     cfg, tensors = read_hf_dir(hf_dir, "bert")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{hf_dir}: position_embedding_type {cfg['position_embedding_type']!r} is not supported "
-                              "(only 'absolute')")
+        raise CheckpointError(
+            f"{hf_dir}: position_embedding_type {cfg['position_embedding_type']!r} is not supported (only 'absolute')"
+        )
     if cfg.get("tie_word_embeddings", True) is False:
         raise CheckpointError(f"{hf_dir}: untied BERT decoder weights are not supported")
     try:
         config = BERTConfig(
-            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"], d_ff=cfg["intermediate_size"],
-            max_position=cfg["max_position_embeddings"], type_vocab_size=cfg.get("type_vocab_size", 2),
-            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12), dropout=cfg.get("hidden_dropout_prob", 0.1),
+            vocab_size=cfg["vocab_size"],
+            d_model=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            d_ff=cfg["intermediate_size"],
+            max_position=cfg["max_position_embeddings"],
+            type_vocab_size=cfg.get("type_vocab_size", 2),
+            layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+            dropout=cfg.get("hidden_dropout_prob", 0.1),
             activation=cfg.get("hidden_act", "gelu"),
         )
     except (KeyError, ValueError) as e:
@@ -257,8 +270,12 @@ def from_hf_bert(hf_dir: str | os.PathLike):
         for kind in ("weight", "bias"):  # q, k, v -> one fused projection
             qkv = [f"{hf}attention.self.{p}.{kind}" for p in ("query", "key", "value")]
             tensors[f"{hf}qkv.{kind}"] = torch.cat(list(take_tensors(tensors, qkv, hf_dir).values()))
-    optional = {"pooler.dense.weight": "pooler.weight", "pooler.dense.bias": "pooler.bias",
-                "cls.seq_relationship.weight": "nsp.weight", "cls.seq_relationship.bias": "nsp.bias"}
+    optional = {
+        "pooler.dense.weight": "pooler.weight",
+        "pooler.dense.bias": "pooler.bias",
+        "cls.seq_relationship.weight": "nsp.weight",
+        "cls.seq_relationship.bias": "nsp.bias",
+    }
     got = take_tensors(tensors, list(names), hf_dir)
     state = {ours: got[theirs] for theirs, ours in names.items()}
     fresh = model.state_dict()
@@ -285,9 +302,14 @@ def hf_names(config: BERTConfig) -> dict[str, str]:
     }
     for i in range(config.n_layers):
         hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
-        for a, b in [("attention.output.dense", "attn_out"), ("attention.output.LayerNorm", "attn_norm"),
-                     ("intermediate.dense", "ff_in"), ("output.dense", "ff_out"), ("output.LayerNorm", "ff_norm"),
-                     ("qkv", "qkv")]:
+        for a, b in [
+            ("attention.output.dense", "attn_out"),
+            ("attention.output.LayerNorm", "attn_norm"),
+            ("intermediate.dense", "ff_in"),
+            ("output.dense", "ff_out"),
+            ("output.LayerNorm", "ff_norm"),
+            ("qkv", "qkv"),
+        ]:
             names |= {f"{hf}{a}.weight": f"{ours}{b}.weight", f"{hf}{a}.bias": f"{ours}{b}.bias"}
     return names
 

@@ -66,12 +66,16 @@ def read_config(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p}: missing {CONFIG_FILE}; is this an lmstack checkpoint? (`lmstack convert` imports HF ones)")
     cfg = read_json(p / CONFIG_FILE, "checkpoint config")
     if not isinstance(cfg, dict):  # valid JSON, but `null`, a list or a number
-        raise CheckpointError(f"{p / CONFIG_FILE}: must be a JSON object of model settings, got {type(cfg).__name__}; "
-                              "restore it from a copy, or retrain / reconvert the checkpoint")
+        raise CheckpointError(
+            f"{p / CONFIG_FILE}: must be a JSON object of model settings, got {type(cfg).__name__}; "
+            "restore it from a copy, or retrain / reconvert the checkpoint"
+        )
     if "family" not in cfg:
         if "model_type" in cfg:
-            raise CheckpointError(f"{p}: a Hugging Face {cfg['model_type']!r} checkpoint, not an lmstack one; "
-                                  f"import it with `lmstack convert {p} DST_DIR`")
+            raise CheckpointError(
+                f"{p}: a Hugging Face {cfg['model_type']!r} checkpoint, not an lmstack one; "
+                f"import it with `lmstack convert {p} DST_DIR`"
+            )
         raise CheckpointError(f"{p / CONFIG_FILE}: no 'family' field; is this an lmstack checkpoint?")
     return cfg
 
@@ -109,8 +113,9 @@ def save_torch_model(model, path: str | os.PathLike, tokenizer=None, extra: dict
     return write_model_dir(path, model.family, model.config, model.state_dict(), tokenizer, extra)
 
 
-def write_model_dir(path: str | os.PathLike, family: str, config, tensors: dict, tokenizer=None,
-                    extra: dict[str, Any] | None = None) -> Path:
+def write_model_dir(
+    path: str | os.PathLike, family: str, config, tensors: dict, tokenizer=None, extra: dict[str, Any] | None = None
+) -> Path:
     """The one checkpoint writer: config.json, model.safetensors (tied weights stored once) and
     tokenizer.json, each written atomically. Training checkpoints add their own files beside."""
     p = Path(path)
@@ -163,12 +168,16 @@ def verify_checksums(path: str | os.PathLike) -> list[str]:
     for name, expected in sums.items():
         f = p / name
         if not f.is_file():
-            raise CheckpointError(f"{f}: missing, but listed in {CHECKSUMS_FILE}; the checkpoint is incomplete: "
-                                  "copy it again or use an earlier checkpoint")
+            raise CheckpointError(
+                f"{f}: missing, but listed in {CHECKSUMS_FILE}; the checkpoint is incomplete: "
+                "copy it again or use an earlier checkpoint"
+            )
         if file_sha256(f) != expected:
-            raise CheckpointError(f"{f}: corrupt: its sha256 differs from {CHECKSUMS_FILE} (bytes changed or lost since "
-                                  "it was saved); copy it again or use an earlier checkpoint (if you edited it on purpose, "
-                                  f"delete {CHECKSUMS_FILE})")
+            raise CheckpointError(
+                f"{f}: corrupt: its sha256 differs from {CHECKSUMS_FILE} (bytes changed or lost since "
+                "it was saved); copy it again or use an earlier checkpoint (if you edited it on purpose, "
+                f"delete {CHECKSUMS_FILE})"
+            )
     return sorted(sums)
 
 
@@ -278,8 +287,10 @@ def text_tokenizer(model, tokenizer, where: str = "this model"):
     if hasattr(model, "text_tokenizer"):
         return model.text_tokenizer()
     if tokenizer is None:
-        raise InputError(f"{where}: no tokenizer.json, so text cannot be encoded; save the checkpoint with its "
-                         "tokenizer (or, in Python, pass tokenizer=)")
+        raise InputError(
+            f"{where}: no tokenizer.json, so text cannot be encoded; save the checkpoint with its "
+            "tokenizer (or, in Python, pass tokenizer=)"
+        )
     return tokenizer
 
 

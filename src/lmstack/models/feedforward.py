@@ -123,4 +123,3 @@ class FeedForwardLM(nn.Module, LanguageModel, TorchCheckpoint):
         3× forward. `seq_len` does not matter: the window is fixed."""
         forward = 2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 3 * forward if training else forward
-

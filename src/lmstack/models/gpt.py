@@ -168,8 +168,13 @@ def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
 # --- which keys a query sees --------------------------------------------------------------
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc: torch.Tensor | None = None,
-                   k_doc: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+def attention_mask(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """SDPA's boolean mask, the one rule of every attention call: a query sees the keys of its own
     document at its position or before, and with a sliding `window` W only the last W of them
     (itself included, as Mistral counts). Positions are [T] and [S], or [B, T] and [B, S] per
@@ -216,8 +221,9 @@ class KVCache:
     slot: torch.Tensor | None = None  # static caches only: `pos` as a device tensor, for compiled steps
 
     @classmethod
-    def empty(cls, cfg: GPTConfig, batch: int, device, dtype, static_capacity: int | None = None,
-              offset: torch.Tensor | None = None) -> "KVCache":
+    def empty(
+        cls, cfg: GPTConfig, batch: int, device, dtype, static_capacity: int | None = None, offset: torch.Tensor | None = None
+    ) -> "KVCache":
         shape = (batch, cfg.n_kv_head, static_capacity or 0, cfg.head_dim)
         k, v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv")
         slot = torch.zeros((), dtype=torch.long, device=device) if static_capacity else None
@@ -242,8 +248,7 @@ class KVCache:
         a document of its own). None where SDPA needs no mask: an unpadded prompt (its causal flag)
         or one new token of a growing cache (it sees every key), both within the window."""
         T = slots.shape[0]
-        if self.slot is None and self.offset is None and (self.pos == 0 or T == 1) \
-                and (window is None or self.pos + T <= window):
+        if self.slot is None and self.offset is None and (self.pos == 0 or T == 1) and (window is None or self.pos + T <= window):
             return None
         keys = torch.arange(self.k[0].shape[2] if self.slot is not None else self.pos + T, device=slots.device)
         if self.offset is None:
@@ -311,10 +316,13 @@ class KVCache:
             out[:, :, pos - filled : pos] = t[:, :, :filled]
             return out
 
-        k, v = ([torch.cat([shifted(getattr(c, kv)[i], c.pos) for c in caches]) for i in range(len(first.k))]
-                for kv in "kv")
-        offset = torch.cat([(c.offset if c.offset is not None else c.k[0].new_zeros(c.k[0].shape[0], dtype=torch.long))
-                            + pos - c.pos for c in caches])
+        k, v = ([torch.cat([shifted(getattr(c, kv)[i], c.pos) for c in caches]) for i in range(len(first.k))] for kv in "kv")
+        offset = torch.cat(
+            [
+                (c.offset if c.offset is not None else c.k[0].new_zeros(c.k[0].shape[0], dtype=torch.long)) + pos - c.pos
+                for c in caches
+            ]
+        )
         slot = torch.full((), pos, dtype=torch.long, device=first.k[0].device) if first.slot is not None else None
         return cls(k, v, pos, offset, slot)._trimmed()._pinned()
 
@@ -347,7 +355,11 @@ class Attention(nn.Module):
         # Without a mask, several queries are a whole prompt (causal) and one is a new token that
         # sees every key; the flag lets SDPA pick its fused kernels.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -533,7 +545,8 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         if state.slot is not None and state.pos + T > state.k[0].shape[2]:
             raise ContextLengthError(
                 f"the static KV cache holds {state.k[0].shape[2]} tokens and {state.pos + T} were asked for; "
-                "pass a larger capacity to compile_decoding (at most the model's context)")
+                "pass a larger capacity to compile_decoding (at most the model's context)"
+            )
         compiled = self._compiled_step is not None and state.slot is not None and T == 1
         lp = (self._compiled_step if compiled else self._next_logprobs)(tokens, state)
         state.advance(T)
@@ -575,7 +588,6 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         return 3 * forward if training else forward
 
     # --- files --------------------------------------------------------------------------
-
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, device_peak_flops: float) -> float:

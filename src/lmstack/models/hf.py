@@ -49,15 +49,24 @@ def _require(ok: bool, source: Path, what: str) -> None:
 
 
 def _gpt2_config(hf: dict, source: Path) -> GPTConfig:
-    _require(hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"), source,
-             f"activation_function {hf.get('activation_function')!r} (only the tanh GELU, gelu_new)")
+    _require(
+        hf.get("activation_function", "gelu_new") in ("gelu_new", "gelu_pytorch_tanh"),
+        source,
+        f"activation_function {hf.get('activation_function')!r} (only the tanh GELU, gelu_new)",
+    )
     _require(hf.get("scale_attn_weights", True), source, "scale_attn_weights=false")
     _require(not hf.get("scale_attn_by_inverse_layer_idx", False), source, "scale_attn_by_inverse_layer_idx=true")
     n_embd = hf["n_embd"]
     return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-        n_embd=n_embd, mlp_hidden=hf.get("n_inner") or 4 * n_embd, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        dropout=hf.get("resid_pdrop", 0.0), tie_embeddings=hf.get("tie_word_embeddings", True),
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=n_embd,
+        mlp_hidden=hf.get("n_inner") or 4 * n_embd,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        dropout=hf.get("resid_pdrop", 0.0),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
     )
 
 
@@ -69,13 +78,22 @@ def _llama_config(hf: dict, source: Path, kind: str = "llama") -> GPTConfig:
     _require(hf.get("hidden_act", "silu") == "silu", source, f"hidden_act {hf.get('hidden_act')!r} (only silu)")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     return GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
-        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd,
         head_dim=hf.get("head_dim") or n_embd // n_head,
-        mlp_hidden=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope",
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), mlp="swiglu",
+        mlp_hidden=hf["intermediate_size"],
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        pos="rope",
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        mlp="swiglu",
         rope_scaling={k: rope[k] for k in LLAMA3_SCALING} if rope_type == "llama3" else None,
-        dropout=hf.get("attention_dropout", 0.0), tie_embeddings=hf.get("tie_word_embeddings", False),
+        dropout=hf.get("attention_dropout", 0.0),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
         **_family_switches(hf, source, kind),
     )
 
@@ -101,12 +119,16 @@ def _qwen_window(hf: dict, source: Path) -> int | None:
     window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
     first = hf.get("max_window_layers", 28)
     types = hf.get("layer_types") or [
-        "sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layer)]
+        "sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layer)
+    ]
     if set(types) == {"full_attention"}:
         return None
-    _require(set(types) == {"sliding_attention"} and window is not None, source,
-             f"sliding-window attention on only some layers (use_sliding_window with max_window_layers={first} "
-             f"of {n_layer} layers; layer_types {sorted(set(types))})")
+    _require(
+        set(types) == {"sliding_attention"} and window is not None,
+        source,
+        f"sliding-window attention on only some layers (use_sliding_window with max_window_layers={first} "
+        f"of {n_layer} layers; layer_types {sorted(set(types))})",
+    )
     return window
 
 
@@ -116,8 +138,14 @@ def _gpt2_names(cfg: GPTConfig) -> list[tuple[str, str, bool]]:
         ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
         for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
             names += [(f"{ours}{a}.{w}", f"{theirs}{b}.{w}", False) for w in ("weight", "bias")]
-        for a, b in (("attn.q", "attn.c_attn.q"), ("attn.k", "attn.c_attn.k"), ("attn.v", "attn.c_attn.v"),
-                     ("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")):
+        for a, b in (
+            ("attn.q", "attn.c_attn.q"),
+            ("attn.k", "attn.c_attn.k"),
+            ("attn.v", "attn.c_attn.v"),
+            ("attn.o", "attn.c_proj"),
+            ("mlp.up", "mlp.c_fc"),
+            ("mlp.down", "mlp.c_proj"),
+        ):
             names += [(f"{ours}{a}.weight", f"{theirs}{b}.weight", True), (f"{ours}{a}.bias", f"{theirs}{b}.bias", False)]
     names += [("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
     if not cfg.tie_embeddings:
@@ -131,13 +159,21 @@ def _llama_names(cfg: GPTConfig) -> list[tuple[str, str, bool]]:
     qkv = ("attn.q", "attn.k", "attn.v")
     for i in range(cfg.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        names += [(f"{ours}norm1.weight", f"{theirs}input_layernorm.weight", False),
-                  (f"{ours}norm2.weight", f"{theirs}post_attention_layernorm.weight", False)]
+        names += [
+            (f"{ours}norm1.weight", f"{theirs}input_layernorm.weight", False),
+            (f"{ours}norm2.weight", f"{theirs}post_attention_layernorm.weight", False),
+        ]
         if cfg.qk_norm:
             names += [(f"{ours}attn.{n}.weight", f"{theirs}self_attn.{n}.weight", False) for n in ("q_norm", "k_norm")]
-        for a, b in (("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
-                     ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
-                     ("mlp.down", "mlp.down_proj")):
+        for a, b in (
+            ("attn.q", "self_attn.q_proj"),
+            ("attn.k", "self_attn.k_proj"),
+            ("attn.v", "self_attn.v_proj"),
+            ("attn.o", "self_attn.o_proj"),
+            ("mlp.gate", "mlp.gate_proj"),
+            ("mlp.up", "mlp.up_proj"),
+            ("mlp.down", "mlp.down_proj"),
+        ):
             names.append((f"{ours}{a}.weight", f"{theirs}{b}.weight", False))
             if cfg.bias or (cfg.qkv_bias and a in qkv):
                 names.append((f"{ours}{a}.bias", f"{theirs}{b}.bias", False))
@@ -185,8 +221,10 @@ def from_hf(hf_dir: str | os.PathLike):
         module, name = _OTHER_IMPORTERS[kind].split(":")
         return getattr(importlib.import_module(module), name)(p)
     if kind != "gpt2" and kind not in LLAMA_KIN:
-        raise CheckpointError(f"{p}: not a supported Hugging Face model (model_type {kind!r}); lmstack imports "
-                              f"gpt2, {', '.join(LLAMA_KIN)}, bert and t5")
+        raise CheckpointError(
+            f"{p}: not a supported Hugging Face model (model_type {kind!r}); lmstack imports "
+            f"gpt2, {', '.join(LLAMA_KIN)}, bert and t5"
+        )
     hf, tensors = read_hf_dir(p, kind)
     source = p / "config.json"
     try:
@@ -234,8 +272,10 @@ def hf_tokenizer(p: Path, vocab_size: int):
     elif (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
         tokenizer = load_gpt2(p / "vocab.json", p / "merges.txt")
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
-        raise CheckpointError(f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                              f"{vocab_size}; the tokenizer files belong to another model")
+        raise CheckpointError(
+            f"{p}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{vocab_size}; the tokenizer files belong to another model"
+        )
     return tokenizer
 
 
@@ -250,8 +290,7 @@ def hf_chat_template(p: Path) -> str | None:
     if isinstance(template, list):
         template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     if template is not None and not isinstance(template, str):
-        raise CheckpointError(f"{config}: chat_template is neither a string nor a list of {{name, template}}; "
-                              "fix or remove it")
+        raise CheckpointError(f"{config}: chat_template is neither a string nor a list of {{name, template}}; fix or remove it")
     return template
 
 
@@ -263,8 +302,16 @@ def hf_architecture(cfg: GPTConfig) -> str:
     whose weights all go by `_llama_names`: 'qwen3' (q/k norm), 'qwen2' (biases on q, k, v only),
     'mistral' (a sliding window), else 'llama'."""
     plain = not (cfg.qkv_bias or cfg.qk_norm or cfg.sliding_window)
-    if cfg.prenorm and cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp == "gelu" and cfg.bias \
-            and cfg.n_kv_head == cfg.n_head and cfg.head_dim * cfg.n_head == cfg.n_embd and plain:
+    if (
+        cfg.prenorm
+        and cfg.norm == "layernorm"
+        and cfg.pos == "learned"
+        and cfg.mlp == "gelu"
+        and cfg.bias
+        and cfg.n_kv_head == cfg.n_head
+        and cfg.head_dim * cfg.n_head == cfg.n_embd
+        and plain
+    ):
         return "gpt2"
     if cfg.prenorm and cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu":
         if cfg.qk_norm and not cfg.bias and not cfg.qkv_bias:
@@ -284,29 +331,61 @@ def hf_architecture(cfg: GPTConfig) -> str:
     )
 
 
-_LLAMA_KIN_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM"}
+_LLAMA_KIN_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def _hf_config_dict(cfg: GPTConfig, arch: str) -> dict:
     if arch == "gpt2":
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "n_inner": cfg.mlp_hidden, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None, "dtype": "float32",
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.mlp_hidden,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": None,
+            "eos_token_id": None,
+            "dtype": "float32",
         }
     return {
-        "architectures": [_LLAMA_KIN_CLASSES[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "llama3" if cfg.rope_scaling else "default", "rope_theta": cfg.rope_theta,
-                            **(cfg.rope_scaling or {})},
+        "architectures": [_LLAMA_KIN_CLASSES[arch]],
+        "model_type": arch,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.mlp_hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_parameters": {
+            "rope_type": "llama3" if cfg.rope_scaling else "default",
+            "rope_theta": cfg.rope_theta,
+            **(cfg.rope_scaling or {}),
+        },
         "rope_theta": cfg.rope_theta,
-        "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None, "dtype": "float32",
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "dtype": "float32",
         **_window_config(cfg, arch),
     }
 
@@ -316,8 +395,11 @@ def _window_config(cfg: GPTConfig, arch: str) -> dict:
     if arch == "mistral":
         return {"sliding_window": cfg.sliding_window}
     if arch in ("qwen2", "qwen3"):
-        return {"use_sliding_window": cfg.sliding_window is not None, "sliding_window": cfg.sliding_window,
-                "max_window_layers": 0 if cfg.sliding_window else cfg.n_layer}
+        return {
+            "use_sliding_window": cfg.sliding_window is not None,
+            "sliding_window": cfg.sliding_window,
+            "max_window_layers": 0 if cfg.sliding_window else cfg.n_layer,
+        }
     return {}
 
 

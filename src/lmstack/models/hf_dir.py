@@ -38,8 +38,11 @@ def read_hf_dir(hf_dir: str | os.PathLike, model_type: str) -> tuple[dict, dict[
     for name in files:
         f = p / name
         if not f.exists():
-            hint = " (only pytorch_model.bin found: re-save with save_pretrained(safe_serialization=True))" \
-                if (p / "pytorch_model.bin").exists() else ""
+            hint = (
+                " (only pytorch_model.bin found: re-save with save_pretrained(safe_serialization=True))"
+                if (p / "pytorch_model.bin").exists()
+                else ""
+            )
             raise CheckpointError(f"{f}: missing weights file{hint}")
         try:
             tensors |= load_file(str(f))
@@ -52,6 +55,8 @@ def take_tensors(tensors: dict[str, torch.Tensor], names: list[str], source: str
     """The named tensors, or a CheckpointError listing the missing ones."""
     missing = [n for n in names if n not in tensors]
     if missing:
-        raise CheckpointError(f"{source}: weights are missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
-                              "the checkpoint is incomplete or of another architecture")
+        raise CheckpointError(
+            f"{source}: weights are missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+            "the checkpoint is incomplete or of another architecture"
+        )
     return {n: tensors[n] for n in names}

@@ -226,8 +226,9 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _resolve(model: nn.Module, entries: tuple[str, ...], groups: dict[str, tuple[str, ...]],
-             candidates: list[str], field: str) -> list[str]:
+def _resolve(
+    model: nn.Module, entries: tuple[str, ...], groups: dict[str, tuple[str, ...]], candidates: list[str], field: str
+) -> list[str]:
     """Module paths among `candidates` named by group names or fnmatch patterns; an entry that
     names nothing is an error listing what exists."""
     family = getattr(model, "family", type(model).__name__)
@@ -237,13 +238,17 @@ def _resolve(model: nn.Module, entries: tuple[str, ...], groups: dict[str, tuple
         if entry in groups:
             hits = [c for c in candidates if any(fnmatch.fnmatchcase(c, p) for p in groups[entry])]
         elif entry in known:
-            raise InputError(f"LoRA {field}: the {family} family has no {entry!r} group; its groups are "
-                             f"{sorted(groups)}, or give module patterns such as {candidates[:3]}")
+            raise InputError(
+                f"LoRA {field}: the {family} family has no {entry!r} group; its groups are "
+                f"{sorted(groups)}, or give module patterns such as {candidates[:3]}"
+            )
         else:
             hits = [c for c in candidates if fnmatch.fnmatchcase(c, entry)]
         if not hits:
-            raise InputError(f"LoRA {field}: {entry!r} matches no module of this {family} model; "
-                             f"its modules are {candidates} (groups: {sorted(groups)})")
+            raise InputError(
+                f"LoRA {field}: {entry!r} matches no module of this {family} model; "
+                f"its modules are {candidates} (groups: {sorted(groups)})"
+            )
         chosen += [h for h in hits if h not in chosen]
     return chosen
 
@@ -269,8 +274,10 @@ def _attach(model: nn.Module, cfg: LoraConfig, ranks: dict[str, tuple[int, float
     saved = _resolve(model, cfg.modules_to_save, SAVE_GROUPS.get(family, {}), modules, "modules_to_save")
     for path in targets:
         if _tied(model, linears[path]):
-            raise InputError(f"LoRA target {path!r} shares its weight with the embedding (tied); an adapter there "
-                             "would change the input side too; train it whole with modules_to_save=('embeddings',)")
+            raise InputError(
+                f"LoRA target {path!r} shares its weight with the embedding (tied); an adapter there "
+                "would change the input side too; train it whole with modules_to_save=('embeddings',)"
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     for path in targets:
@@ -361,7 +368,7 @@ def _fuse(parts: list[tuple[torch.Tensor, torch.Tensor, float, slice]], out_feat
     B = A.new_zeros(out_features, A.shape[0])
     col = 0
     for a, b, s, rows in parts:
-        B[rows, col:col + a.shape[0]] = b * (s / scale)
+        B[rows, col : col + a.shape[0]] = b * (s / scale)
         col += a.shape[0]
     return A, B, scale
 
@@ -392,8 +399,9 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_path: str | os.PathLike,
-                 cfg: LoraConfig | None = None, tokenizer=None) -> Path:
+def save_adapter(
+    model: nn.Module, out_dir: str | os.PathLike, base_path: str | os.PathLike, cfg: LoraConfig | None = None, tokenizer=None
+) -> Path:
     """Write `model`'s adapters as a PEFT adapter directory that `peft.PeftModel.from_pretrained`
     loads on the `transformers` twin of the base, and `lmstack.load` on the lmstack base at
     `base_path` (stored relative to `out_dir` when given relative, so the two move together).
@@ -410,8 +418,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_path: str | 
     for lk in _links(model):
         by_theirs.setdefault(lk.theirs, []).append(lk)
     for theirs, links in by_theirs.items():
-        parts = [(mods[lk.ours].lora_A.detach(), mods[lk.ours].lora_B.detach()[lk.ours_rows], mods[lk.ours].scaling,
-                  lk.theirs_rows) for lk in links if lk.ours in mods]
+        parts = [
+            (mods[lk.ours].lora_A.detach(), mods[lk.ours].lora_B.detach()[lk.ours_rows], mods[lk.ours].scaling, lk.theirs_rows)
+            for lk in links
+            if lk.ours in mods
+        ]
         if not parts:
             continue
         A, B, scale = _fuse(parts, _out_rows(links, "theirs"))
@@ -433,21 +444,36 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_path: str | 
     tensors |= {f"{PREFIX}{k}": v.detach() for k, v in saved.items()}
     stored_base = os.path.relpath(base.resolve(), out.resolve()) if not base.is_absolute() else str(base)
     adapter_cfg = {
-        "peft_type": "LORA", "task_type": TASK_TYPES.get(model.family), "r": cfg.r, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "bias": "none",
+        "peft_type": "LORA",
+        "task_type": TASK_TYPES.get(model.family),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "bias": "none",
         "target_modules": sorted({t.rsplit(".lora_", 1)[0].removeprefix(PREFIX) for t in tensors if ".lora_" in t}),
         "modules_to_save": sorted({k.rpartition(".")[0] for k in saved}) or None,
-        "rank_pattern": ranks, "alpha_pattern": alphas,
-        "fan_in_fan_out": any(k.endswith(".c_attn") for k in by_theirs), "init_lora_weights": True,
-        "base_model_name_or_path": stored_base, "inference_mode": True,
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+        "fan_in_fan_out": any(k.endswith(".c_attn") for k in by_theirs),
+        "init_lora_weights": True,
+        "base_model_name_or_path": stored_base,
+        "inference_mode": True,
     }
     sizes = {k: v for k, v in base_cfg.items() if k != "vocab_size"}
-    meta = {"base_fingerprint": fingerprint(sizes), "base_vocab_size": base_cfg.get("vocab_size"),
-            "family": model.family, "fused_blocks": blocks}
+    meta = {
+        "base_fingerprint": fingerprint(sizes),
+        "base_vocab_size": base_cfg.get("vocab_size"),
+        "family": model.family,
+        "fused_blocks": blocks,
+    }
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / ADAPTER_WEIGHTS) as tmp:
-        save_file({k: v.float().contiguous().clone() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", "lmstack": json.dumps(meta)})
+        save_file(
+            {k: v.float().contiguous().clone() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": "pt", "lmstack": json.dumps(meta)},
+        )
     write_json(out / ADAPTER_CONFIG, adapter_cfg)
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)
@@ -460,8 +486,10 @@ def _check_base(model: nn.Module, base_cfg: dict, base: Path, cfg: LoraConfig) -
     grown = "vocab_size" if cfg.modules_to_save else None
     differ = sorted(k for k in set(ours) | set(base_cfg) if k != grown and ours.get(k) != base_cfg.get(k))
     if differ:
-        raise InputError(f"{base}: this model is not that base checkpoint (config differs in {differ}); "
-                         "pass the checkpoint the adapters were attached to as base_path")
+        raise InputError(
+            f"{base}: this model is not that base checkpoint (config differs in {differ}); "
+            "pass the checkpoint the adapters were attached to as base_path"
+        )
 
 
 def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -476,8 +504,10 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except FormatError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(acfg, dict) or acfg.get("peft_type") != "LORA" or acfg.get("use_dora"):
-        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: not a plain LoRA adapter (peft_type "
-                              f"{acfg.get('peft_type') if isinstance(acfg, dict) else None!r}); lmstack reads LoRA only")
+        raise CheckpointError(
+            f"{adapter_dir / ADAPTER_CONFIG}: not a plain LoRA adapter (peft_type "
+            f"{acfg.get('peft_type') if isinstance(acfg, dict) else None!r}); lmstack reads LoRA only"
+        )
     if acfg.get("bias", "none") != "none":
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: bias {acfg['bias']!r} is not supported (only 'none')")
     f = adapter_dir / ADAPTER_WEIGHTS
@@ -493,8 +523,14 @@ def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _lora_config(acfg: dict, targets: tuple[str, ...], saved: tuple[str, ...], where: Path) -> LoraConfig:
     try:
-        return LoraConfig(r=int(acfg["r"]), alpha=float(acfg["lora_alpha"]), dropout=float(acfg.get("lora_dropout", 0.0)),
-                          targets=targets, rslora=bool(acfg.get("use_rslora", False)), modules_to_save=saved)
+        return LoraConfig(
+            r=int(acfg["r"]),
+            alpha=float(acfg["lora_alpha"]),
+            dropout=float(acfg.get("lora_dropout", 0.0)),
+            targets=targets,
+            rslora=bool(acfg.get("use_rslora", False)),
+            modules_to_save=saved,
+        )
     except (KeyError, TypeError, ValueError, InputError) as e:
         raise CheckpointError(f"{where}: invalid LoRA settings ({e})") from None
 
@@ -524,8 +560,10 @@ def load_adapter_weights(model: nn.Module, adapter_dir: str | os.PathLike) -> No
     _, parts, whole = _adapter_for(model, p)
     ranks = {ours: sum(a.shape[0] for a, *_ in ps) for ours, ps in parts.items()}
     if ranks != {name: m.lora_A.shape[0] for name, m in mods.items()}:
-        raise CheckpointError(f"{p}: its adapters ({sorted(ranks.items())[:4]} ...) are not the ones attached to this "
-                              "model; attach with the same LoRA settings, or use load_adapter on a fresh base")
+        raise CheckpointError(
+            f"{p}: its adapters ({sorted(ranks.items())[:4]} ...) are not the ones attached to this "
+            "model; attach with the same LoRA settings, or use load_adapter on a fresh base"
+        )
     _copy_in(model, parts, whole, p)
 
 
@@ -537,8 +575,10 @@ def adapter_updates(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[st
     p = Path(adapter_dir)
     _, parts, whole = _adapter_for(model, p)
     if whole:
-        raise CheckpointError(f"{p}: this adapter trains whole modules ({sorted(whole)[:3]}), which replace the base's "
-                              "weights for every row; serve it alone (lmstack.load on the adapter directory) instead")
+        raise CheckpointError(
+            f"{p}: this adapter trains whole modules ({sorted(whole)[:3]}), which replace the base's "
+            "weights for every row; serve it alone (lmstack.load on the adapter directory) instead"
+        )
     linears = _linears(model)
     missing = sorted(set(parts) - set(linears))
     if missing:
@@ -578,8 +618,10 @@ def _adapter_for(model: nn.Module, p: Path):
         by_theirs.setdefault(lk.theirs, []).append(lk)
     unexpected = sorted({t for t in lora if t not in by_theirs} | {t for t in full if t.rpartition(".")[0] not in by_theirs})
     if unexpected:
-        raise CheckpointError(f"{p}: adapter modules {unexpected[:5]} do not exist in this {model.family} model; "
-                              "the adapter belongs to another architecture")
+        raise CheckpointError(
+            f"{p}: adapter modules {unexpected[:5]} do not exist in this {model.family} model; "
+            "the adapter belongs to another architecture"
+        )
     hf_to_ours = {lk.theirs: lk.ours for lk in links}
     whole = {}
     for t, v in full.items():
@@ -598,9 +640,11 @@ def _check_fingerprint(model: nn.Module, acfg: dict, full: dict[str, torch.Tenso
     vocab = ours.pop("vocab_size", None)
     vocabs = {meta.get("base_vocab_size"), *(t.shape[0] for t in full.values())}
     if meta["base_fingerprint"] != fingerprint(ours) or vocab not in vocabs:
-        raise CheckpointError(f"{p}: this adapter was made for {acfg.get('base_model_name_or_path')} "
-                              f"({meta.get('family')}), not for this {model.family} model (config {_brief(model)}); "
-                              "load it on its own base")
+        raise CheckpointError(
+            f"{p}: this adapter was made for {acfg.get('base_model_name_or_path')} "
+            f"({meta.get('family')}), not for this {model.family} model (config {_brief(model)}); "
+            "load it on its own base"
+        )
 
 
 @torch.no_grad()
@@ -649,8 +693,10 @@ def _parts_by_ours(acfg: dict, lora: dict, by_theirs: dict[str, list[_Link]], wh
         alpha = _pattern_value(acfg.get("alpha_pattern") or {}, theirs, acfg.get("lora_alpha"))
         in_f, out_f = links[0].in_features, _out_rows(links, "theirs")
         if A.ndim != 2 or B.ndim != 2 or A.shape != (rank, in_f) or B.shape != (out_f, rank):
-            raise CheckpointError(f"{where}: {theirs} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
-                                  f"rank {rank} on a [{out_f}, {in_f}] layer; the adapter belongs to another base")
+            raise CheckpointError(
+                f"{where}: {theirs} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
+                f"rank {rank} on a [{out_f}, {in_f}] layer; the adapter belongs to another base"
+            )
         scale = _scaling(float(alpha), rank, bool(acfg.get("use_rslora", False)))
         cols = {(a, b): slice(c, c + n) for (a, b, n), c in _starts(blocks.get(theirs, []))}
         for lk in links:
@@ -688,8 +734,10 @@ def _load_saved(model: nn.Module, tensors: dict[str, torch.Tensor], where: Path)
     if grown:
         left = [n for n, p in model.named_parameters() if p.shape[0] == vocab and n.split(".")[0] in _vocab_modules(model)]
         if len(grown) > 1 or left:
-            raise CheckpointError(f"{where}: the adapter grows the vocabulary to {sorted(grown)} rows but not {left}; "
-                                  "save the embedding and the output head together (modules_to_save=('embeddings',))")
+            raise CheckpointError(
+                f"{where}: the adapter grows the vocabulary to {sorted(grown)} rows but not {left}; "
+                "save the embedding and the output head together (modules_to_save=('embeddings',))"
+            )
         model.config.vocab_size = grown.pop()
         if hasattr(model, "vocab_size"):
             model.vocab_size = model.config.vocab_size
@@ -723,12 +771,16 @@ def base_path(adapter_dir: str | os.PathLike) -> Path:
     acfg, _ = _read_adapter(p)
     name = acfg.get("base_model_name_or_path")
     if not name:
-        raise CheckpointError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; load the base yourself and call "
-                              "lmstack.models.lora.load_adapter(model, adapter_dir)")
+        raise CheckpointError(
+            f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; load the base yourself and call "
+            "lmstack.models.lora.load_adapter(model, adapter_dir)"
+        )
     base = Path(name) if Path(name).is_absolute() else p / name
     if not (base / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{p}: its base {name!r} ({base}) is not a checkpoint directory; put the base there or "
-                              "edit base_model_name_or_path in its adapter_config.json")
+        raise CheckpointError(
+            f"{p}: its base {name!r} ({base}) is not a checkpoint directory; put the base there or "
+            "edit base_model_name_or_path in its adapter_config.json"
+        )
     return base
 
 
@@ -757,9 +809,14 @@ def describe(adapter_dir: str | os.PathLike) -> dict:
     name = acfg.get("base_model_name_or_path")
     base = None if not name else str(Path(name) if Path(name).is_absolute() else p / name)
     return {
-        "r": acfg.get("r"), "alpha": acfg.get("lora_alpha"), "rslora": bool(acfg.get("use_rslora")),
-        "dropout": acfg.get("lora_dropout", 0.0), "targets": acfg.get("target_modules"),
-        "modules_to_save": acfg.get("modules_to_save") or [], "rank_pattern": acfg.get("rank_pattern") or {},
-        "parameters": sum(t.numel() for t in tensors.values()), "base": base,
+        "r": acfg.get("r"),
+        "alpha": acfg.get("lora_alpha"),
+        "rslora": bool(acfg.get("use_rslora")),
+        "dropout": acfg.get("lora_dropout", 0.0),
+        "targets": acfg.get("target_modules"),
+        "modules_to_save": acfg.get("modules_to_save") or [],
+        "rank_pattern": acfg.get("rank_pattern") or {},
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "base": base,
         "family": acfg["lmstack"].get("family"),
     }

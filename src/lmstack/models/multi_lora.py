@@ -98,11 +98,15 @@ class MultiLora:
 
     def __init__(self, model: nn.Module):
         if not isinstance(model, nn.Module):
-            raise InputError(f"a {getattr(model, 'family', type(model).__name__)} model has no linear layers for LoRA "
-                             "adapters; serve adapters on a neural base (GPT, RNN, T5)")
+            raise InputError(
+                f"a {getattr(model, 'family', type(model).__name__)} model has no linear layers for LoRA "
+                "adapters; serve adapters on a neural base (GPT, RNN, T5)"
+            )
         if lora_modules(model):
-            raise InputError("this model already carries a LoRA adapter; merge it into the base first "
-                             "(lmstack.models.lora.merge_and_unload, or `lmstack lora merge`) to serve adapters on it")
+            raise InputError(
+                "this model already carries a LoRA adapter; merge it into the base first "
+                "(lmstack.models.lora.merge_and_unload, or `lmstack lora merge`) to serve adapters on it"
+            )
         self.model = model
         self.rows = _Rows()
         self.used: list[bool] = []  # per slot

@@ -175,8 +175,14 @@ def count_ngrams(stream: np.ndarray, V: int, order: int) -> list[_Counts]:
     eos_before = np.zeros(T + 1, np.int32)
     np.cumsum(stream == EOS_ID, out=eos_before[1:])
     ids = np.arange(V, dtype=np.int64)
-    out = [_Counts(keys=ids, count=np.bincount(stream, minlength=V).astype(np.int32),
-                   suffix=np.zeros(V, np.int32), bos_first=ids == BOS_ID)]
+    out = [
+        _Counts(
+            keys=ids,
+            count=np.bincount(stream, minlength=V).astype(np.int32),
+            suffix=np.zeros(V, np.int32),
+            bos_first=ids == BOS_ID,
+        )
+    ]
     at = stream  # index of the (n-1)-gram starting at each position, -1 if none
     for n in range(2, order + 1):
         L = max(T - n + 1, 0)
@@ -347,8 +353,16 @@ class NGramLM(LanguageModel):
 
     # --- building -----------------------------------------------------------------------------
     @classmethod
-    def train(cls, files: Iterable[str | os.PathLike], order: int = 3, smoothing: str = "modified_kneser_ney",
-              k: float = 1.0, discount_fallback: bool = False, boundary: str = "line", tokenizer=None) -> "NGramLM":
+    def train(
+        cls,
+        files: Iterable[str | os.PathLike],
+        order: int = 3,
+        smoothing: str = "modified_kneser_ney",
+        k: float = 1.0,
+        discount_fallback: bool = False,
+        boundary: str = "line",
+        tokenizer=None,
+    ) -> "NGramLM":
         """Count n-grams over text files and smooth them (see NGramConfig for the options)."""
         cfg = NGramConfig(order=order, smoothing=smoothing, k=k, discount_fallback=discount_fallback, boundary=boundary)
         corpus = Corpus(tokenizer=tokenizer, boundary=boundary)
@@ -429,10 +443,12 @@ class NGramLM(LanguageModel):
             keys = keys[order]
             dup = np.flatnonzero(keys[1:] == keys[:-1])
             if len(dup):
-                raise FormatError(f"{path}:{lines[n - 1][order[dup[0] + 1]]}: duplicate {n}-gram; "
-                                  "is this an ARPA language model file?")
-            tables.append(_Table(keys=keys, logp=logps[n - 1][order],
-                                 backoff=None if backoffs[n - 1] is None else backoffs[n - 1][order]))
+                raise FormatError(
+                    f"{path}:{lines[n - 1][order[dup[0] + 1]]}: duplicate {n}-gram; is this an ARPA language model file?"
+                )
+            tables.append(
+                _Table(keys=keys, logp=logps[n - 1][order], backoff=None if backoffs[n - 1] is None else backoffs[n - 1][order])
+            )
             n += 1
         cfg = NGramConfig(order=len(tables), smoothing="arpa", vocab_size=V)
         model = cls(vocab, tables, cfg)
@@ -498,6 +514,7 @@ class NGramLM(LanguageModel):
 
     def write_arpa(self, path: str | os.PathLike, block: int = 1 << 20) -> None:
         """Write the model as an ARPA file, a block of entries at a time to bound memory."""
+
         def blocks():
             for n, t in enumerate(self.tables, 1):
                 for lo in range(0, len(t.keys), block):
@@ -691,4 +708,3 @@ def _lookup(table: _Table, prefix: np.ndarray, word: np.ndarray, V: int) -> np.n
     if len(table.keys):
         found &= table.keys[pos_c] == keys
     return np.where(found, pos_c, -1)
-

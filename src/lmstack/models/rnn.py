@@ -65,8 +65,11 @@ class RNNConfig(Presets):
 
 def _stack(config: RNNConfig) -> nn.Module:
     return CELLS[config.cell](
-        config.d_embed, config.d_hidden, num_layers=config.n_layers,
-        dropout=config.dropout if config.n_layers > 1 else 0.0, batch_first=True,
+        config.d_embed,
+        config.d_hidden,
+        num_layers=config.n_layers,
+        dropout=config.dropout if config.n_layers > 1 else 0.0,
+        batch_first=True,
     )
 
 
@@ -127,7 +130,8 @@ class RNNLM(nn.Module, LanguageModel, TorchCheckpoint):
         aligned = prompt.masked_fill(pad, 0).gather(1, (torch.arange(T, device=prompt.device) + skip[:, None]) % T)
         _check_ids(aligned, self.vocab_size)
         packed = nn.utils.rnn.pack_padded_sequence(
-            self.drop(self.embed(aligned)), (T - skip).cpu(), batch_first=True, enforce_sorted=False)
+            self.drop(self.embed(aligned)), (T - skip).cpu(), batch_first=True, enforce_sorted=False
+        )
         _, state = self.rnn(packed)
         last = (state[0] if isinstance(state, tuple) else state)[-1]  # the top layer's output at each row's end
         return state, F.log_softmax(self.out(self.drop(last)).float(), dim=-1)
@@ -145,7 +149,6 @@ class RNNLM(nn.Module, LanguageModel, TorchCheckpoint):
         """Matmul FLOPs per token, the convention of `GPT.flops_per_token` (training = 3× forward);
         `seq_len` does not matter for an RNN."""
         return (3 if training else 1) * _forward_flops(self.config)
-
 
 
 def _reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -180,13 +183,14 @@ class BiRNNEncoder(nn.Module, TorchCheckpoint):
 
     @staticmethod
     def _layers(c: RNNConfig) -> nn.ModuleList:
-        return nn.ModuleList(CELLS[c.cell](c.d_embed if i == 0 else c.d_hidden, c.d_hidden, batch_first=True)
-                             for i in range(c.n_layers))
+        return nn.ModuleList(
+            CELLS[c.cell](c.d_embed if i == 0 else c.d_hidden, c.d_hidden, batch_first=True) for i in range(c.n_layers)
+        )
 
     def _directions(self, idx: torch.Tensor, mask: torch.Tensor | None):
         """(embeddings, per-layer forward states, per-layer backward states in forward order)."""
         _check_ids(idx, self.config.vocab_size)
-        lengths = (mask.long().sum(1) if mask is not None else torch.full((idx.shape[0],), idx.shape[1], device=idx.device))
+        lengths = mask.long().sum(1) if mask is not None else torch.full((idx.shape[0],), idx.shape[1], device=idx.device)
         e = self.embed(idx)
         hf, hb = [], []
         x_f, x_b = self.drop(e), self.drop(_reverse_padded(e, lengths))
@@ -211,8 +215,10 @@ class BiRNNEncoder(nn.Module, TorchCheckpoint):
         prv = idx[:, :-1].masked_fill(~keep[:, 1:], -100)
         lf = self.out(self.drop(hf[-1][:, :-1]))
         lb = self.out(self.drop(hb[-1][:, 1:]))
-        return 0.5 * (F.cross_entropy(lf.flatten(0, 1), nxt.flatten(), ignore_index=-100)
-                      + F.cross_entropy(lb.flatten(0, 1), prv.flatten(), ignore_index=-100))
+        return 0.5 * (
+            F.cross_entropy(lf.flatten(0, 1), nxt.flatten(), ignore_index=-100)
+            + F.cross_entropy(lb.flatten(0, 1), prv.flatten(), ignore_index=-100)
+        )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -220,4 +226,3 @@ class BiRNNEncoder(nn.Module, TorchCheckpoint):
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
         """Two directions of `RNNLM`'s count (each runs the shared softmax projection)."""
         return 2 * (3 if training else 1) * _forward_flops(self.config)
-

@@ -35,8 +35,9 @@ from lmstack.models.sizes import Presets
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
 
 PRESETS = {
-    "tiny": dict(vocab_size=256, d_model=32, d_kv=8, d_ff=64, n_layers=2, n_decoder_layers=2, n_heads=4,
-                 num_buckets=8, max_distance=32),
+    "tiny": dict(
+        vocab_size=256, d_model=32, d_kv=8, d_ff=64, n_layers=2, n_decoder_layers=2, n_heads=4, num_buckets=8, max_distance=32
+    ),
     # Raffel et al. 2020: t5-small (60M) and t5-base (220M), ReLU feed-forward, tied embeddings.
     "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, n_layers=6, n_decoder_layers=6, n_heads=8),
     "t5-base": dict(d_model=768, d_kv=64, d_ff=3072, n_layers=12, n_decoder_layers=12, n_heads=12),
@@ -77,8 +78,9 @@ class T5Config(Presets):
     def sized(cls, dial: int, **overrides) -> "T5Config":
         """One size dial = depth: `dial` encoder and decoder layers, width 64·dial, 64-wide heads."""
         d = 64 * dial
-        return cls(**{"d_model": d, "d_kv": 64, "d_ff": 4 * d, "n_layers": dial, "n_decoder_layers": dial,
-                      "n_heads": dial, **overrides})
+        return cls(
+            **{"d_model": d, "d_kv": 64, "d_ff": 4 * d, "n_layers": dial, "n_decoder_layers": dial, "n_heads": dial, **overrides}
+        )
 
 
 def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -94,9 +96,9 @@ def relative_position_bucket(relative: torch.Tensor, bidirectional: bool, num_bu
     else:
         distance = (-relative).clamp(min=0)
     exact = num_buckets // 2
-    log_bucket = exact + (
-        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    ).long()
+    log_bucket = (
+        exact + (torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)).long()
+    )
     return bucket + torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
 
 
@@ -134,8 +136,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q = self.split(x, self.q)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.p if self.training else 0.0,
-                                           scale=1.0)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.p if self.training else 0.0, scale=1.0
+        )
         return self.o(a.transpose(1, 2).flatten(2))
 
 
@@ -221,7 +224,7 @@ class T5(nn.Module, TorchCheckpoint):
 
     def _init(self) -> None:
         """Mesh TensorFlow's initialisation, which stands in for the missing 1/sqrt(d_kv) scale."""
-        c, std = self.config, self.config.d_model ** -0.5
+        c, std = self.config, self.config.d_model**-0.5
         nn.init.normal_(self.embed.weight, std=1.0)
         for m in self.modules():
             if isinstance(m, Attention):
@@ -233,7 +236,7 @@ class T5(nn.Module, TorchCheckpoint):
                 for name in ("wi", "wi_0", "wi_1"):
                     if hasattr(m, name):
                         nn.init.normal_(getattr(m, name).weight, std=std)
-                nn.init.normal_(m.wo.weight, std=c.d_ff ** -0.5)
+                nn.init.normal_(m.wo.weight, std=c.d_ff**-0.5)
             elif isinstance(m, RelativeBias):
                 nn.init.normal_(m.weight, std=std)
         if self.lm_head is not None:
@@ -243,8 +246,9 @@ class T5(nn.Module, TorchCheckpoint):
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise InputError(f"{what} token ids must be in [0, {self.vocab_size}); "
-                             f"got range [{int(ids.min())}, {int(ids.max())}]")
+            raise InputError(
+                f"{what} token ids must be in [0, {self.vocab_size}); got range [{int(ids.min())}, {int(ids.max())}]"
+            )
 
     def _padding_bias(self, src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
         """[B, 1, 1, S]: 0 for source tokens, a huge negative for padding (default: the pad id)."""
@@ -285,7 +289,7 @@ class T5(nn.Module, TorchCheckpoint):
         state.length += T
         x = self.drop(self.dec_norm(x))
         if self.config.scale_decoder_output:
-            x = x * self.config.d_model ** -0.5
+            x = x * self.config.d_model**-0.5
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
 
     def shift_right(self, tgt: torch.Tensor) -> torch.Tensor:
@@ -313,8 +317,9 @@ class T5(nn.Module, TorchCheckpoint):
         Targets are right-padded freely: position t never sees the targets after it."""
         return self._teacher_forced(src, tgt, src_mask).float().log_softmax(-1)
 
-    def log_prob(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
-                 tgt_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def log_prob(
+        self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None, tgt_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B] log p(y | x) = sum over target tokens of log p(y_t | y_<t, x). Padding in `tgt` is
         where `tgt_mask` is 0, by default where tgt is the pad id (end targets with the eos id)."""
         keep = (tgt != self.config.pad_token_id) if tgt_mask is None else tgt_mask.bool()
@@ -324,8 +329,14 @@ class T5(nn.Module, TorchCheckpoint):
     # --- incremental decoding (for generation) ------------------------------------------
 
     @torch.no_grad()
-    def start(self, src: torch.Tensor, lengths: torch.Tensor | None = None, *, prompt: torch.Tensor | None = None,
-              src_mask: torch.Tensor | None = None):
+    def start(
+        self,
+        src: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        *,
+        prompt: torch.Tensor | None = None,
+        src_mask: torch.Tensor | None = None,
+    ):
         """Encode the source once and feed the start token (+ an optional [B, P] decoder prompt);
         returns (state, [B, V] log-probs of the next target token). Sources of different lengths
         are left-padded with `lengths`, as for causal models, or marked by `src_mask` (1 = token);
@@ -347,6 +358,7 @@ class T5(nn.Module, TorchCheckpoint):
     def reorder(self, state: DecoderState, index: torch.Tensor) -> DecoderState:
         """Rows `index` ([B'] ids, repeats allowed) of a decoding state, in that order: beam search
         keeps its best beams' caches (the contract's optional `reorder`)."""
+
         def rows(kv):
             return [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv]
 
@@ -374,13 +386,13 @@ class T5(nn.Module, TorchCheckpoint):
         dec = c.n_decoder_layers * (
             2 * (attn_w + ff_w + 2 * c.d_model * inner) * T  # self-attn, ff, cross q and o
             + 2 * 2 * c.d_model * inner * S  # cross k and v over the source
-            + 4 * inner * T * T + 4 * inner * T * S
+            + 4 * inner * T * T
+            + 4 * inner * T * S
         )
         forward = enc + dec + 2 * c.d_model * c.vocab_size * T
         return (3 if training else 1) * forward // (S + T)
 
     # --- files --------------------------------------------------------------------------
-
 
 
 def from_hf_t5(hf_dir: str | os.PathLike):
@@ -403,13 +415,23 @@ def from_hf_t5(hf_dir: str | os.PathLike):
     untied = "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"], shared)
     try:
         config = T5Config(
-            vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], d_kv=cfg["d_kv"], d_ff=cfg["d_ff"],
-            n_layers=cfg["num_layers"], n_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
-            n_heads=cfg["num_heads"], num_buckets=cfg.get("relative_attention_num_buckets", 32),
-            max_distance=cfg.get("relative_attention_max_distance", 128), dropout=cfg.get("dropout_rate", 0.1),
-            layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-6), activation=act, gated=gated,
-            tie_embeddings=not untied, scale_decoder_output=scale,
-            pad_token_id=cfg.get("pad_token_id", 0), eos_token_id=cfg.get("eos_token_id", 1),
+            vocab_size=cfg["vocab_size"],
+            d_model=cfg["d_model"],
+            d_kv=cfg["d_kv"],
+            d_ff=cfg["d_ff"],
+            n_layers=cfg["num_layers"],
+            n_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"],
+            n_heads=cfg["num_heads"],
+            num_buckets=cfg.get("relative_attention_num_buckets", 32),
+            max_distance=cfg.get("relative_attention_max_distance", 128),
+            dropout=cfg.get("dropout_rate", 0.1),
+            layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-6),
+            activation=act,
+            gated=gated,
+            tie_embeddings=not untied,
+            scale_decoder_output=scale,
+            pad_token_id=cfg.get("pad_token_id", 0),
+            eos_token_id=cfg.get("eos_token_id", 1),
             decoder_start_token_id=cfg.get("decoder_start_token_id", cfg.get("pad_token_id", 0)),
         )
     except (KeyError, ValueError, TypeError) as e:
@@ -425,15 +447,23 @@ def hf_names(config: T5Config) -> dict[str, str]:
     """Hugging Face `T5ForConditionalGeneration` tensor name -> lmstack name, for every tensor of
     the model (the import reads them; LoRA adapters name their modules by them)."""
     ff = ["wi_0", "wi_1", "wo"] if config.gated else ["wi", "wo"]
-    names = {"shared.weight": "embed.weight",
-             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "enc_pos.weight",
-             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "dec_pos.weight",
-             "encoder.final_layer_norm.weight": "enc_norm.weight", "decoder.final_layer_norm.weight": "dec_norm.weight"}
+    names = {
+        "shared.weight": "embed.weight",
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "enc_pos.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": "dec_pos.weight",
+        "encoder.final_layer_norm.weight": "enc_norm.weight",
+        "decoder.final_layer_norm.weight": "dec_norm.weight",
+    }
     if not config.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    for stack, n, sublayers in [("encoder", config.n_layers, [("SelfAttention", "attn", "attn_norm")]),
-                                ("decoder", config.n_decoder_layers, [("SelfAttention", "self_attn", "self_norm"),
-                                                                      ("EncDecAttention", "cross_attn", "cross_norm")])]:
+    for stack, n, sublayers in [
+        ("encoder", config.n_layers, [("SelfAttention", "attn", "attn_norm")]),
+        (
+            "decoder",
+            config.n_decoder_layers,
+            [("SelfAttention", "self_attn", "self_norm"), ("EncDecAttention", "cross_attn", "cross_norm")],
+        ),
+    ]:
         for i in range(n):
             hf, ours = f"{stack}.block.{i}.layer.", f"{stack}.{i}."
             for j, (theirs, attn, norm) in enumerate(sublayers):

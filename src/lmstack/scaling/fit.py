@@ -31,8 +31,11 @@ from lmstack.errors import InputError
 HUBER_DELTA = 1e-3
 # Hoffmann et al.'s initialisation grid (appendix D.2): 5 × 5 × 5 × 6 × 6 = 4500 starts.
 _GRID = dict(
-    a=np.arange(0, 26, 5.0), b=np.arange(0, 26, 5.0), e=np.arange(-1, 1.01, 0.5),
-    alpha=np.arange(0, 2.01, 0.5), beta=np.arange(0, 2.01, 0.5),
+    a=np.arange(0, 26, 5.0),
+    b=np.arange(0, 26, 5.0),
+    e=np.arange(-1, 1.01, 0.5),
+    alpha=np.arange(0, 2.01, 0.5),
+    beta=np.arange(0, 2.01, 0.5),
 )
 _ORDER = ("a", "b", "e", "alpha", "beta")
 MIN_RUNS = 6  # five parameters need more runs than that to say anything
@@ -97,16 +100,18 @@ def check_points(n, d, loss, names=None, minimum: int = MIN_RUNS) -> tuple[np.nd
     bad = np.flatnonzero(~(np.isfinite(loss) & (loss > 0)))
     if len(bad):
         which = [names[i] for i in bad[:5]] if names is not None else bad[:5].tolist()
-        raise InputError(f"{len(bad)} run(s) have a NaN, missing or non-positive loss ({', '.join(map(str, which))}); "
-                         "drop them or rerun them (lower the learning rate if they diverged)")
+        raise InputError(
+            f"{len(bad)} run(s) have a NaN, missing or non-positive loss ({', '.join(map(str, which))}); "
+            "drop them or rerun them (lower the learning rate if they diverged)"
+        )
     if np.any(~np.isfinite(n) | (n <= 0) | ~np.isfinite(d) | (d <= 0)):
         raise InputError("every run needs a positive parameter count N and token count D")
     if len(n) < minimum:
-        raise InputError(f"{len(n)} run(s) are too few to fit a scaling law: need at least {minimum}; "
-                         "sweep more model sizes and token budgets")
+        raise InputError(
+            f"{len(n)} run(s) are too few to fit a scaling law: need at least {minimum}; sweep more model sizes and token budgets"
+        )
     if len(np.unique(n)) < 2 or len(np.unique(d)) < 2:
-        raise InputError("the runs need at least two different model sizes and two different token counts; "
-                         "widen the sweep grid")
+        raise InputError("the runs need at least two different model sizes and two different token counts; widen the sweep grid")
     return n, d, loss
 
 
@@ -125,8 +130,9 @@ def _grid_objective(starts: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarra
 def _lbfgs(start: np.ndarray, log_n, log_d, log_l, delta) -> tuple[np.ndarray, float]:
     x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
     ln, ld, ll = (torch.as_tensor(v, dtype=torch.float64) for v in (log_n, log_d, log_l))
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=300, tolerance_grad=1e-10, tolerance_change=1e-13,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [x], lr=1, max_iter=300, tolerance_grad=1e-10, tolerance_change=1e-13, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def value():
         a, b, e, alpha, beta = x

@@ -48,8 +48,13 @@ def write_plots(law: ChinchillaLaw, kaplan: dict[str, PowerLaw], n, d, loss, hel
     ax.plot(span, law.loss(*law.optimal(span)), "k-", label="compute-optimal frontier (Hoffmann fit)")
     ax.plot(span, kaplan["C"](span), "k--", lw=1, label=f"Kaplan L(C), alpha_C = {kaplan['C'].alpha:.3f}")
     fig.colorbar(points, ax=ax, label="log10 N")
-    ax.set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="validation loss (nats/token)",
-           title="Loss against compute")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="compute C = 6ND (FLOPs)",
+        ylabel="validation loss (nats/token)",
+        title="Loss against compute",
+    )
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "loss_vs_compute.png"))
     plt.close(fig)
@@ -58,10 +63,14 @@ def write_plots(law: ChinchillaLaw, kaplan: dict[str, PowerLaw], n, d, loss, hel
     for budget in np.geomspace(c.min(), c.max(), 4):
         n_opt, _ = law.optimal(budget)
         sizes = np.geomspace(n_opt / 30, n_opt * 30, 200)
-        line, = ax.plot(sizes, law.loss(sizes, budget / (6 * sizes)), label=f"C = {budget:.2g}")
+        (line,) = ax.plot(sizes, law.loss(sizes, budget / (6 * sizes)), label=f"C = {budget:.2g}")
         ax.plot([n_opt], [law.loss(n_opt, budget / (6 * n_opt))], "o", color=line.get_color())
-    ax.set(xscale="log", xlabel="parameters N", ylabel="fitted loss at fixed compute",
-           title="IsoFLOP curves of the fit (dots: N*(C))")
+    ax.set(
+        xscale="log",
+        xlabel="parameters N",
+        ylabel="fitted loss at fixed compute",
+        title="IsoFLOP curves of the fit (dots: N*(C))",
+    )
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "isoflops.png"))
     plt.close(fig)

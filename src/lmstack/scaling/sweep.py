@@ -36,8 +36,20 @@ from lmstack.io import atomic_write, check_readable, read_json, read_text
 
 RUNS_FILE = "runs.jsonl"
 CSV_FILE = "runs.csv"
-COLUMNS = ("name", "family", "n_layer", "n_embd", "n_head", "n_params", "n_params_non_embedding",
-           "tokens", "compute", "val_loss", "tokenizer", "run_dir")
+COLUMNS = (
+    "name",
+    "family",
+    "n_layer",
+    "n_embd",
+    "n_head",
+    "n_params",
+    "n_params_non_embedding",
+    "tokens",
+    "compute",
+    "val_loss",
+    "tokenizer",
+    "run_dir",
+)
 
 
 @dataclass
@@ -71,8 +83,10 @@ def read_sweep_config(path: str | os.PathLike) -> tuple[dict, list[GridPoint]]:
         raise InputError(f"{p}: not valid TOML ({e}); fix the file") from None
     sweep = values.pop("sweep", None)
     if not isinstance(sweep, dict) or not sweep.get("models") or not sweep.get("tokens"):
-        raise InputError(f"{p}: needs a [sweep] table with `models` (presets or model tables) and `tokens` (token "
-                         "budgets); see `lmstack scaling sweep --help`")
+        raise InputError(
+            f"{p}: needs a [sweep] table with `models` (presets or model tables) and `tokens` (token "
+            "budgets); see `lmstack scaling sweep --help`"
+        )
     unknown = sorted(set(sweep) - {"models", "tokens"})
     if unknown:
         raise InputError(f"{p}: unknown [sweep] fields {unknown}; known: models, tokens")
@@ -83,9 +97,14 @@ def read_sweep_config(path: str | os.PathLike) -> tuple[dict, list[GridPoint]]:
         if not isinstance(model, (str, dict)):
             raise InputError(f"{p}: each [sweep] models entry is a preset name or a table of model fields, got {model!r}")
         for tokens in sorted(sweep["tokens"]):
-            grid.append(GridPoint(name=f"{_label(model)}-T{_tokens_label(tokens)}",
-                                  preset=model if isinstance(model, str) else "",
-                                  model={} if isinstance(model, str) else dict(model), tokens=float(tokens)))
+            grid.append(
+                GridPoint(
+                    name=f"{_label(model)}-T{_tokens_label(tokens)}",
+                    preset=model if isinstance(model, str) else "",
+                    model={} if isinstance(model, str) else dict(model),
+                    tokens=float(tokens),
+                )
+            )
     return values, grid
 
 
@@ -93,9 +112,16 @@ def run_config(base: dict, point: GridPoint, root: Path):
     """The training config of one grid point."""
     from lmstack.training import config as config_mod
 
-    values = {"eval_interval": 0, "ckpt_interval": 0, "keep_last": 1, **base,
-              "out_dir": str(root / point.name), "data_dir": str(root / "data"),
-              "family": "gpt", "objective": "clm"}
+    values = {
+        "eval_interval": 0,
+        "ckpt_interval": 0,
+        "keep_last": 1,
+        **base,
+        "out_dir": str(root / point.name),
+        "data_dir": str(root / "data"),
+        "family": "gpt",
+        "objective": "clm",
+    }
     if point.preset:
         values["preset"] = point.preset
     values["model"] = {**base.get("model", {}), **point.model}
@@ -104,8 +130,10 @@ def run_config(base: dict, point: GridPoint, root: Path):
     values["max_steps"] = max(1, math.ceil(point.tokens / per_step))
     cfg = config_mod.resolve(values)
     if cfg.warmup_steps >= cfg.max_steps:
-        raise InputError(f"run {point.name}: warmup_steps {cfg.warmup_steps} is not shorter than its {cfg.max_steps} "
-                         "steps; lower warmup_steps or raise the smallest token budget")
+        raise InputError(
+            f"run {point.name}: warmup_steps {cfg.warmup_steps} is not shorter than its {cfg.max_steps} "
+            "steps; lower warmup_steps or raise the smallest token budget"
+        )
     return cfg
 
 
@@ -123,8 +151,10 @@ def read_run(run_dir: str | os.PathLike) -> dict | None:
 
     run_dir = Path(run_dir)
     if not (run_dir / config_mod.CONFIG_FILE).exists():
-        raise InputError(f"{run_dir}: no {config_mod.CONFIG_FILE}; pass lmstack training run directories, "
-                         f"sweep directories or {RUNS_FILE} / {CSV_FILE} tables")
+        raise InputError(
+            f"{run_dir}: no {config_mod.CONFIG_FILE}; pass lmstack training run directories, "
+            f"sweep directories or {RUNS_FILE} / {CSV_FILE} tables"
+        )
     cfg = config_mod.read_file(run_dir / config_mod.CONFIG_FILE)
     found = checkpoint.list_checkpoints(run_dir)
     state = read_json(found[-1] / checkpoint.STATE_FILE, "trainer state") if found else {}
@@ -142,9 +172,15 @@ def read_run(run_dir: str | os.PathLike) -> dict | None:
         n_ne = None
     val_loss = state.get("val_loss")
     return {
-        "name": run_dir.name, "family": model.family,
-        "n_layer": model_cfg.get("n_layer"), "n_embd": model_cfg.get("n_embd"), "n_head": model_cfg.get("n_head"),
-        "n_params": n, "n_params_non_embedding": n_ne, "tokens": state["tokens"], "compute": 6.0 * n * state["tokens"],
+        "name": run_dir.name,
+        "family": model.family,
+        "n_layer": model_cfg.get("n_layer"),
+        "n_embd": model_cfg.get("n_embd"),
+        "n_head": model_cfg.get("n_head"),
+        "n_params": n,
+        "n_params_non_embedding": n_ne,
+        "tokens": state["tokens"],
+        "compute": 6.0 * n * state["tokens"],
         "val_loss": val_loss,  # None if the run had no validation split
         "tokenizer": load_tokenizer(found[-1] / TOKENIZER_FILE).fingerprint(),
         "run_dir": str(run_dir),
@@ -233,8 +269,10 @@ def load_runs(paths: list[str | os.PathLike]) -> list[dict]:
             raise InputError(f"run {r.get('name', '?')}: no {missing} in its row; is this a `lmstack scaling sweep` table?")
     tokenizers = sorted({str(r.get("tokenizer")) for r in rows})
     if len(tokenizers) > 1:
-        raise InputError(f"the runs use {len(tokenizers)} different tokenizers ({', '.join(tokenizers)}): losses per "
-                         "token are not comparable across vocabularies; fit the runs of one tokenizer at a time")
+        raise InputError(
+            f"the runs use {len(tokenizers)} different tokenizers ({', '.join(tokenizers)}): losses per "
+            "token are not comparable across vocabularies; fit the runs of one tokenizer at a time"
+        )
     return rows
 
 
@@ -254,8 +292,10 @@ def run_sweep(config_path: str | os.PathLike, out_dir: str | None = None) -> tup
             saved, wanted = read_file(saved_path), cfg.to_dict()
             changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
             if changed:
-                raise InputError(f"{cfg.out_dir} was trained with other settings ({', '.join(changed)}); "
-                                 "sweep into another --out-dir, or delete that run to retrain it")
+                raise InputError(
+                    f"{cfg.out_dir} was trained with other settings ({', '.join(changed)}); "
+                    "sweep into another --out-dir, or delete that run to retrain it"
+                )
     done = {r["name"]: r for r in _read_table(root / RUNS_FILE)} if (root / RUNS_FILE).exists() else {}
     for point, cfg in progress(configs, desc="sweep", unit="run"):
         if point.name in done:

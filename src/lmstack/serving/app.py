@@ -38,16 +38,25 @@ STATIC = Path(__file__).parent / "static"
 class ApiError(Exception):
     """An error answered as OpenAI's error object with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             429: "rate_limit_error", 500: "server_error"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        500: "server_error",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
-                "param": self.param, "code": self.code}
+        body = {
+            "message": self.message,
+            "type": self.TYPES.get(self.status, "invalid_request_error"),
+            "param": self.param,
+            "code": self.code,
+        }
         return JSONResponse({"error": body}, status_code=self.status)
 
 
@@ -84,11 +93,18 @@ class _Sampling(_Body):
         if not all(stop):
             raise ApiError(400, "stop strings must be non-empty", "stop")
         return GenerationConfig(
-            max_new_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
-            top_k=max(0, self.top_k or 0), top_p=self.top_p or 1.0, min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0, stop=stop + extra_stop, stop_at_eot=not self.ignore_eos,
-            seed=self.seed)
+            max_new_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=max(0, self.top_k or 0),
+            top_p=self.top_p or 1.0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            stop=stop + extra_stop,
+            stop_at_eot=not self.ignore_eos,
+            seed=self.seed,
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -142,8 +158,9 @@ class Metrics:
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.prompt_tokens = 0
         self.generation_tokens = 0
-        self.histograms = {name: [0] * (len(self.BUCKETS) + 1) + [0.0]
-                           for name in ("time_to_first_token_seconds", "request_latency_seconds")}
+        self.histograms = {
+            name: [0] * (len(self.BUCKETS) + 1) + [0.0] for name in ("time_to_first_token_seconds", "request_latency_seconds")
+        }
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self.lock:
@@ -165,11 +182,16 @@ class Metrics:
         with self.lock:
             lines = ["# TYPE lmstack_requests_total counter"]
             lines += [f'lmstack_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
-            lines += ["# TYPE lmstack_prompt_tokens_total counter", f"lmstack_prompt_tokens_total {self.prompt_tokens}",
-                      "# TYPE lmstack_generation_tokens_total counter",
-                      f"lmstack_generation_tokens_total {self.generation_tokens}",
-                      "# TYPE lmstack_batch_size gauge", f"lmstack_batch_size {rows}",
-                      "# TYPE lmstack_requests_waiting gauge", f"lmstack_requests_waiting {waiting}"]
+            lines += [
+                "# TYPE lmstack_prompt_tokens_total counter",
+                f"lmstack_prompt_tokens_total {self.prompt_tokens}",
+                "# TYPE lmstack_generation_tokens_total counter",
+                f"lmstack_generation_tokens_total {self.generation_tokens}",
+                "# TYPE lmstack_batch_size gauge",
+                f"lmstack_batch_size {rows}",
+                "# TYPE lmstack_requests_waiting gauge",
+                f"lmstack_requests_waiting {waiting}",
+            ]
             for name, h in self.histograms.items():
                 lines.append(f"# TYPE lmstack_{name} histogram")
                 total = 0
@@ -198,15 +220,20 @@ class Engine:
         self.thread = threading.Thread(target=self._work, name="lmstack-scheduler", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt: list[int], config: GenerationConfig, n: int, adapter: str | None,
-               logprobs: int) -> tuple[Any, asyncio.Queue]:
+    def submit(
+        self, prompt: list[int], config: GenerationConfig, n: int, adapter: str | None, logprobs: int
+    ) -> tuple[Any, asyncio.Queue]:
         """Add a request; its queue receives lists of events, then None when every sample ended
         (or an exception if decoding failed)."""
         queue: asyncio.Queue = asyncio.Queue()
         with self.lock:
             if self.scheduler.queued >= self.max_queue:
-                raise ApiError(429, f"the server is full ({self.scheduler.queued} requests waiting for a batch row); "
-                               "retry shortly, or start it with a larger --max-queue", code="queue_full")
+                raise ApiError(
+                    429,
+                    f"the server is full ({self.scheduler.queued} requests waiting for a batch row); "
+                    "retry shortly, or start it with a larger --max-queue",
+                    code="queue_full",
+                )
             rid = self.scheduler.add(prompt, config, n=n, adapter=adapter, logprobs=logprobs)
             self.listeners[rid] = (asyncio.get_running_loop(), queue, set(range(n)))
             self.lock.notify()
@@ -268,8 +295,7 @@ class Engine:
 class Server:
     """The model, its tokenizer, the engine and the loaded cards: what the endpoints share."""
 
-    def __init__(self, model, tokenizer, scheduler, name: str, cards_dir: Path | None, api_key: str | None,
-                 max_queue: int):
+    def __init__(self, model, tokenizer, scheduler, name: str, cards_dir: Path | None, api_key: str | None, max_queue: int):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.cards_dir = cards_dir.resolve() if cards_dir is not None else None
         self.api_key = api_key
@@ -284,8 +310,7 @@ class Server:
         from lmstack.serving.cards import check_card, read_card
 
         if name == self.name or name in self.cards:
-            raise ApiError(400, f"a model named {name!r} is already loaded; unload it first or pick another name",
-                           "lora_name")
+            raise ApiError(400, f"a model named {name!r} is already loaded; unload it first or pick another name", "lora_name")
         try:
             card = read_card(path)
             check_card(card, self.model)
@@ -306,8 +331,9 @@ class Server:
         from lmstack.serving.cards import card_dir_in
 
         if self.cards_dir is None:
-            raise ApiError(400, "loading cards at run time needs a cards directory; start the server with --cards-dir DIR",
-                           "lora_path")
+            raise ApiError(
+                400, "loading cards at run time needs a cards directory; start the server with --cards-dir DIR", "lora_path"
+            )
         try:
             path = card_dir_in(self.cards_dir, lora_path)
         except InputError as e:
@@ -322,18 +348,36 @@ class Server:
             return None
         if model in self.cards:
             return model
-        raise ApiError(404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids())}",
-                       "model", "model_not_found")
+        raise ApiError(
+            404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids())}", "model", "model_not_found"
+        )
 
     def model_ids(self) -> list[str]:
         return [self.name, *self.cards]
 
     def models(self) -> dict:
-        base = {"id": self.name, "object": "model", "created": self.created, "owned_by": "lmstack", "root": self.name,
-                "parent": None}
-        cards = [{"id": name, "object": "model", "created": self.created, "owned_by": "lmstack", "root": self.name,
-                  "parent": self.name, "description": c.description, "system": c.system, "language": c.language}
-                 for name, c in self.cards.items()]
+        base = {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lmstack",
+            "root": self.name,
+            "parent": None,
+        }
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "lmstack",
+                "root": self.name,
+                "parent": self.name,
+                "description": c.description,
+                "system": c.system,
+                "language": c.language,
+            }
+            for name, c in self.cards.items()
+        ]
         return {"object": "list", "data": [base, *cards]}
 
     # prompts
@@ -348,9 +392,14 @@ class Server:
     def check_length(self, ids: list[int], max_tokens: int) -> None:
         limit = getattr(self.model, "max_context", None)
         if limit is not None and len(ids) + max_tokens > limit:
-            raise ApiError(400, f"this model's context is {limit} tokens, but the request needs {len(ids) + max_tokens} "
-                           f"({len(ids)} in the prompt, {max_tokens} to generate); shorten the prompt or lower "
-                           "max_tokens", "max_tokens", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context is {limit} tokens, but the request needs {len(ids) + max_tokens} "
+                f"({len(ids)} in the prompt, {max_tokens} to generate); shorten the prompt or lower "
+                "max_tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
 
     def piece(self, token: int) -> str:
         return self.tokenizer.id_to_piece(token)
@@ -395,9 +444,12 @@ def _logprobs_block(server: Server, entries: list[tuple[int, float | None, list]
         tokens.append(piece)
         offsets.append(offset)
         offset += len(piece)
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [None if lp is None else {server.piece(t): v for t, v in top} for _, lp, top in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if lp is None else {server.piece(t): v for t, v in top} for _, lp, top in entries],
+        "text_offset": offsets,
+    }
 
 
 def _usage(prompt: int, completion: int) -> dict:
@@ -447,8 +499,16 @@ def _submit(server: Server, prompt: list[int], config: GenerationConfig, n: int,
 # --- the app ----------------------------------------------------------------------------------------
 
 
-def create_app(model, tokenizer, scheduler, name: str = "lmstack", cards: dict[str, Path] | None = None,
-               cards_dir: str | Path | None = None, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+def create_app(
+    model,
+    tokenizer,
+    scheduler,
+    name: str = "lmstack",
+    cards: dict[str, Path] | None = None,
+    cards_dir: str | Path | None = None,
+    api_key: str | None = None,
+    max_queue: int = 256,
+) -> FastAPI:
     """The server for `model` (served as `name`) on `scheduler` (a `generation.scheduler.Scheduler`
     over the same model), with `cards` ({name: card directory}) loaded and more loadable from inside
     `cards_dir`; `api_key` (if set) is required as a bearer token on /v1 and the tokenizer endpoints."""
@@ -474,8 +534,11 @@ def _install_middleware(app: FastAPI, server: Server) -> None:
         if server.api_key and request.url.path not in open_paths:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                response = ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer KEY' with "
-                                    "the server's --api-key", code="invalid_api_key").response()
+                response = ApiError(
+                    401,
+                    "missing or wrong API key; send the header 'Authorization: Bearer KEY' with the server's --api-key",
+                    code="invalid_api_key",
+                ).response()
                 server.metrics.count_request(request.url.path, 401)
                 return response
         try:
@@ -540,8 +603,14 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         eot = "<|endoftext|>" if tok.eot_id is not None else None
-        return {"eos_token": eot, "bos_token": None, "pad_token": None, "chat_template": tok.chat_template,
-                "vocab_size": tok.vocab_size, "model_max_length": getattr(server.model, "max_context", None)}
+        return {
+            "eos_token": eot,
+            "bos_token": None,
+            "pad_token": None,
+            "chat_template": tok.chat_template,
+            "vocab_size": tok.vocab_size,
+            "model_max_length": getattr(server.model, "max_context", None),
+        }
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -571,8 +640,11 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     config = body.config(max_tokens)
     top = body.logprobs or 0
     if body.echo and adapter is not None and body.logprobs is not None:
-        raise ApiError(400, "prompt log-probabilities (echo with logprobs) are computed on the base model only; ask "
-                       f"the model {server.name!r}", "echo")
+        raise ApiError(
+            400,
+            f"prompt log-probabilities (echo with logprobs) are computed on the base model only; ask the model {server.name!r}",
+            "echo",
+        )
     if body.stream and body.echo:
         raise ApiError(400, "echo is not supported with stream; drop one of them", "echo")
     for p in prompts:
@@ -580,14 +652,14 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     rid_prefix, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
         subs = [_submit(server, p, config, body.n, adapter, top) for p in prompts] if max_tokens else []
-        return StreamingResponse(_stream_completions(server, body, request, prompts, subs, top, rid_prefix, created),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _stream_completions(server, body, request, prompts, subs, top, rid_prefix, created), media_type="text/event-stream"
+        )
     started = time.perf_counter()
     results = await asyncio.gather(*(_collect(server, request, p, config, body.n, adapter, top, started) for p in prompts))
     choices, completion_tokens = [], 0
     for i, (prompt, samples) in enumerate(zip(prompts, results)):
-        echo = await asyncio.to_thread(_echo_logprobs, server, prompt, top) if body.echo and body.logprobs is not None \
-            else None
+        echo = await asyncio.to_thread(_echo_logprobs, server, prompt, top) if body.echo and body.logprobs is not None else None
         for j, s in enumerate(samples):
             completion_tokens += len(s["tokens"])
             text = (server.tokenizer.decode(prompt) if body.echo else "") + s["text"]
@@ -600,12 +672,19 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     prompt_tokens = sum(map(len, prompts))
     server.metrics.count_tokens(prompt_tokens, completion_tokens)
     server.metrics.observe("request_latency_seconds", time.perf_counter() - started)
-    return {"id": rid_prefix, "object": "text_completion", "created": created, "model": body.model,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+    return {
+        "id": rid_prefix,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": _usage(prompt_tokens, completion_tokens),
+    }
 
 
-async def _collect(server: Server, request: Request, prompt: list[int], config: GenerationConfig, n: int, adapter,
-                   top: int, started: float) -> list[dict]:
+async def _collect(
+    server: Server, request: Request, prompt: list[int], config: GenerationConfig, n: int, adapter, top: int, started: float
+) -> list[dict]:
     """Run one prompt's n samples to the end: their tokens, log-probs, top alternatives, text, finish."""
     samples = [{"tokens": [], "logprobs": [], "tops": [], "text": "", "finish": "length"} for _ in range(n)]
     if config.max_new_tokens == 0:
@@ -637,12 +716,26 @@ async def _stream_completions(server, body, request, prompts, subs, top, rid_pre
                     server.metrics.observe("time_to_first_token_seconds", time.perf_counter() - started)
                 for e in events:
                     tokens += e.token is not None
-                    logprobs = _logprobs_block(server, [(e.token, e.logprob, list(e.top or [])[:top])]) \
-                        if body.logprobs is not None and e.token is not None else None
-                    choice = {"index": i * body.n + e.index, "text": e.text or "", "logprobs": logprobs,
-                              "finish_reason": e.finish_reason}
-                    yield _sse({"id": rid_prefix, "object": "text_completion", "created": created, "model": body.model,
-                                "choices": [choice]})
+                    logprobs = (
+                        _logprobs_block(server, [(e.token, e.logprob, list(e.top or [])[:top])])
+                        if body.logprobs is not None and e.token is not None
+                        else None
+                    )
+                    choice = {
+                        "index": i * body.n + e.index,
+                        "text": e.text or "",
+                        "logprobs": logprobs,
+                        "finish_reason": e.finish_reason,
+                    }
+                    yield _sse(
+                        {
+                            "id": rid_prefix,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": body.model,
+                            "choices": [choice],
+                        }
+                    )
     except ApiError as e:
         yield _stream_error(e)
         return
@@ -651,8 +744,16 @@ async def _stream_completions(server, body, request, prompts, subs, top, rid_pre
             server.engine.cancel(rid)  # a no-op for finished requests
     usage = _usage(sum(map(len, prompts)), tokens)
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse({"id": rid_prefix, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [], "usage": usage})
+        yield _sse(
+            {
+                "id": rid_prefix,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
     yield "data: [DONE]\n\n"
     server.metrics.count_tokens(usage["prompt_tokens"], tokens)
     server.metrics.observe("request_latency_seconds", time.perf_counter() - started)
@@ -669,8 +770,12 @@ def _chat_prompt(server: Server, body: ChatRequest, adapter: str | None) -> tupl
 
     tok = server.tokenizer
     if tok.chat_template is None and not set(CHAT_ROLES) <= set(tok.special_tokens):
-        raise ApiError(400, "this model's tokenizer has no chat format (no template, no role tokens); use "
-                       "/v1/completions, or serve a model fine-tuned on conversations (`lmstack finetune`)", "messages")
+        raise ApiError(
+            400,
+            "this model's tokenizer has no chat format (no template, no role tokens); use "
+            "/v1/completions, or serve a model fine-tuned on conversations (`lmstack finetune`)",
+            "messages",
+        )
     messages = [{"role": m.role, "content": m.content} for m in body.messages]
     system = server.cards[adapter].system if adapter is not None else ""
     if system and messages[0]["role"] != "system":
@@ -692,21 +797,37 @@ async def _chat(server: Server, body: ChatRequest, request: Request):
     rid_prefix, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if body.stream:
         sub = _submit(server, prompt, config, body.n, adapter, top) if max_tokens else None
-        return StreamingResponse(_stream_chat(server, body, request, prompt, sub, top, rid_prefix, created),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _stream_chat(server, body, request, prompt, sub, top, rid_prefix, created), media_type="text/event-stream"
+        )
     started = time.perf_counter()
     samples = await _collect(server, request, prompt, config, body.n, adapter, top, started)
     choices = []
     for j, s in enumerate(samples):
-        logprobs = {"content": [_chat_logprob(server, t, lp, tp) for t, lp, tp in zip(s["tokens"], s["logprobs"], s["tops"])]} \
-            if body.logprobs else None
-        choices.append({"index": j, "message": {"role": "assistant", "content": s["text"]}, "logprobs": logprobs,
-                        "finish_reason": s["finish"]})
+        logprobs = (
+            {"content": [_chat_logprob(server, t, lp, tp) for t, lp, tp in zip(s["tokens"], s["logprobs"], s["tops"])]}
+            if body.logprobs
+            else None
+        )
+        choices.append(
+            {
+                "index": j,
+                "message": {"role": "assistant", "content": s["text"]},
+                "logprobs": logprobs,
+                "finish_reason": s["finish"],
+            }
+        )
     completion_tokens = sum(len(s["tokens"]) for s in samples)
     server.metrics.count_tokens(len(prompt), completion_tokens)
     server.metrics.observe("request_latency_seconds", time.perf_counter() - started)
-    return {"id": rid_prefix, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": choices, "usage": _usage(len(prompt), completion_tokens)}
+    return {
+        "id": rid_prefix,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": choices,
+        "usage": _usage(len(prompt), completion_tokens),
+    }
 
 
 def _chat_logprob(server: Server, token: int, logprob: float, top: list) -> dict:
@@ -719,8 +840,16 @@ def _chat_logprob(server: Server, token: int, logprob: float, top: list) -> dict
 
 async def _stream_chat(server, body, request, prompt, sub, top, rid_prefix, created):
     def chunk(choices, **extra):
-        return _sse({"id": rid_prefix, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                     "choices": choices, **extra})
+        return _sse(
+            {
+                "id": rid_prefix,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": choices,
+                **extra,
+            }
+        )
 
     started, tokens = time.perf_counter(), 0
     for j in range(body.n):
@@ -734,11 +863,15 @@ async def _stream_chat(server, body, request, prompt, sub, top, rid_prefix, crea
                 server.metrics.observe("time_to_first_token_seconds", time.perf_counter() - started)
             for e in events:
                 tokens += e.token is not None
-                logprobs = {"content": [_chat_logprob(server, e.token, e.logprob, list(e.top or [])[:top])]} \
-                    if body.logprobs and e.token is not None else None
+                logprobs = (
+                    {"content": [_chat_logprob(server, e.token, e.logprob, list(e.top or [])[:top])]}
+                    if body.logprobs and e.token is not None
+                    else None
+                )
                 if e.text or logprobs:
-                    yield chunk([{"index": e.index, "delta": {"content": e.text or ""}, "logprobs": logprobs,
-                                  "finish_reason": None}])
+                    yield chunk(
+                        [{"index": e.index, "delta": {"content": e.text or ""}, "logprobs": logprobs, "finish_reason": None}]
+                    )
                 if e.finish_reason is not None:
                     yield chunk([{"index": e.index, "delta": {}, "logprobs": None, "finish_reason": e.finish_reason}])
     except ApiError as e:

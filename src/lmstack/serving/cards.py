@@ -43,20 +43,28 @@ class Card:
 def check_name(name: str) -> str:
     """Card names are model names in the API: 1-64 letters, digits and . _ : - (no slashes)."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise InputError(f"card name {name!r} is not valid: use 1-64 letters, digits, '.', '_', ':' or '-', "
-                         "starting with a letter or digit")
+        raise InputError(
+            f"card name {name!r} is not valid: use 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+        )
     return name
 
 
-def create_card(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, name: str, system: str,
-                description: str = "", language: str = "en") -> Card:
+def create_card(
+    adapter_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    name: str,
+    system: str,
+    description: str = "",
+    language: str = "en",
+) -> Card:
     """Write a card directory at `out_dir`: the adapter's files (its base path rewritten to stay
     valid from the new place) and card.json."""
     src, out = Path(adapter_dir), Path(out_dir)
     check_name(name)
     if not lora.is_adapter_dir(src):
-        raise InputError(f"{src}: not a LoRA adapter directory (no {lora.ADAPTER_CONFIG}); pass the output of "
-                         "`lmstack finetune --lora`")
+        raise InputError(
+            f"{src}: not a LoRA adapter directory (no {lora.ADAPTER_CONFIG}); pass the output of `lmstack finetune --lora`"
+        )
     if out.resolve() == src.resolve():
         raise InputError(f"{out}: that is the adapter directory; pick another --out")
     fingerprint = lora.adapter_fingerprint(src)
@@ -84,8 +92,9 @@ def read_card(card_dir: str | os.PathLike) -> Card:
     """The card at `card_dir` (CheckpointError naming the file when it is not one)."""
     p = Path(card_dir)
     if not (p / CARD_FILE).is_file():
-        raise CheckpointError(f"{p}: no {CARD_FILE}; make a card with `lmstack card create --adapter DIR --name N "
-                              "--system ... --out DIR`")
+        raise CheckpointError(
+            f"{p}: no {CARD_FILE}; make a card with `lmstack card create --adapter DIR --name N --system ... --out DIR`"
+        )
     if not lora.is_adapter_dir(p):
         raise CheckpointError(f"{p}: a card needs its LoRA adapter ({lora.ADAPTER_CONFIG}) beside {CARD_FILE}")
     try:
@@ -93,8 +102,9 @@ def read_card(card_dir: str | os.PathLike) -> Card:
     except FormatError as e:
         raise CheckpointError(str(e)) from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in FIELDS):
-        raise CheckpointError(f"{p / CARD_FILE}: must be a JSON object with string fields {list(FIELDS)}; "
-                              "write it again with `lmstack card create`")
+        raise CheckpointError(
+            f"{p / CARD_FILE}: must be a JSON object with string fields {list(FIELDS)}; write it again with `lmstack card create`"
+        )
     try:
         check_name(data["name"])
     except InputError as e:
@@ -123,12 +133,16 @@ def card_dir_in(cards_dir: str | os.PathLike, path: str | os.PathLike) -> Path:
 def check_card(card: Card, model) -> None:
     """Refuse a card made for another base (its fingerprint is not this model's)."""
     if not is_dataclass(getattr(model, "config", None)):
-        raise InputError(f"a {getattr(model, 'family', type(model).__name__)} model takes no cards (LoRA adapters); "
-                         "serve cards on a neural base (GPT, RNN, T5)")
+        raise InputError(
+            f"a {getattr(model, 'family', type(model).__name__)} model takes no cards (LoRA adapters); "
+            "serve cards on a neural base (GPT, RNN, T5)"
+        )
     if card.base_fingerprint != lora.base_fingerprint(model):
-        raise CheckpointError(f"{card.path}: card {card.name!r} was made for another base model (fingerprint "
-                              f"{card.base_fingerprint[:12]}), not this {getattr(model, 'family', '')} model; "
-                              "load it on its own base")
+        raise CheckpointError(
+            f"{card.path}: card {card.name!r} was made for another base model (fingerprint "
+            f"{card.base_fingerprint[:12]}), not this {getattr(model, 'family', '')} model; "
+            "load it on its own base"
+        )
 
 
 def load_card(scheduler, card_dir: str | os.PathLike) -> Card:

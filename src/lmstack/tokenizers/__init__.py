@@ -22,8 +22,7 @@ def registry() -> dict[str, type[Tokenizer]]:
     from lmstack.tokenizers.hf_wrapped import HFTokenizer
     from lmstack.tokenizers.word import WordTokenizer
 
-    kinds: dict[str, type[Tokenizer]] = {"bpe": BPETokenizer, "char": CharTokenizer, "word": WordTokenizer,
-                                          "hf": HFTokenizer}
+    kinds: dict[str, type[Tokenizer]] = {"bpe": BPETokenizer, "char": CharTokenizer, "word": WordTokenizer, "hf": HFTokenizer}
     try:
         from lmstack.tokenizers.unigram import UnigramTokenizer
 

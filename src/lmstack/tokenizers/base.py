@@ -63,8 +63,7 @@ class Tokenizer(ABC):
 
     @classmethod
     @abstractmethod
-    def _from_state(cls, state: dict, special_tokens: dict[str, int]) -> "Tokenizer":
-        ...
+    def _from_state(cls, state: dict, special_tokens: dict[str, int]) -> "Tokenizer": ...
 
     @abstractmethod
     def id_to_piece(self, i: int) -> str:
@@ -75,8 +74,9 @@ class Tokenizer(ABC):
         raise NotImplementedError
 
     @classmethod
-    def train_files(cls, paths: Iterable[str | os.PathLike], vocab_size: int | None,
-                    special_tokens=DEFAULT_SPECIALS, **opts) -> "Tokenizer":
+    def train_files(
+        cls, paths: Iterable[str | os.PathLike], vocab_size: int | None, special_tokens=DEFAULT_SPECIALS, **opts
+    ) -> "Tokenizer":
         """Train on text files, streamed; kinds that can parallelise over files override this."""
         paths = [check_readable(p) for p in paths]
         texts = (chunk for p in paths for chunk in iter_text_chunks(p))
@@ -99,17 +99,13 @@ class Tokenizer(ABC):
         try:
             return self.special_tokens[token]
         except KeyError:
-            raise InputError(
-                f"special token {token!r} is not registered; known: {sorted(self.special_tokens)}"
-            ) from None
+            raise InputError(f"special token {token!r} is not registered; known: {sorted(self.special_tokens)}") from None
 
     @property
     def eot_id(self) -> int | None:
         return self.special_tokens.get(EOT)
 
-    def encode(
-        self, text: str, allowed_special: Collection[str] | Literal["all"] = ()
-    ) -> list[int]:
+    def encode(self, text: str, allowed_special: Collection[str] | Literal["all"] = ()) -> list[int]:
         """Ids for `text`; special-token strings become special ids only if allowed."""
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         if not allowed:
@@ -207,8 +203,10 @@ def from_dict(d: dict, source: str = "tokenizer") -> Tokenizer:
         raise FormatError(f"{source}: unknown tokenizer kind {d['kind']!r}; known: {sorted(kinds)}")
     version = d.get("lmstack_tokenizer", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise FormatError(f"{source}: tokenizer format version {version!r}, but this lmstack reads version {FORMAT_VERSION}; "
-                          "upgrade lmstack, or retrain the tokenizer with this one")
+        raise FormatError(
+            f"{source}: tokenizer format version {version!r}, but this lmstack reads version {FORMAT_VERSION}; "
+            "upgrade lmstack, or retrain the tokenizer with this one"
+        )
     specials = d.get("special_tokens", {})
     if not isinstance(specials, dict) or not all(isinstance(k, str) and k for k in specials):
         raise FormatError(f"{source}: 'special_tokens' must map non-empty strings to ids; fix the file or retrain it")

@@ -81,16 +81,23 @@ def resolve_pattern(pattern: str) -> str:
     try:
         regex.compile(pat)
     except regex.error as e:
-        raise InputError(f"pre-tokenization pattern {pattern!r} does not compile ({e}); "
-                         "use gpt2, gpt4 or a valid regex") from None
+        raise InputError(
+            f"pre-tokenization pattern {pattern!r} does not compile ({e}); use gpt2, gpt4 or a valid regex"
+        ) from None
     return pat
 
 
 class BPETokenizer(Tokenizer):
     kind = "bpe"
 
-    def __init__(self, tokens: list[bytes | None], merges: list[tuple[int, int]], pattern: str = "gpt2",
-                 special_tokens: dict[str, int] | None = None, engine: str = "auto"):
+    def __init__(
+        self,
+        tokens: list[bytes | None],
+        merges: list[tuple[int, int]],
+        pattern: str = "gpt2",
+        special_tokens: dict[str, int] | None = None,
+        engine: str = "auto",
+    ):
         """`tokens[i]` is the bytes of id i (None at ids held by special tokens); `merges` are
         (left id, right id) pairs in the order they were learned."""
         super().__init__(special_tokens)
@@ -121,8 +128,14 @@ class BPETokenizer(Tokenizer):
 
     # --- training ---------------------------------------------------------------------------
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int | None = DEFAULT_VOCAB_SIZE,
-              special_tokens=DEFAULT_SPECIALS, pattern: str = "gpt2", min_frequency: int = 0) -> "BPETokenizer":
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int | None = DEFAULT_VOCAB_SIZE,
+        special_tokens=DEFAULT_SPECIALS,
+        pattern: str = "gpt2",
+        min_frequency: int = 0,
+    ) -> "BPETokenizer":
         """Learn merges from `texts` (each pre-tokenized on its own) until the vocabulary,
         specials included, has `vocab_size` tokens or no pair occurs `min_frequency` times."""
         pat = resolve_pattern(pattern)
@@ -134,9 +147,15 @@ class BPETokenizer(Tokenizer):
         return cls._from_counts(counts, vocab_size, special_tokens, pat, min_frequency)
 
     @classmethod
-    def train_files(cls, paths: Iterable[str | os.PathLike], vocab_size: int | None = DEFAULT_VOCAB_SIZE,
-                    special_tokens=DEFAULT_SPECIALS, pattern: str = "gpt2", min_frequency: int = 0,
-                    workers: int | None = None) -> "BPETokenizer":
+    def train_files(
+        cls,
+        paths: Iterable[str | os.PathLike],
+        vocab_size: int | None = DEFAULT_VOCAB_SIZE,
+        special_tokens=DEFAULT_SPECIALS,
+        pattern: str = "gpt2",
+        min_frequency: int = 0,
+        workers: int | None = None,
+    ) -> "BPETokenizer":
         """Train on UTF-8 files of any size: byte ranges of the files are read in blocks and
         pre-tokenized by `workers` processes (default: every core); memory holds only the
         distinct chunks. Gives the same tokenizer as `train` on the files' whole texts."""
@@ -146,8 +165,9 @@ class BPETokenizer(Tokenizer):
         return cls._from_counts(counts, vocab_size, special_tokens, pat, min_frequency)
 
     @classmethod
-    def _from_counts(cls, counts: dict[str, int], vocab_size: int, special_tokens, pattern: str,
-                     min_frequency: int) -> "BPETokenizer":
+    def _from_counts(
+        cls, counts: dict[str, int], vocab_size: int, special_tokens, pattern: str, min_frequency: int
+    ) -> "BPETokenizer":
         if not counts:
             raise InputError("no text to train on; pass a non-empty corpus")
         n_tokens = vocab_size - len(set(special_tokens))
@@ -213,7 +233,9 @@ class BPETokenizer(Tokenizer):
                     raise InputError("engine='tiktoken' needs tiktoken; `pip install tiktoken` or use engine='auto'") from None
                 return None
             self._tiktoken = tiktoken.Encoding(
-                f"lmstack-bpe-{len(self.tokens)}", pat_str=pin_pattern(self.pattern), mergeable_ranks=self._ranks,
+                f"lmstack-bpe-{len(self.tokens)}",
+                pat_str=pin_pattern(self.pattern),
+                mergeable_ranks=self._ranks,
                 special_tokens={},
             )
         return self._tiktoken
@@ -256,8 +278,9 @@ def _check_vocab_size(vocab_size: int | None, special_tokens) -> int:
 _PAIR = 1 << 22  # pair key = left * _PAIR + right; ids stay below 4M
 
 
-def learn_merges(chunk_counts: dict[str, int], n_tokens: int,
-                 min_frequency: int = 0) -> tuple[list[bytes], list[tuple[int, int]]]:
+def learn_merges(
+    chunk_counts: dict[str, int], n_tokens: int, min_frequency: int = 0
+) -> tuple[list[bytes], list[tuple[int, int]]]:
     """Tokens (bytes by id) and merges learned from pre-tokenized chunk counts.
 
     Mirrors Hugging Face's BpeTrainer: a max-heap of (count, smallest pair) with stale entries
@@ -413,8 +436,10 @@ def _count_range(job: tuple[str, int, int, str]) -> tuple[Counter, int]:
             try:
                 text = pending + decoder.decode(block, final=offset + len(block) >= end)
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}: not valid UTF-8 (near byte offset {offset + e.start}); "
-                                 "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`") from None
+                raise InputError(
+                    f"{path}: not valid UTF-8 (near byte offset {offset + e.start}); "
+                    "convert it first, e.g. `iconv -f LATIN1 -t UTF-8`"
+                ) from None
             offset += len(block)
             m = _CUT.search(text) if offset < end else None
             cut = m.end() if m else (len(text) if offset >= end else 0)

@@ -34,12 +34,16 @@ def load_gpt2(encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> 
     merges = []
     for k, pair in enumerate(pairs):
         if len(pair) != 2 or pair[0] not in encoder or pair[1] not in encoder:
-            raise FormatError(f"{vocab_bpe}: merge line {k + 2} {' '.join(pair)!r} names tokens that encoder.json "
-                              "lacks; pass the vocab.bpe that belongs to this encoder.json")
+            raise FormatError(
+                f"{vocab_bpe}: merge line {k + 2} {' '.join(pair)!r} names tokens that encoder.json "
+                "lacks; pass the vocab.bpe that belongs to this encoder.json"
+            )
         a, b = encoder[pair[0]], encoder[pair[1]]
         if tokens[256 + k] != _bytes(pair[0] + pair[1], vocab_bpe):
-            raise FormatError(f"{vocab_bpe}: merge {k} makes {pair[0] + pair[1]!r} but id {256 + k} of "
-                              f"{encoder_json} is another token; the two files do not belong together")
+            raise FormatError(
+                f"{vocab_bpe}: merge {k} makes {pair[0] + pair[1]!r} but id {256 + k} of "
+                f"{encoder_json} is another token; the two files do not belong together"
+            )
         merges.append((a, b))
     try:
         return BPETokenizer(tokens, merges, PATTERNS["gpt2"], specials)

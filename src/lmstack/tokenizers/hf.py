@@ -18,8 +18,7 @@ from lmstack.tokenizers.bpe import PATTERNS, BPETokenizer, from_bytelevel, to_by
 
 def to_hf_dict(tok: BPETokenizer) -> dict:
     added = [
-        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
+        {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         for s, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     ]
     vocab = {to_bytelevel(t): i for i, t in enumerate(tok.tokens) if t is not None}
@@ -32,15 +31,24 @@ def to_hf_dict(tok: BPETokenizer) -> dict:
         "padding": None,
         "added_tokens": added,
         "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ]},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
         "model": {
-            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
             "vocab": vocab,
             "merges": [[pieces[a], pieces[b]] for a, b in tok.merges],
         },
@@ -58,8 +66,10 @@ def load_hf(path: str | os.PathLike) -> BPETokenizer:
     try:
         return from_hf_dict(d)
     except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path}: not a usable byte-level BPE tokenizer.json ({type(e).__name__}: {e}); "
-                          "export it again with tokenizers' Tokenizer.save") from None
+        raise FormatError(
+            f"{path}: not a usable byte-level BPE tokenizer.json ({type(e).__name__}: {e}); "
+            "export it again with tokenizers' Tokenizer.save"
+        ) from None
 
 
 def from_hf_dict(d: dict) -> BPETokenizer:

@@ -56,8 +56,9 @@ def load_tokenizer_json(path: str | os.PathLike, vocab_size: int | None = None) 
 
 def _engine():
     if not installed():
-        raise InputError("this tokenizer runs on Hugging Face's tokenizers library, which is not installed; "
-                         "pip install 'lmstack[hf]'")
+        raise InputError(
+            "this tokenizer runs on Hugging Face's tokenizers library, which is not installed; pip install 'lmstack[hf]'"
+        )
     return importlib.import_module("tokenizers")
 
 
@@ -69,14 +70,17 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, hf_json: dict, roles: dict[str, str], special_tokens: dict[str, int] | None = None,
-                 vocab_size: int | None = None):
+    def __init__(
+        self, hf_json: dict, roles: dict[str, str], special_tokens: dict[str, int] | None = None, vocab_size: int | None = None
+    ):
         engine = _engine()
         try:
             hf = engine.Tokenizer.from_str(json.dumps(hf_json))
         except Exception as e:  # the Rust side raises plain Exception for any malformed file
-            raise FormatError(f"not a Hugging Face tokenizer.json that the tokenizers library reads ({e}); "
-                              "save it again with transformers' save_pretrained") from None
+            raise FormatError(
+                f"not a Hugging Face tokenizer.json that the tokenizers library reads ({e}); "
+                "save it again with transformers' save_pretrained"
+            ) from None
         hf.no_truncation()
         hf.no_padding()
         hf.encode_special_tokens = True  # special-token strings in plain text are text (the contract)
@@ -117,8 +121,10 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts, vocab_size, special_tokens=(), **opts):
-        raise InputError("an hf tokenizer is imported with a Hugging Face checkpoint (lmstack convert), not trained; "
-                         "train a bpe, unigram, char or word tokenizer instead")
+        raise InputError(
+            "an hf tokenizer is imported with a Hugging Face checkpoint (lmstack convert), not trained; "
+            "train a bpe, unigram, char or word tokenizer instead"
+        )
 
     @property
     def base_vocab_size(self) -> int:

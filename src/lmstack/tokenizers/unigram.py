@@ -168,8 +168,7 @@ class UnigramTokenizer(Tokenizer):
     def _from_state(cls, state: dict, special_tokens: dict[str, int]) -> "UnigramTokenizer":
         pieces = state["pieces"]
         if not isinstance(pieces, list) or not all(
-            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], (int, float))
-            for e in pieces
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], (int, float)) for e in pieces
         ):
             raise ValueError("'pieces' must be a list of [piece, score] pairs")
         return cls([(p, s) for p, s in pieces], special_tokens)
@@ -254,7 +253,7 @@ def _spans(lengths: np.ndarray, max_len: int, whole: bool = True):
         owner.append(np.repeat(of, len(i)))
         start.append(np.tile(i.astype(np.int32), len(of)))
         end.append(np.tile(j.astype(np.int32), len(of)))
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)
     return cat(owner), cat(start), cat(end)
 
 
@@ -263,8 +262,11 @@ class _Hashes:
     prefix sums, so millions of substrings are counted without a Python dict. A clash of the
     first hash shows up as a disagreement of the second (the caller then retries other bases)."""
 
-    BASES = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD),
-             (0x94D049BB133111EB, 0xBF58476D1CE4E5B9))
+    BASES = (
+        (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F),
+        (0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD),
+        (0x94D049BB133111EB, 0xBF58476D1CE4E5B9),
+    )
 
     def __init__(self, text: str, bases: tuple[int, int]):
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64) + np.uint64(1)
@@ -272,8 +274,9 @@ class _Hashes:
         with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
             for b in bases:
                 power = np.cumprod(np.r_[np.uint64(1), np.full(len(codes), b, dtype=np.uint64)], dtype=np.uint64)
-                inverse = np.cumprod(np.r_[np.uint64(1), np.full(len(codes), pow(b, -1, 1 << 64), dtype=np.uint64)],
-                                     dtype=np.uint64)
+                inverse = np.cumprod(
+                    np.r_[np.uint64(1), np.full(len(codes), pow(b, -1, 1 << 64), dtype=np.uint64)], dtype=np.uint64
+                )
                 # prefix[k] = sum_{t<k} codes[t] * b**(k-t)
                 prefix = power * np.r_[np.uint64(0), np.cumsum(codes * inverse[:-1], dtype=np.uint64)]
                 self.tables.append((power, prefix))
@@ -323,11 +326,11 @@ class _Lattice:
         f = alive[self.f_piece]
         if not f.all():
             self.f_src, self.f_dst, self.f_pos, self.f_piece, self.f_owner = (
-                a[f] for a in (self.f_src, self.f_dst, self.f_pos, self.f_piece, self.f_owner))
+                a[f] for a in (self.f_src, self.f_dst, self.f_pos, self.f_piece, self.f_owner)
+            )
         b = alive[self.b_piece]
         if not b.all():
-            self.b_src, self.b_dst, self.b_pos, self.b_piece = (
-                a[b] for a in (self.b_src, self.b_dst, self.b_pos, self.b_piece))
+            self.b_src, self.b_dst, self.b_pos, self.b_piece = (a[b] for a in (self.b_src, self.b_dst, self.b_pos, self.b_piece))
         self.f_steps = _steps(self.f_pos, self.f_dst)
         self.b_steps = _steps(self.b_pos, self.b_src)
 

@@ -34,9 +34,7 @@ class WordTokenizer(Tokenizer):
         return _WORD_OR_NEWLINE.findall(text)
 
     @classmethod
-    def train(
-        cls, texts: Iterable[str], vocab_size: int | None = None, min_count: int = 1, special_tokens=()
-    ) -> "WordTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int | None = None, min_count: int = 1, special_tokens=()) -> "WordTokenizer":
         counts: Counter[str] = Counter()
         for t in texts:
             counts.update(w for w in cls.split(t) if w != NEWLINE)

@@ -83,9 +83,19 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def save(run_dir, step: int, wrapped: torch.nn.Module, objective: torch.nn.Module, optimizer,
-         trainer_state: dict, tokenizer, d: Dist, device: torch.device, keep_last: int,
-         adapter_base: str | None = None) -> Path:
+def save(
+    run_dir,
+    step: int,
+    wrapped: torch.nn.Module,
+    objective: torch.nn.Module,
+    optimizer,
+    trainer_state: dict,
+    tokenizer,
+    d: Dist,
+    device: torch.device,
+    keep_last: int,
+    adapter_base: str | None = None,
+) -> Path:
     """Write checkpoint `step` (every rank must call this: FSDP gathers shards collectively). A
     model with LoRA adapters is written as a PEFT adapter directory naming `adapter_base`."""
     model_sd = get_model_state_dict(wrapped, options=_FULL)
@@ -194,11 +204,12 @@ def load_optimizer(ckpt: Path, wrapped: torch.nn.Module, optimizer, state: dict)
     tensors = load_file(str(ckpt / OPTIMIZER_FILE))
     per_param: dict[str, dict] = {}
     for k, v in tensors.items():
-        name, key = k[len("state."):].rsplit(".", 1)
+        name, key = k[len("state.") :].rsplit(".", 1)
         per_param.setdefault(name, {})[key] = v
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["param_groups"]]
-    set_optimizer_state_dict(wrapped, optimizer, {"state": per_param, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        wrapped, optimizer, {"state": per_param, "param_groups": groups}, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def load_rng(ckpt: Path, d: Dist, device: torch.device) -> None:

@@ -98,8 +98,11 @@ def classification_metrics(objective: SequenceClassifier, batches: list[dict], s
     objective.train()
     loss, confusion = distributed.sum_(loss, stepper.d), distributed.sum_(confusion, stepper.d)
     n = float(confusion.sum())
-    return {"val_loss": float(loss) / n, "val_accuracy": float(confusion.diagonal().sum()) / n,
-            "val_macro_f1": macro_f1(confusion)}
+    return {
+        "val_loss": float(loss) / n,
+        "val_accuracy": float(confusion.diagonal().sum()) / n,
+        "val_macro_f1": macro_f1(confusion),
+    }
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -118,10 +121,12 @@ def read_labeled(path: str | os.PathLike) -> list[tuple[str, int | str, str]]:
         row = json_row(line, where, ("text", "label"), EXAMPLE)
         label = row["label"]
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise InputError(f"{where}: \"label\" must be a string or an integer, got {label!r}")
+            raise InputError(f'{where}: "label" must be a string or an integer, got {label!r}')
         if out and type(label) is not type(out[0][1]):
-            raise InputError(f"{where}: label {label!r} is a {type(label).__name__} but {out[0][2]} has "
-                             f"{out[0][1]!r}; labels must be all strings or all integers")
+            raise InputError(
+                f"{where}: label {label!r} is a {type(label).__name__} but {out[0][2]} has "
+                f"{out[0][1]!r}; labels must be all strings or all integers"
+            )
         out.append((row_text(row, where), label, where))
     if not out:
         raise InputError(f"{p}: holds no rows (only blank lines); pass rows such as {EXAMPLE}")
@@ -132,12 +137,16 @@ def label_set(train: Sequence[tuple], held_out: Sequence[tuple]) -> list:
     """The sorted labels of the training rows; every held-out label must be among them."""
     labels = sorted({label for _, label, _ in train})
     if len(labels) < 2:
-        raise InputError(f"the training rows have only one label ({labels[0]!r}); a classifier needs at least two "
-                         "classes, so add rows of another label")
+        raise InputError(
+            f"the training rows have only one label ({labels[0]!r}); a classifier needs at least two "
+            "classes, so add rows of another label"
+        )
     unseen = next(((label, where) for _, label, where in held_out if label not in set(labels)), None)
     if unseen:
-        raise InputError(f"label {unseen[0]!r} ({unseen[1]}) is held out for validation but never occurs in the "
-                         "training rows; add training rows with it, or change --seed / --val-fraction")
+        raise InputError(
+            f"label {unseen[0]!r} ({unseen[1]}) is held out for validation but never occurs in the "
+            "training rows; add training rows with it, or change --seed / --val-fraction"
+        )
     return labels
 
 
@@ -159,8 +168,9 @@ def classify(cfg: FinetuneConfig, resume: bool = False) -> dict:
     encoded = {where: text_ids(model, tok, text, length) for text, _, where in rows}
 
     def batches(part: Sequence[tuple], per_step: int) -> RowBatches:
-        return RowBatches([encoded[w][0] for *_, w in part], [index[lab] for _, lab, _ in part], cfg.batch_size,
-                          cfg.seed, per_step)
+        return RowBatches(
+            [encoded[w][0] for *_, w in part], [index[lab] for _, lab, _ in part], cfg.batch_size, cfg.seed, per_step
+        )
 
     freeze_unused(model, *LM_HEADS[model.family])
     trains = apply_lora(model, cfg, grew)
@@ -176,19 +186,29 @@ def classify(cfg: FinetuneConfig, resume: bool = False) -> dict:
         train_batches = batches(train_rows, per_step)
         val_batches = batches(val_rows, per_step).in_order() if val_rows else []
         cut = sum(c for _, c in encoded.values())
-        run.begin(encoder_flops(model, length), eval_cost=len(val_batches) / (3 * cfg.grad_accum), banner=(
-            f"{model.family} classifier from {cfg.init_from}; {trains}, and the head's "
-            f"{sum(p.numel() for p in objective.head.parameters()):,}; {len(labels)} classes "
-            f"{labels if len(labels) <= 10 else labels[:10] + ['...']}; {len(train_rows)} train / {len(val_rows)} "
-            f"held-out rows ({cut} cut to {length} tokens); {per_step} rows per step"))
+        run.begin(
+            encoder_flops(model, length),
+            eval_cost=len(val_batches) / (3 * cfg.grad_accum),
+            banner=(
+                f"{model.family} classifier from {cfg.init_from}; {trains}, and the head's "
+                f"{sum(p.numel() for p in objective.head.parameters()):,}; {len(labels)} classes "
+                f"{labels if len(labels) <= 10 else labels[:10] + ['...']}; {len(train_rows)} train / {len(val_rows)} "
+                f"held-out rows ({cut} cut to {length} tokens); {per_step} rows per step"
+            ),
+        )
         if val_batches and run.step == 0:
             run.log_eval(classification_metrics(objective, val_batches, stepper))
         path = None
         while not run.done:
             lr = lr_at(run.step, run.cfg)
             step = run.step
-            result = stepper(lambda micro: train_batches.make(step, micro * d.world + d.rank), cfg.grad_accum, lr, step,
-                             count=lambda b: b["mask"].sum())
+            result = stepper(
+                lambda micro: train_batches.make(step, micro * d.world + d.rank),
+                cfg.grad_accum,
+                lr,
+                step,
+                count=lambda b: b["mask"].sum(),
+            )
             run.end_step(result, lr, epoch=round(train_batches.epoch(run.step + 1), 3))
             if val_batches and run.eval_due:
                 run.log_eval(classification_metrics(objective, val_batches, stepper))
@@ -231,14 +251,17 @@ def load_classifier(path: str | os.PathLike, device: str = "cpu") -> Classifier:
     p = Path(path)
     meta = saved_task(p, "classify")
     if not meta or not (p / OBJECTIVE_FILE).is_file():
-        raise CheckpointError(f"{p}: not a classifier checkpoint (no \"classify\" labels in trainer_state.json or no "
-                              f"{OBJECTIVE_FILE}); pass a checkpoint of `lmstack finetune --task classify`")
+        raise CheckpointError(
+            f'{p}: not a classifier checkpoint (no "classify" labels in trainer_state.json or no '
+            f"{OBJECTIVE_FILE}); pass a checkpoint of `lmstack finetune --task classify`"
+        )
     model, tok = load_for_text(p, device)
     objective = SequenceClassifier(model, len(meta["labels"]))
     head = {k: v for k, v in load_file(str(p / OBJECTIVE_FILE)).items() if k.startswith("head.")}
     try:
         objective.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})
     except RuntimeError as e:
-        raise CheckpointError(f"{p / OBJECTIVE_FILE}: the head does not fit {len(meta['labels'])} labels on this "
-                              f"model ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{p / OBJECTIVE_FILE}: the head does not fit {len(meta['labels'])} labels on this model ({str(e).splitlines()[0]})"
+        ) from None
     return Classifier(objective.to(device), tok, meta["labels"], meta["max_length"])

@@ -40,14 +40,18 @@ class RunConfig:
     out_dir: str = _field("runs/lmstack", "run directory: config, metrics, checkpoints")
     seed: int = _field(1337, "seeds initialisation, batches and dropout")
     device: str = _field("auto", "auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps")
-    dtype: str = _field("auto", "autocast dtype: auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 "
-                        "| float16")
+    dtype: str = _field(
+        "auto", "autocast dtype: auto (bfloat16 on GPUs that have it, else float32) | float32 | bfloat16 | float16"
+    )
     compile: bool = _field(False, "torch.compile the model")
     # --- batch
     batch_size: int = _field(16, "sequences per micro-batch on each process: lower it on out-of-memory")
     max_steps: int = _field(1000, "optimizer steps to train for")
-    max_minutes: float = _field(0.0, "wall-clock budget, setup included: the first steps are timed, then max_steps is "
-                                "lowered to the steps that fit, so the schedule still decays to min_lr in time; 0 = none")
+    max_minutes: float = _field(
+        0.0,
+        "wall-clock budget, setup included: the first steps are timed, then max_steps is "
+        "lowered to the steps that fit, so the schedule still decays to min_lr in time; 0 = none",
+    )
     # --- optimizer and schedule
     lr: float = _field(1e-3, "peak learning rate")
     min_lr: float = _field(1e-4, "learning rate at the end of the schedule")
@@ -116,10 +120,14 @@ class TrainConfig(RunConfig):
     block_size: int = _field(256, "tokens per training sequence")
     mlm: dict = _field({}, "mlm / nsp / rtd: probability (fraction of tokens chosen for prediction, 0.15)")
     span: dict = _field({}, "span corruption: noise_density (0.15), mean_span (3.0)")
-    rtd: dict = _field({}, "ELECTRA: weight (of the discriminator loss, 50.0), generator (a table of overrides "
-                       "for the generator's config; default: a quarter of the width)")
-    tokens_per_step: int = _field(0, "tokens per optimizer step, all processes; reached by gradient accumulation. "
-                                  "0 = one micro-batch")
+    rtd: dict = _field(
+        {},
+        "ELECTRA: weight (of the discriminator loss, 50.0), generator (a table of overrides "
+        "for the generator's config; default: a quarter of the width)",
+    )
+    tokens_per_step: int = _field(
+        0, "tokens per optimizer step, all processes; reached by gradient accumulation. 0 = one micro-batch"
+    )
     # --- samples while training
     sample_interval: int = _field(0, "print a sample every N steps (clm only); 0 = never")
     sample_tokens: int = _field(200, "length of each sample")
@@ -143,8 +151,13 @@ class TrainConfig(RunConfig):
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list, "dict": dict}
 # Fields that older lmstack versions kept at the top level, and the table they moved to.
-_MOVED = {"mlm_probability": ("mlm", "probability"), "noise_density": ("span", "noise_density"),
-          "mean_span": ("span", "mean_span"), "rtd_weight": ("rtd", "weight"), "generator": ("rtd", "generator")}
+_MOVED = {
+    "mlm_probability": ("mlm", "probability"),
+    "noise_density": ("span", "noise_density"),
+    "mean_span": ("span", "mean_span"),
+    "rtd_weight": ("rtd", "weight"),
+    "generator": ("rtd", "generator"),
+}
 
 
 def fields(cls: type[RunConfig]) -> dict[str, dataclasses.Field]:
@@ -195,8 +208,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[RunConfig] = TrainC
         elif f.type == "list[str]":
             parser.add_argument(flag, nargs="+", default=None, metavar="PATH", help=comment)
         elif f.type == "dict":
-            parser.add_argument(flag, action="append", default=None, metavar="KEY=VALUE",
-                                help=f"{f.metadata.get('help', '')} (repeatable; the [{name}] table of a TOML file)")
+            parser.add_argument(
+                flag,
+                action="append",
+                default=None,
+                metavar="KEY=VALUE",
+                help=f"{f.metadata.get('help', '')} (repeatable; the [{name}] table of a TOML file)",
+            )
         else:
             typ = {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, type=typ, default=None, metavar=name.upper(), help=comment)

@@ -64,9 +64,17 @@ class DPOConfig(PreferenceConfig):
         ]
 
 
-def preference_loss(kind: str, beta: float, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, chosen_len: torch.Tensor, rejected_len: torch.Tensor,
-                    gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_loss(
+    kind: str,
+    beta: float,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_len: torch.Tensor,
+    rejected_len: torch.Tensor,
+    gamma: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] losses, [B] implicit-reward margins) of summed response log-probs (see the module docstring)."""
     if kind == "simpo":
         margin = beta * (chosen / chosen_len - rejected / rejected_len)
@@ -165,9 +173,16 @@ def dpo(cfg: DPOConfig, resume: bool = False) -> dict:
         stepper = run.optimizer_step(objective)
         for report in reports:
             run.write(str(report))
-        run.begin(model.flops_per_token(length), eval_cost=len(val_batches) / (3 * cfg.grad_accum), banner=(
-            f"{cfg.loss} preference optimisation (beta {cfg.beta:g}) of {model.family} from {cfg.init_from}; {trains}; "
-            f"{len(train_pairs)} train / {len(val_pairs)} held-out pairs of at most {length} tokens; {per_step} pairs per step"))
+        run.begin(
+            model.flops_per_token(length),
+            eval_cost=len(val_batches) / (3 * cfg.grad_accum),
+            banner=(
+                f"{cfg.loss} preference optimisation (beta {cfg.beta:g}) of {model.family} from {cfg.init_from}; "
+                f"{trains}; "
+                f"{len(train_pairs)} train / {len(val_pairs)} held-out pairs of at most {length} tokens; "
+                f"{per_step} pairs per step"
+            ),
+        )
         if val_batches and run.step == 0:
             run.log_eval(held_out(objective, val_batches, stepper))
         path = None

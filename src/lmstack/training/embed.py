@@ -279,15 +279,16 @@ def json_row(line: str, where: str, fields: tuple[str, ...], example: str) -> di
         raise InputError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     missing = [f for f in fields if not isinstance(row, dict) or f not in row]
     if missing:
-        raise InputError(f"{where}: no {' or '.join(map(repr, missing))} field; each line must be a JSON object "
-                         f"such as {example}")
+        raise InputError(
+            f"{where}: no {' or '.join(map(repr, missing))} field; each line must be a JSON object such as {example}"
+        )
     return row
 
 
 def row_text(row: dict, where: str) -> str:
     text = row["text"]
     if not isinstance(text, str) or not text.strip():
-        raise InputError(f"{where}: \"text\" must be a non-empty string, got {json.dumps(text, ensure_ascii=False)[:60]}")
+        raise InputError(f'{where}: "text" must be a non-empty string, got {json.dumps(text, ensure_ascii=False)[:60]}')
     return text
 
 
@@ -317,7 +318,7 @@ def embed(cfg: FinetuneConfig, resume: bool = False) -> dict:
     if cfg.task != "embed":
         raise InputError(f"embed() runs --task embed, not --task {cfg.task}")
     if not cfg.data:
-        raise InputError("no sentences to train on; pass --data FILE (JSONL {\"text\"} rows or one sentence per line)")
+        raise InputError('no sentences to train on; pass --data FILE (JSONL {"text"} rows or one sentence per line)')
     if cfg.batch_size < 2:
         raise InputError("contrastive training takes its negatives from the batch; use --batch-size 2 or more (e.g. 32)")
     # Everything that can fail on the user's input fails here, before the run directory exists.
@@ -330,8 +331,10 @@ def embed(cfg: FinetuneConfig, resume: bool = False) -> dict:
     cut = sum(c for _, c in rows)
     train_rows, val_rows = split([r for r, _ in rows], cfg.val_fraction, cfg.seed)
     if len(train_rows) < 2 or len(val_rows) == 1:
-        raise InputError(f"{len(texts)} distinct sentences give {len(train_rows)} to train on and {len(val_rows)} held out; "
-                         "contrastive training and validation each need 2 or more (really hundreds): add data")
+        raise InputError(
+            f"{len(texts)} distinct sentences give {len(train_rows)} to train on and {len(val_rows)} held out; "
+            "contrastive training and validation each need 2 or more (really hundreds): add data"
+        )
     freeze_unused(model, *LM_HEADS[model.family], *(("pooler.",) if model.family == "bert" else ()))  # [CLS] pooler unused
     trains = apply_lora(model, cfg, grew)
 
@@ -342,18 +345,28 @@ def embed(cfg: FinetuneConfig, resume: bool = False) -> dict:
         per_step = cfg.batch_size * d.world * cfg.grad_accum
         train_batches = RowBatches(train_rows, None, cfg.batch_size, cfg.seed, per_step)
         val_batches = RowBatches(val_rows, None, cfg.batch_size, cfg.seed, per_step).in_order() if val_rows else []
-        run.begin(encoder_flops(model, length), eval_cost=2 * len(val_batches) / (3 * cfg.grad_accum), banner=(
-            f"SimCSE on a {model.family} from {cfg.init_from}; {trains}; {len(train_rows)} train / {len(val_rows)} held-out "
-            f"sentences ({len(texts)} distinct, {cut} cut to {length} tokens); {opts.pooling} pooling, temperature "
-            f"{opts.temperature:g}, dropout {model.drop.p:g}; {per_step} sentences per step, two views each"))
+        run.begin(
+            encoder_flops(model, length),
+            eval_cost=2 * len(val_batches) / (3 * cfg.grad_accum),
+            banner=(
+                f"SimCSE on a {model.family} from {cfg.init_from}; {trains}; {len(train_rows)} train / {len(val_rows)} held-out "
+                f"sentences ({len(texts)} distinct, {cut} cut to {length} tokens); {opts.pooling} pooling, temperature "
+                f"{opts.temperature:g}, dropout {model.drop.p:g}; {per_step} sentences per step, two views each"
+            ),
+        )
         if val_batches and run.step == 0:
             run.log_eval(contrastive_metrics(objective, val_batches, stepper, cfg.seed))
         path = None
         while not run.done:
             lr = lr_at(run.step, run.cfg)
             step = run.step
-            result = stepper(lambda micro: train_batches.make(step, micro * d.world + d.rank), cfg.grad_accum, lr, step,
-                             count=lambda b: 2 * b["mask"].sum())  # both views
+            result = stepper(
+                lambda micro: train_batches.make(step, micro * d.world + d.rank),
+                cfg.grad_accum,
+                lr,
+                step,
+                count=lambda b: 2 * b["mask"].sum(),
+            )  # both views
             run.end_step(result, lr, epoch=round(train_batches.epoch(run.step + 1), 3))
             if val_batches and run.eval_due:
                 run.log_eval(contrastive_metrics(objective, val_batches, stepper, cfg.seed))
@@ -391,8 +404,7 @@ class SentenceEncoder:
         check_encoder(model, str(path), "sentence embedding")
         saved = saved_task(path, "embed")
         context = min(model.max_context or 1024, 1024)
-        return cls(model, tok, pooling or saved.get("pooling") or DEFAULT_POOLING,
-                   saved.get("max_length", context))
+        return cls(model, tok, pooling or saved.get("pooling") or DEFAULT_POOLING, saved.get("max_length", context))
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:

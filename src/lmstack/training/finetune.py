@@ -40,12 +40,18 @@ class AdaptConfig(RunConfig):
     preference and RL training): the model, the data, the held-out split, LoRA, short-run defaults."""
 
     out_dir: str = _field("runs/finetune", "run directory: config, metrics, checkpoints")
-    init_from: str = _field("", "the model to start from: an lmstack checkpoint, an adapter directory or a "
-                                "Hugging Face model directory (imported on the fly)")
+    init_from: str = _field(
+        "",
+        "the model to start from: an lmstack checkpoint, an adapter directory or a "
+        "Hugging Face model directory (imported on the fly)",
+    )
     val_fraction: float = _field(0.1, "fraction of the examples held out for validation (seeded)")
     grad_accum: int = _field(1, "micro-batches per optimizer step on each process")
-    lora: dict = _field({}, "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), "
-                            "targets (attn,mlp or module-name patterns), rslora (false)")
+    lora: dict = _field(
+        {},
+        "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), "
+        "targets (attn,mlp or module-name patterns), rslora (false)",
+    )
     # short runs at a small learning rate
     max_steps: int = _field(300, "optimizer steps to train for")
     lr: float = _field(1e-4, "peak learning rate (LoRA usually wants ~10x more than full training)")
@@ -81,13 +87,17 @@ class AdaptConfig(RunConfig):
 class FinetuneConfig(AdaptConfig):
     """Fine-tuning (`lmstack finetune`)."""
 
-    data: list[str] = _field([], "JSONL files ({prompt, response} or {messages}; classify: {text, label}; "
-                                 "embed: {text}) or plain text files for continued pretraining")
+    data: list[str] = _field(
+        [],
+        "JSONL files ({prompt, response} or {messages}; classify: {text, label}; "
+        "embed: {text}) or plain text files for continued pretraining",
+    )
     max_length: int = _field(0, "tokens per row (packed) and the longest example kept; 0 = the model's context, at most 1024")
     task: str = _field("sft", "sft (loss on the answers) | classify (a label head) | embed (contrastive sentence vectors)")
     pack: bool = _field(True, "pack short examples into full rows (each attends only to itself); --no-pack: one per row")
-    embed: dict = _field({}, "--task embed: temperature (0.05), pooling (mean | cls | last), dropout (0.1, when the "
-                             "model has none)")
+    embed: dict = _field(
+        {}, "--task embed: temperature (0.05), pooling (mean | cls | last), dropout (0.1, when the model has none)"
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -119,8 +129,10 @@ def load_base(path: str):
         raise InputError(f"--init-from {p}: no such checkpoint directory; check the path")
     model, tokenizer = from_hf(p) if p.is_dir() and hf_model_type(p) else load(p)
     if tokenizer is None:
-        raise CheckpointError(f"{p}: has no tokenizer, so text cannot be encoded for it; save the checkpoint with its "
-                              "tokenizer (`lmstack convert` imports a Hugging Face tokenizer.json)")
+        raise CheckpointError(
+            f"{p}: has no tokenizer, so text cannot be encoded for it; save the checkpoint with its "
+            "tokenizer (`lmstack convert` imports a Hugging Face tokenizer.json)"
+        )
     from lmstack.models.lora import lora_modules, merge_and_unload
 
     if lora_modules(model):
@@ -164,8 +176,10 @@ def max_length(cfg, model) -> int:
     context = model.max_context
     if cfg.max_length:
         if context is not None and cfg.max_length > context:
-            raise InputError(f"--max-length {cfg.max_length} is longer than the model's context ({context} tokens); "
-                             f"lower it to {context} or less")
+            raise InputError(
+                f"--max-length {cfg.max_length} is longer than the model's context ({context} tokens); "
+                f"lower it to {context} or less"
+            )
         return cfg.max_length
     return min(context or 1024, 1024)
 
@@ -293,8 +307,10 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok = load_base(cfg.init_from)
     if model.family not in CAUSAL:
-        raise InputError(f"--task sft trains causal models ({', '.join(CAUSAL)}); {cfg.init_from} is a {model.family!r} "
-                         "model (use --task classify or embed for an encoder)")
+        raise InputError(
+            f"--task sft trains causal models ({', '.join(CAUSAL)}); {cfg.init_from} is a {model.family!r} "
+            "model (use --task classify or embed for an encoder)"
+        )
     if cfg.pack and model.family != "gpt":
         raise InputError(f"packing needs a GPT (attention kept within each example); pass --no-pack for a {model.family!r} model")
     chat = any(Path(f).suffix.lower() == ".jsonl" for f in cfg.data)
@@ -319,19 +335,28 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         val_batches = held_out_batches(val_ex, cfg.batch_size)
         for report in reports:
             run.write(str(report))
-        run.begin(objective.flops_per_token(length), eval_cost=len(val_batches) / (3 * cfg.grad_accum), banner=(
-            f"{model.family} from {cfg.init_from}; {trains}; {len(train_ex)} train / {len(val_ex)} held-out examples, "
-            f"{train_batches.rows_per_epoch} rows of {length} tokens per epoch ({train_batches.fill:.0%} filled"
-            f"{', packed' if cfg.pack else ''}); {rows} rows per step"
-            + (f"; added chat tokens {added}" if added else "")))
+        run.begin(
+            objective.flops_per_token(length),
+            eval_cost=len(val_batches) / (3 * cfg.grad_accum),
+            banner=(
+                f"{model.family} from {cfg.init_from}; {trains}; {len(train_ex)} train / {len(val_ex)} held-out examples, "
+                f"{train_batches.rows_per_epoch} rows of {length} tokens per epoch ({train_batches.fill:.0%} filled"
+                f"{', packed' if cfg.pack else ''}); {rows} rows per step" + (f"; added chat tokens {added}" if added else "")
+            ),
+        )
         if val_batches and run.step == 0:
             run.log_eval(answer_logprobs(objective, val_batches, stepper))
         path = None
         while not run.done:
             lr = lr_at(run.step, run.cfg)
             step = run.step
-            result = stepper(lambda micro: train_batches.make(step, micro * d.world + d.rank), cfg.grad_accum, lr, step,
-                             count=lambda b: (b["segments"] > 0).sum())
+            result = stepper(
+                lambda micro: train_batches.make(step, micro * d.world + d.rank),
+                cfg.grad_accum,
+                lr,
+                step,
+                count=lambda b: (b["segments"] > 0).sum(),
+            )
             run.end_step(result, lr, epoch=round(train_batches.epoch(run.step + 1), 3))
             if val_batches and run.eval_due:
                 run.log_eval(answer_logprobs(objective, val_batches, stepper))

@@ -61,9 +61,10 @@ class GRPOConfig(RunConfig):
     out_dir: str = _field("runs/grpo", "run directory: config, metrics, checkpoints")
     init_from: str = _field("", "the model to start from (an SFT checkpoint): lmstack, adapter or Hugging Face directory")
     lora: dict = _field({}, "LoRA adapters instead of full training: r (16), alpha (32), dropout (0.0), targets, rslora")
-    task: str = _field("arithmetic", "arithmetic (generated) | gsm8k | svamp (shared files) | a JSONL file of "
-                                     "{question, answer} rows")
-    eval_task: str = _field("", "held-out problems for accuracy; \"\" = the task's test split (a file: none)")
+    task: str = _field(
+        "arithmetic", "arithmetic (generated) | gsm8k | svamp (shared files) | a JSONL file of {question, answer} rows"
+    )
+    eval_task: str = _field("", 'held-out problems for accuracy; "" = the task\'s test split (a file: none)')
     n_train: int = _field(2000, "problems drawn from the task (arithmetic: generated; files: the first N)")
     n_eval: int = _field(200, "held-out problems scored every eval_interval steps")
     lang: str = _field("mix", "arithmetic: en | zh | mix")
@@ -120,7 +121,7 @@ def advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-4) -> 
         return rewards - mean
     if kind == "rloo":
         G = rewards.shape[-1]
-        return (rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1))
+        return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1)
     raise InputError(f"unknown advantage {kind!r}; use one of {', '.join(ADVANTAGES)}")
 
 
@@ -130,9 +131,17 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return d.exp() - d - 1
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float = 0.2,
-              agg: str = "sequence", ref_logp: torch.Tensor | None = None, kl: float = 0.0,
-              max_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    agg: str = "sequence",
+    ref_logp: torch.Tensor | None = None,
+    kl: float = 0.0,
+    max_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The clipped surrogate (+ kl × k3) over reply tokens. logp, old_logp, ref_logp, mask: [B, T]
     (mask True on reply tokens); adv: [B]. Returns (loss, {"kl", "clipped"} as floats)."""
     mask = mask.to(logp.dtype)
@@ -175,8 +184,17 @@ class GRPOLoss(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         logp = sequence_logprobs(self.model, batch["idx"])
-        loss, self.stats = grpo_loss(logp, batch["old_logp"], batch["adv"], batch["mask"], self.cfg.clip,
-                                     self.cfg.loss_agg, batch.get("ref_logp"), self.cfg.kl, self.cfg.max_new_tokens)
+        loss, self.stats = grpo_loss(
+            logp,
+            batch["old_logp"],
+            batch["adv"],
+            batch["mask"],
+            self.cfg.clip,
+            self.cfg.loss_agg,
+            batch.get("ref_logp"),
+            self.cfg.kl,
+            self.cfg.max_new_tokens,
+        )
         return loss
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -198,8 +216,10 @@ def rollout(model, tok, items, cfg: GRPOConfig, step: int, device) -> tuple[dict
     mean of the loss over replies."""
     G = cfg.group
     prompts = [question_ids(tok, it.question) for it in items]
-    configs = [reply_config(tok, cfg.max_new_tokens, cfg.temperature, seed=hash((cfg.seed, step, k)) % 2**31)
-               for k in range(len(items) * G)]
+    configs = [
+        reply_config(tok, cfg.max_new_tokens, cfg.temperature, seed=hash((cfg.seed, step, k)) % 2**31)
+        for k in range(len(items) * G)
+    ]
     was_training = model.training
     model.eval()
     groups = generate_groups(model, prompts, G, configs, tok)
@@ -222,9 +242,14 @@ def rollout(model, tok, items, cfg: GRPOConfig, step: int, device) -> tuple[dict
     idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
     mask = torch.tensor([m + [False] * (width - len(m)) for m in masks], device=device)
     lengths = torch.tensor([[len(g.tokens) for g in grp] for grp in groups]).float()
-    metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(-1).mean()),
-               "zero_variance_groups": float(1 - varied.float().mean()), "accuracy": float(right.mean()),
-               "unfinished": float(1 - ended.float().mean()), "reply_length": float(lengths.mean())}
+    metrics = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(-1).mean()),
+        "zero_variance_groups": float(1 - varied.float().mean()),
+        "accuracy": float(right.mean()),
+        "unfinished": float(1 - ended.float().mean()),
+        "reply_length": float(lengths.mean()),
+    }
     return {"idx": idx, "mask": mask, "adv": torch.tensor(kept_adv, device=device)}, metrics
 
 
@@ -254,8 +279,9 @@ def held_out_accuracy(model, tok, items, cfg: GRPOConfig, batch_size: int = 32) 
     hits, length = 0, 0
     for i in range(0, len(items), batch_size):
         batch = items[i : i + batch_size]
-        outs = generate_tokens(model, [question_ids(tok, it.question) for it in batch],
-                               reply_config(tok, cfg.max_new_tokens), tok)
+        outs = generate_tokens(
+            model, [question_ids(tok, it.question) for it in batch], reply_config(tok, cfg.max_new_tokens), tok
+        )
         hits += sum(correct(o.text, it.answer) for o, it in zip(outs, batch))
         length += sum(len(o.tokens) for o in outs)
     model.train(was_training)
@@ -291,8 +317,10 @@ def grpo(cfg: GRPOConfig, resume: bool = False) -> dict:
     context = model.max_context
     longest = max(len(question_ids(tok, it.question)) for it in train_items + held)
     if context is not None and longest + cfg.max_new_tokens > context:
-        raise InputError(f"a prompt of {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceeds the model's "
-                         f"context ({context}); lower --max-new-tokens or pick shorter problems")
+        raise InputError(
+            f"a prompt of {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceeds the model's "
+            f"context ({context}); lower --max-new-tokens or pick shorter problems"
+        )
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl else None
     trains = apply_lora(model, cfg, grew=False)
 
@@ -302,9 +330,14 @@ def grpo(cfg: GRPOConfig, resume: bool = False) -> dict:
         if reference is not None:
             reference.to(run.device)
         rows = cfg.batch_size * cfg.group
-        run.begin(objective.flops_per_token(longest + cfg.max_new_tokens), eval_cost=len(held) / (4 * rows), banner=(
-            f"GRPO on {cfg.task}: {len(train_items)} problems, {len(held)} held out; {trains}; {cfg.batch_size} problems x "
-            f"{cfg.group} replies per batch, advantage {cfg.advantage}, loss {cfg.loss_agg}, kl {cfg.kl:g}"))
+        run.begin(
+            objective.flops_per_token(longest + cfg.max_new_tokens),
+            eval_cost=len(held) / (4 * rows),
+            banner=(
+                f"GRPO on {cfg.task}: {len(train_items)} problems, {len(held)} held out; {trains}; {cfg.batch_size} problems x "
+                f"{cfg.group} replies per batch, advantage {cfg.advantage}, loss {cfg.loss_agg}, kl {cfg.kl:g}"
+            ),
+        )
         if held and run.step == 0:
             run.log_eval(held_out_accuracy(model, tok, held, cfg))
         path, batch, metrics, rewards = None, None, {}, []
@@ -337,8 +370,9 @@ def _summary(run: Run, rewards: list[float]) -> dict:
     if rewards:
         k = max(1, min(10, len(rewards) // 2))
         last["reward_mean"] = sum(rewards[-k:]) / k
-        run.write(f"train reward mean {sum(rewards[:k]) / k:.3f} (first {k} rollout batches) -> {last['reward_mean']:.3f} "
-                  f"(last {k})")
+        run.write(
+            f"train reward mean {sum(rewards[:k]) / k:.3f} (first {k} rollout batches) -> {last['reward_mean']:.3f} (last {k})"
+        )
     evals = [r["val_accuracy"] for r in read_metrics(run.dir) if "val_accuracy" in r]
     if evals:
         run.write(f"held-out accuracy {evals[0]:.3f} (first evaluation) -> {evals[-1]:.3f} (last)")

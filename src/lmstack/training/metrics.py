@@ -52,8 +52,7 @@ def read_metrics(run_dir) -> list[dict]:
         except json.JSONDecodeError:
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise FormatError(f"{path}:{number}: not a metrics record (a JSON object with a step); "
-                              "fix or delete that line")
+            raise FormatError(f"{path}:{number}: not a metrics record (a JSON object with a step); fix or delete that line")
         records.append(record)
     return records
 

@@ -164,8 +164,10 @@ def generator_config(disc_config, overrides: dict):
 
 def check_family(kind: str, family: str) -> None:
     if family not in FAMILIES[kind]:
-        raise InputError(f"objective {kind!r} trains {'/'.join(FAMILIES[kind])} models, not {family!r}; "
-                         f"set --family {FAMILIES[kind][0]} or pick another --objective")
+        raise InputError(
+            f"objective {kind!r} trains {'/'.join(FAMILIES[kind])} models, not {family!r}; "
+            f"set --family {FAMILIES[kind][0]} or pick another --objective"
+        )
 
 
 def make_objective(kind: str, model: nn.Module, family: str, cfg) -> nn.Module:

@@ -22,8 +22,9 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device_type: str) -> 
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel (CUDA and, since torch 2.4, the CPU) updates all parameters in one pass.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device_type in ("cuda", "cpu") or None)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device_type in ("cuda", "cpu") or None
+    )
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:

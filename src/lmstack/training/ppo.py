@@ -62,11 +62,17 @@ class PPOConfig(AdaptConfig):
     """RLHF with PPO (`lmstack align ppo`)."""
 
     out_dir: str = _field("runs/ppo", "run directory: config, metrics, checkpoints")
-    init_from: str = _field("", "the policy to start from (and the KL reference): an lmstack GPT checkpoint, an adapter "
-                                "directory or a Hugging Face model directory")
+    init_from: str = _field(
+        "",
+        "the policy to start from (and the KL reference): an lmstack GPT checkpoint, an adapter "
+        "directory or a Hugging Face model directory",
+    )
     reward_model: str = _field("", "a checkpoint of `lmstack align reward`")
-    prompts: list[str] = _field([], "JSONL files of {prompt} rows (a string, an hh-rlhf transcript or chat messages; "
-                                    "preference-pair files work too) or text files, one prompt per line")
+    prompts: list[str] = _field(
+        [],
+        "JSONL files of {prompt} rows (a string, an hh-rlhf transcript or chat messages; "
+        "preference-pair files work too) or text files, one prompt per line",
+    )
     max_new_tokens: int = _field(32, "the longest reply")
     temperature: float = _field(1.0, "sampling temperature of the rollouts")
     ppo_epochs: int = _field(2, "optimizer steps on each rollout")
@@ -211,15 +217,16 @@ def read_prompts(path) -> list[tuple[list[dict], str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg}); each line must be an object such as "
-                                 '{"prompt": "..."}') from None
+                raise InputError(
+                    f'{where}: not valid JSON ({e.msg}); each line must be an object such as {{"prompt": "..."}}'
+                ) from None
             if not isinstance(row, dict) or "prompt" not in row:
-                raise InputError(f"{where}: no \"prompt\" field; each line must be an object such as {{\"prompt\": \"...\"}}")
+                raise InputError(f'{where}: no "prompt" field; each line must be an object such as {{"prompt": "..."}}')
             out.append((prompt_messages(row["prompt"], where), where))
         else:
             out.append((prompt_messages(line.rstrip("\n"), where), where))
     if not out:
-        raise InputError(f"{p}: holds no prompts; pass a JSONL file of {{\"prompt\": ...}} rows or one prompt per line")
+        raise InputError(f'{p}: holds no prompts; pass a JSONL file of {{"prompt": ...}} rows or one prompt per line')
     return out
 
 
@@ -236,8 +243,10 @@ def sample_replies(model, tok, prompts: list[list[int]], cfg: PPOConfig, seed: i
     from lmstack.generation.engine import generate_tokens
 
     stop = (tok.decode([end]),) if end is not None else ()
-    configs = [GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop, seed=seed + i)
-               for i in range(len(prompts))]
+    configs = [
+        GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop=stop, seed=seed + i)
+        for i in range(len(prompts))
+    ]
     was_training = model.training
     model.eval()
     outs = generate_tokens(model, prompts, configs, tok)
@@ -250,8 +259,18 @@ def sample_replies(model, tok, prompts: list[list[int]], cfg: PPOConfig, seed: i
 
 
 @torch.no_grad()
-def rollout(objective: PolicyWithValue, reference: Reference, scorer, tok, conversations, prompts, cfg: PPOConfig,
-            seed: int, end: int | None, device) -> Rollout:
+def rollout(
+    objective: PolicyWithValue,
+    reference: Reference,
+    scorer,
+    tok,
+    conversations,
+    prompts,
+    cfg: PPOConfig,
+    seed: int,
+    end: int | None,
+    device,
+) -> Rollout:
     """Sample replies to `prompts` and compute everything PPO's steps need (see the module docstring)."""
     replies = sample_replies(objective.model, tok, prompts, cfg, seed, end)
     rows = [Example(np.array(p + r, dtype=np.int64), np.arange(len(p) + len(r)) >= len(p)) for p, r in zip(prompts, replies)]
@@ -275,8 +294,11 @@ def rollout(objective: PolicyWithValue, reference: Reference, scorer, tok, conve
     rewards[torch.arange(len(rows), device=device), last] += shaped
     advantages, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
     batch.update(old_logp=old_logp, old_values=old_values * mask, advantages=whiten(advantages, mask), returns=returns)
-    stats = {"reward": float(scores.mean()), "kl": float(kl.sum(1).mean()),
-             "response_length": float(np.mean([len(r) for r in replies]))}
+    stats = {
+        "reward": float(scores.mean()),
+        "kl": float(kl.sum(1).mean()),
+        "response_length": float(np.mean([len(r) for r in replies])),
+    }
     return Rollout(batch, stats)
 
 
@@ -292,9 +314,11 @@ def encode_prompts(tok, items, context: int, max_new_tokens: int) -> list[list[i
     for messages, where in items:
         ids = prompt_ids(tok, messages)
         if len(ids) + max_new_tokens > context:
-            raise InputError(f"{where}: the prompt has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it needs "
-                             f"{len(ids) + max_new_tokens}, more than the model's context of {context}; shorten or drop it, "
-                             "or lower --max-new-tokens")
+            raise InputError(
+                f"{where}: the prompt has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it needs "
+                f"{len(ids) + max_new_tokens}, more than the model's context of {context}; shorten or drop it, "
+                "or lower --max-new-tokens"
+            )
         out.append(ids)
     return out
 
@@ -302,8 +326,21 @@ def encode_prompts(tok, items, context: int, max_new_tokens: int) -> list[list[i
 def evaluate(objective, reference, scorer, tok, val, cfg: PPOConfig, end, device) -> dict:
     """Mean score and KL of sampled replies to the held-out prompts, with the same seeds every time."""
     conversations, prompts = val
-    got = [rollout(objective, reference, scorer, tok, conversations[i : i + cfg.batch_size], prompts[i : i + cfg.batch_size],
-                   cfg, cfg.seed + 10**6 + i, end, device).stats for i in range(0, len(prompts), cfg.batch_size)]
+    got = [
+        rollout(
+            objective,
+            reference,
+            scorer,
+            tok,
+            conversations[i : i + cfg.batch_size],
+            prompts[i : i + cfg.batch_size],
+            cfg,
+            cfg.seed + 10**6 + i,
+            end,
+            device,
+        ).stats
+        for i in range(0, len(prompts), cfg.batch_size)
+    ]
     weights = [min(cfg.batch_size, len(prompts) - i) for i in range(0, len(prompts), cfg.batch_size)]
     return {f"val_{k}": float(np.average([g[k] for g in got], weights=weights)) for k in ("reward", "kl", "response_length")}
 
@@ -318,7 +355,7 @@ def ppo(cfg: PPOConfig, resume: bool = False) -> dict:
     from lmstack.training.reward import load_reward_model
 
     if not cfg.prompts:
-        raise InputError("no prompts; pass --prompts FILE (JSONL {\"prompt\": ...} rows or one prompt per line)")
+        raise InputError('no prompts; pass --prompts FILE (JSONL {"prompt": ...} rows or one prompt per line)')
     if not cfg.reward_model:
         raise InputError("no reward model; pass --reward-model DIR (a checkpoint of `lmstack align reward`)")
     # Everything that can fail on the user's input fails here, before the run directory exists.
@@ -344,9 +381,13 @@ def ppo(cfg: PPOConfig, resume: bool = False) -> dict:
             reference.model.to(run.device)
         val = ([conversations[i] for i in val_idx], [encoded[i] for i in val_idx])
         per_rollout = cfg.batch_size * cfg.grad_accum
-        run.begin(model.flops_per_token(), banner=(
-            f"PPO of {model.family} from {cfg.init_from} against {cfg.reward_model}; {trains}; {len(train_idx)} train / "
-            f"{len(val_idx)} held-out prompts; {per_rollout * d.world} replies per rollout, {cfg.ppo_epochs} steps each"))
+        run.begin(
+            model.flops_per_token(),
+            banner=(
+                f"PPO of {model.family} from {cfg.init_from} against {cfg.reward_model}; {trains}; {len(train_idx)} train / "
+                f"{len(val_idx)} held-out prompts; {per_rollout * d.world} replies per rollout, {cfg.ppo_epochs} steps each"
+            ),
+        )
         if val_idx and run.step == 0:
             run.log_eval(evaluate(objective, reference, scorer, tok, val, cfg, end, run.device))
         path, current = None, None
@@ -356,13 +397,27 @@ def ppo(cfg: PPOConfig, resume: bool = False) -> dict:
             if current is None or step % cfg.ppo_epochs == 0:
                 rng = np.random.default_rng([cfg.seed, step, d.rank])
                 picked = [train_idx[i] for i in rng.choice(len(train_idx), per_rollout, replace=per_rollout > len(train_idx))]
-                current = rollout(objective, reference, scorer, tok, [conversations[i] for i in picked],
-                                  [encoded[i] for i in picked], cfg, cfg.seed + 7919 * step + 104729 * d.rank, end, run.device)
+                current = rollout(
+                    objective,
+                    reference,
+                    scorer,
+                    tok,
+                    [conversations[i] for i in picked],
+                    [encoded[i] for i in picked],
+                    cfg,
+                    cfg.seed + 7919 * step + 104729 * d.rank,
+                    end,
+                    run.device,
+                )
                 fresh = current.stats
             else:
                 fresh = {}
-            result = stepper(lambda micro: rows_of(current.batch, slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)),
-                             cfg.grad_accum, lr, step)
+            result = stepper(
+                lambda micro: rows_of(current.batch, slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)),
+                cfg.grad_accum,
+                lr,
+                step,
+            )
             tokens = int(distributed.sum_((current.batch["targets"] != -100).sum(), d))
             run.end_step(result, lr, tokens, **fresh, **objective.take_stats(d))
             if val_idx and run.eval_due:

@@ -117,7 +117,11 @@ def _stale(shard_dir: Path, cfg: TrainConfig, tok) -> bool:
     m = read_manifest(shard_dir)
     sources = [{"path": str(f), "bytes": f.stat().st_size} for f in corpus_files(cfg.data)]
     return (m["sources"], m["val_fraction"], m["text_field"], m["tokenizer"]) != (
-        sources, cfg.val_fraction, cfg.text_field, tok.fingerprint())
+        sources,
+        cfg.val_fraction,
+        cfg.text_field,
+        tok.fingerprint(),
+    )
 
 
 def model_config(cfg: TrainConfig, tok=None):
@@ -194,18 +198,30 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         stepper = run.optimizer_step(objective)
 
         mlm, span, _ = objective_options(cfg)
-        common = dict(tokenizer=tok, kind=cfg.objective, block_size=cfg.block_size, seed=cfg.seed,
-                      mlm_probability=mlm.probability, noise_density=span.noise_density, mean_span=span.mean_span)
+        common = dict(
+            tokenizer=tok,
+            kind=cfg.objective,
+            block_size=cfg.block_size,
+            seed=cfg.seed,
+            mlm_probability=mlm.probability,
+            noise_density=span.noise_density,
+            mean_span=span.mean_span,
+        )
         train_batches = BatchMaker(train_shards, rows_per_step=rows, batch_size=cfg.batch_size, **common)
         val_batches = BatchMaker(val_shards, rows_per_step=cfg.batch_size, batch_size=cfg.batch_size, stream=VAL_STREAM, **common)
         has_val = val_shards.num_tokens > cfg.block_size + 1
 
         # a validation pass is a forward of one micro-batch: about a third of a training micro-batch
         eval_cost = math.ceil(cfg.eval_batches / d.world) / (3 * accum) if has_val else 0.0
-        run.begin(objective.flops_per_token(cfg.block_size), eval_cost, banner=(
-            f"{cfg.family} {objective.model.num_params():,} parameters, objective {cfg.objective}, "
-            f"{rows} × {cfg.block_size} tokens per step ({accum} micro-batch(es) of {cfg.batch_size} on each of "
-            f"{d.world} process(es))"))
+        run.begin(
+            objective.flops_per_token(cfg.block_size),
+            eval_cost,
+            banner=(
+                f"{cfg.family} {objective.model.num_params():,} parameters, objective {cfg.objective}, "
+                f"{rows} × {cfg.block_size} tokens per step ({accum} micro-batch(es) of {cfg.batch_size} on each of "
+                f"{d.world} process(es))"
+            ),
+        )
         while not run.done:
             lr = lr_at(run.step, run.cfg)
             step = run.step
@@ -217,8 +233,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 run.log_eval({"val_loss": val_loss, "val_ppl": ppl})
                 if cfg.sample_interval and run.step % cfg.sample_interval == 0 and not stepper.fsdp and cfg.objective == "clm":
                     objective.eval()
-                    run.write(f"--- sample at step {run.step} ---\n"
-                              f"{_sample(objective.model, tok, cfg.sample_tokens, run.device, cfg.seed)}\n---")
+                    run.write(
+                        f"--- sample at step {run.step} ---\n"
+                        f"{_sample(objective.model, tok, cfg.sample_tokens, run.device, cfg.seed)}\n---"
+                    )
                     objective.train()
             if run.checkpoint_due:
                 run.save(tok)

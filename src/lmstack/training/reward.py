@@ -49,11 +49,13 @@ class PreferenceConfig(AdaptConfig):
     """What the recipes on preference pairs share (`lmstack align reward`, `lmstack align dpo`)."""
 
     out_dir: str = _field("runs/align", "run directory: config, metrics, checkpoints")
-    data: list[str] = _field([], "JSONL files of {prompt, chosen, rejected} rows (prompt: a string, an hh-rlhf "
-                                 "transcript or a list of chat messages)")
+    data: list[str] = _field(
+        [], "JSONL files of {prompt, chosen, rejected} rows (prompt: a string, an hh-rlhf transcript or a list of chat messages)"
+    )
     max_length: int = _field(0, "tokens per row (prompt plus response); 0 = the model's context, at most 1024")
-    max_prompt_length: int = _field(0, "keep the last N tokens of longer prompts; 0 = a prompt that leaves no room "
-                                       "for a response is an error")
+    max_prompt_length: int = _field(
+        0, "keep the last N tokens of longer prompts; 0 = a prompt that leaves no room for a response is an error"
+    )
     skip_bad_pairs: bool = _field(False, "skip (and count) rows with an empty or missing side instead of stopping")
     max_steps: int = _field(200, "optimizer steps to train for")
     lr: float = _field(1e-5, "peak learning rate")
@@ -132,8 +134,9 @@ def load_pairs(cfg: PreferenceConfig, families: tuple[str, ...]):
     from lmstack.data.sft import split
 
     if not cfg.data:
-        raise InputError("no preference pairs; pass --data PAIRS.jsonl with rows such as "
-                         '{"prompt": "...", "chosen": "...", "rejected": "..."}')
+        raise InputError(
+            'no preference pairs; pass --data PAIRS.jsonl with rows such as {"prompt": "...", "chosen": "...", "rejected": "..."}'
+        )
     torch.manual_seed(cfg.seed)
     model, tok = load_base(cfg.init_from)
     if model.family not in families:
@@ -142,8 +145,9 @@ def load_pairs(cfg: PreferenceConfig, families: tuple[str, ...]):
     if model.family == "bert":
         frame = ([model.config.cls_token_id], [model.config.sep_token_id])
         if None in frame[0] + frame[1]:
-            raise CheckpointError(f"{cfg.init_from}: the BERT config names no [CLS] / [SEP] ids; set cls_token_id and "
-                                  "sep_token_id")
+            raise CheckpointError(
+                f"{cfg.init_from}: the BERT config names no [CLS] / [SEP] ids; set cls_token_id and sep_token_id"
+            )
     else:
         add_chat_tokens(tok)
     model, grew = fit_vocab(model, tok)
@@ -179,9 +183,14 @@ def train_reward(cfg: RewardConfig, resume: bool = False) -> dict:
         val_batches = PairBatches(val_pairs, cfg.batch_size, cfg.seed, per_step).in_order() if val_pairs else []
         for report in reports:
             run.write(str(report))
-        run.begin(encoder_flops(model, length), eval_cost=len(val_batches) / (3 * cfg.grad_accum), banner=(
-            f"{model.family} reward model from {cfg.init_from}; {trains}; {len(train_pairs)} train / {len(val_pairs)} "
-            f"held-out pairs of at most {length} tokens; {per_step} pairs per step"))
+        run.begin(
+            encoder_flops(model, length),
+            eval_cost=len(val_batches) / (3 * cfg.grad_accum),
+            banner=(
+                f"{model.family} reward model from {cfg.init_from}; {trains}; {len(train_pairs)} train / {len(val_pairs)} "
+                f"held-out pairs of at most {length} tokens; {per_step} pairs per step"
+            ),
+        )
         if val_batches and run.step == 0:
             run.log_eval(pair_metrics(objective, val_batches, stepper))
         path = None
@@ -249,14 +258,17 @@ def load_reward_model(path: str | os.PathLike, device: str = "cpu") -> RewardSco
     p = Path(path)
     meta = saved_task(p, "reward")
     if not meta or not (p / OBJECTIVE_FILE).is_file():
-        raise CheckpointError(f"{p}: not a reward model (no \"reward\" entry in trainer_state.json or no {OBJECTIVE_FILE}); "
-                              "pass a checkpoint of `lmstack align reward`")
+        raise CheckpointError(
+            f'{p}: not a reward model (no "reward" entry in trainer_state.json or no {OBJECTIVE_FILE}); '
+            "pass a checkpoint of `lmstack align reward`"
+        )
     model, tok = load_for_text(p, device)
     objective = RewardModel(model)
     head = {k.removeprefix("head."): v for k, v in load_file(str(p / OBJECTIVE_FILE)).items() if k.startswith("head.")}
     try:
         objective.head.load_state_dict(head)
     except RuntimeError as e:
-        raise CheckpointError(f"{p / OBJECTIVE_FILE}: the reward head does not fit this model "
-                              f"({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{p / OBJECTIVE_FILE}: the reward head does not fit this model ({str(e).splitlines()[0]})"
+        ) from None
     return RewardScorer(objective.to(device), tok, meta["max_length"], meta.get("max_prompt_length", 0))

@@ -135,8 +135,10 @@ class Run:
         if self.resume:
             self.ckpt = self._resume_point()
         elif checkpoint.list_checkpoints(self.dir):
-            raise InputError(f"{self.dir} already holds checkpoints; continue it with `{self.command} --resume {self.dir}` "
-                             "or pick another --out-dir")
+            raise InputError(
+                f"{self.dir} already holds checkpoints; continue it with `{self.command} --resume {self.dir}` "
+                "or pick another --out-dir"
+            )
         self.state: dict = checkpoint.read_state(self.ckpt) if self.resume else {}
         self.created = NewEntries(self.dir)
         if self.main:
@@ -151,19 +153,25 @@ class Run:
         """The newest intact checkpoint; damaged newer ones are named and set aside."""
         ckpt, damaged = checkpoint.resume_point(self.dir)
         if ckpt is None and not damaged:
-            raise CheckpointError(f"{self.dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
-                                  f"start it again with the same command (its settings are saved: `{self.command} "
-                                  f"--config {self.dir / config_mod.CONFIG_FILE}`)")
+            raise CheckpointError(
+                f"{self.dir}: the run stopped before its first checkpoint, so there is nothing to resume; "
+                f"start it again with the same command (its settings are saved: `{self.command} "
+                f"--config {self.dir / config_mod.CONFIG_FILE}`)"
+            )
         if ckpt is None:
             reasons = "; ".join(why for _, why in damaged)
-            raise CheckpointError(f"{self.dir}: no intact checkpoint to resume from ({reasons}); delete "
-                                  f"{self.dir / checkpoint.CHECKPOINTS} and start the run again with the same command")
+            raise CheckpointError(
+                f"{self.dir}: no intact checkpoint to resume from ({reasons}); delete "
+                f"{self.dir / checkpoint.CHECKPOINTS} and start the run again with the same command"
+            )
         distributed.barrier(self.d)  # every rank has chosen before any checkpoint is renamed
         if self.main:
             for bad, why in damaged:
                 aside = checkpoint.set_aside(bad)
-                self.write(f"checkpoint {bad.name} is damaged, so the run resumes from {ckpt.name} ({bad.name} is set aside "
-                           f"as {aside.name}): {why}")
+                self.write(
+                    f"checkpoint {bad.name} is damaged, so the run resumes from {ckpt.name} ({bad.name} is set aside "
+                    f"as {aside.name}): {why}"
+                )
         distributed.barrier(self.d)
         return ckpt
 
@@ -257,8 +265,17 @@ class Run:
         self.elapsed += dt
         tps = tokens / dt
         mfu = self.flops * tps / (self.peak * self.d.world) if self.peak and self.flops else None
-        self.last = {"step": self.step, "tokens": self.tokens, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                     "tokens_per_s": tps, "mfu": mfu, "skipped": not result.finite, **extra}
+        self.last = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tps,
+            "mfu": mfu,
+            "skipped": not result.finite,
+            **extra,
+        }
         self.log.log(self.last)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}")
@@ -291,17 +308,38 @@ class Run:
         """Checkpoint the step (every rank must call this: FSDP gathers shards collectively); a
         LoRA run's as an adapter directory naming its base."""
         s = self.stepper
-        state = {"tokens": self.tokens, "val_loss": self.val_loss, "best_val_loss": self.best, "elapsed_s": self.elapsed,
-                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, **extra_state}
-        path = checkpoint.save(self.dir, self.step, s.wrapped, s.objective, s.optimizer, state, tokenizer, self.d,
-                               self.device, self.cfg.keep_last, adapter_base)
+        state = {
+            "tokens": self.tokens,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best,
+            "elapsed_s": self.elapsed,
+            "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
+            **extra_state,
+        }
+        path = checkpoint.save(
+            self.dir,
+            self.step,
+            s.wrapped,
+            s.objective,
+            s.optimizer,
+            state,
+            tokenizer,
+            self.d,
+            self.device,
+            self.cfg.keep_last,
+            adapter_base,
+        )
         self.saved = True
         if self.stopping:
-            self.write(f"stopped by {self._signal().name} at step {self.step}; checkpoint {path}; "
-                       f"continue with `{self.command} --resume {self.dir}`")
+            self.write(
+                f"stopped by {self._signal().name} at step {self.step}; checkpoint {path}; "
+                f"continue with `{self.command} --resume {self.dir}`"
+            )
         elif self.out_of_time:
-            self.write(f"out of time ({self.cfg.max_minutes:g} min) at step {self.step} of {self.cfg.max_steps}; checkpoint "
-                       f"{path}; finish the schedule with `{self.command} --resume {self.dir}`")
+            self.write(
+                f"out of time ({self.cfg.max_minutes:g} min) at step {self.step} of {self.cfg.max_steps}; checkpoint "
+                f"{path}; finish the schedule with `{self.command} --resume {self.dir}`"
+            )
         self._t0 = time.perf_counter()
         return path
 
@@ -327,8 +365,10 @@ class Run:
         steps = budget.plan(self.step, cfg.max_steps, cfg.eval_interval, *agreed)
         note = " (all of --max-steps fit)" if steps == cfg.max_steps else ""
         if steps <= cfg.warmup_steps:
-            note += (f"; the warm-up ({cfg.warmup_steps} steps) does not end in time, so the learning rate never decays: "
-                     "lower --warmup-steps")
+            note += (
+                f"; the warm-up ({cfg.warmup_steps} steps) does not end in time, so the learning rate never decays: "
+                "lower --warmup-steps"
+            )
         self.write(f"budget {cfg.max_minutes:g} min: {steps} steps of ~{agreed[1]:.3g} s{note}")
         if steps == cfg.max_steps:
             return

@@ -66,8 +66,9 @@ class OptimizerStep:
         with self.autocast:
             return self.wrapped(self.to_device(batch))
 
-    def __call__(self, batch: Callable[[int], dict], accum: int, lr: float, step: int,
-                 count: Callable[[dict], torch.Tensor] | None = None) -> StepResult:
+    def __call__(
+        self, batch: Callable[[int], dict], accum: int, lr: float, step: int, count: Callable[[dict], torch.Tensor] | None = None
+    ) -> StepResult:
         """One optimizer step over micro-batches `batch(0) .. batch(accum - 1)`; `count(batch)`
         gives the tokens a micro-batch trains on (padding excluded), summed into `tokens`."""
         for group in self.optimizer.param_groups:
@@ -90,8 +91,10 @@ class OptimizerStep:
                     self.scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach().float()
         except torch.OutOfMemoryError:
-            raise InputError(f"out of memory with micro-batches of {shape} tokens; lower --batch-size (gradient "
-                             "accumulation keeps the tokens per step) or the sequence length") from None
+            raise InputError(
+                f"out of memory with micro-batches of {shape} tokens; lower --batch-size (gradient "
+                "accumulation keeps the tokens per step) or the sequence length"
+            ) from None
         loss_val = float(distributed.mean(loss_sum / accum, self.d))
         finite = math.isfinite(loss_val)
         if not finite and not self.cfg.skip_nonfinite:
@@ -100,8 +103,9 @@ class OptimizerStep:
                 f"from the last checkpoint in {self.cfg.out_dir} (--skip-nonfinite skips such steps)"
             )
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.objective.parameters() if p.requires_grad],
-                                              self.cfg.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.objective.parameters() if p.requires_grad], self.cfg.grad_clip or float("inf")
+        )
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if finite:
             self.scaler.step(self.optimizer)
