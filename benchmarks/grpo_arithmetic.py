@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/grpo-e2e"))
     ap.add_argument("--plots", type=Path, default=Path("docs/img"))
-    ap.add_argument("--minutes", type=float, nargs=3, default=[5, 2, 10], metavar=("PRETRAIN", "SFT", "GRPO"))
+    ap.add_argument("--minutes", type=float, nargs=3, default=[4, 2, 6], metavar=("PRETRAIN", "SFT", "GRPO"))
     args = ap.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
