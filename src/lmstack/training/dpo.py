@@ -188,16 +188,11 @@ def dpo(cfg: DPOConfig, resume: bool = False) -> dict:
         path = None
         while not run.done:
             lr = lr_at(run.step, run.cfg)
-            step, trained = run.step, torch.zeros((), dtype=torch.long)
-
-            def batch(micro):
-                b = train_batches.make(step, micro * d.world + d.rank)
-                trained.add_(pair_tokens(b))
-                return b
-
-            result = stepper(batch, cfg.grad_accum, lr, step)
-            tokens = int(distributed.sum_(trained.to(run.device), d))
-            run.end_step(result, lr, tokens, epoch=round(train_batches.epoch(run.step + 1), 3), **objective.take_stats(d))
+            step = run.step
+            result = stepper(
+                lambda micro: train_batches.make(step, micro * d.world + d.rank), cfg.grad_accum, lr, step, count=pair_tokens
+            )
+            run.end_step(result, lr, epoch=round(train_batches.epoch(run.step + 1), 3), **objective.take_stats(d))
             if val_batches and run.eval_due:
                 run.log_eval(held_out(objective, val_batches, stepper))
             if run.checkpoint_due:
