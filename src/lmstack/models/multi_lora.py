@@ -4,16 +4,18 @@ adapter, or none (S-LoRA / Punica's idea, in plain PyTorch).
 Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding each adapter's A [r, in] and B
 [out, r] (the scaling folded into B) in stacks [slots, in, r_max] and [slots, r_max, out], ranks
 zero-padded to the largest. Before a forward pass the caller sets each row's slot
-(`MultiLora.set_rows`, -1 = the base). Each layer then lays the U adapters present in the batch
-side by side, A as [in, U·r] and B as [U·r, out], and adds every row's update with two matrix
-products, a mask keeping only the columns of the row's own adapter:
+(`MultiLora.set_rows`, -1 = the base), and the batch's rows are grouped by adapter: `index` [U, G]
+lists the rows of each of the U adapters present (padded to the largest group G with a zero row).
+Each layer then gathers those rows, runs two batched products against the U adapters' own A and B
+and adds the result back to each row:
 
-    y = W x + bias + ((x A_U) * mask_row) B_U
+    y = W x + bias;   y[index[u]] += (x[index[u]] A_u) B_u   for each adapter u present
 
-which equals running each row on the base with its adapter alone. The work grows with the
-number of different adapters in the batch, not with the rows (gathering a matrix per row would
-read as much memory as the base weight once rows x rank reach its width), and the side-by-side
-matrices are kept until the batch's adapters change, so a decoding step mostly gathers nothing.
+which equals running each row on the base with its adapter alone. The work is each adapted row's
+own rank (Punica's SGMV, as one `bmm` per side): a base row costs nothing, and the cost does not
+grow with the number of different adapters in the batch (laying them side by side for every row
+costs U·r columns per row, 8x more for 8 cards). The batch's A and B are gathered once per change
+of its adapters, so a decoding step gathers only the activations.
 Adapters come and go at run time (`install`, `remove`); a slot freed by `remove` is reused.
 """
 
@@ -30,13 +32,17 @@ from lmstack.models.lora import adapter_updates, lora_modules
 
 
 class _Rows:
-    """The batch's adapters, shared by every layer: `slots` [U] the adapter slots present, `column`
-    [B] each row's place among them (-1: the base), and a version that tells layers to gather again."""
+    """The batch's adapters, shared by every layer: `slots` [U] the adapter slots present, `index`
+    [U, G] the rows of each (padding: row `padding`, a zero row appended to the input), `target`
+    [U·G] where each gathered row's update goes (padding adds its zeros to row 0), and a version
+    that tells layers to gather their weights again."""
 
     def __init__(self):
         self.key: tuple | None = None  # each row's slot; None: no row has an adapter
         self.slots: torch.Tensor | None = None
-        self.column: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.target: torch.Tensor | None = None
+        self.padding: int | None = None  # the zero row's number, when some group is padded
         self.version = 0
 
 
@@ -52,7 +58,7 @@ class MultiLoraLinear(nn.Linear):
         self.updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], s·B [out, r])
         self.A: torch.Tensor | None = None  # [slots, in, r]
         self.B: torch.Tensor | None = None  # [slots, r, out]
-        self._gathered: tuple | None = None  # (version, A_U, B_U, mask)
+        self._gathered: tuple | None = None  # (version, A_U, B_U)
 
     def restack(self, slots: int) -> None:
         """Stack the adapters into [slots, ...] tensors (zeros for a slot this layer has none of)."""
@@ -70,25 +76,22 @@ class MultiLoraLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.rows.key is None or self.A is None:
+        rows = self.rows
+        if rows.key is None or self.A is None:
             return y
-        A, B, mask = self._gather()
-        z = (x if x.dtype == A.dtype else x.to(A.dtype)) @ A
-        z = z.view(x.shape[0], -1, A.shape[1]).mul_(mask)  # [B, T, U·r]: each row keeps its own adapter's columns
-        if y.dtype == A.dtype:
-            return torch.addmm(y.reshape(-1, self.out_features), z.view(-1, A.shape[1]), B).view_as(y)
-        return y + (z @ B).view_as(y).to(y.dtype)
+        A, B = self._gather()
+        flat = x.reshape(x.shape[0], -1)  # [rows, T·in]
+        if rows.padding is not None:
+            flat = F.pad(flat, (0, 0, 0, 1))
+        xs = flat[rows.index].view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
+        update = torch.bmm(torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A), B)  # [U, G·T, out]
+        y.view(x.shape[0], -1).index_add_(0, rows.target, update.view(rows.target.shape[0], -1).to(y.dtype))
+        return y
 
-    def _gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's adapters side by side: A [in, U·r], B [U·r, out], mask [B, 1, U·r]."""
+    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's adapters: A [U, in, r], B [U, r, out]."""
         if self._gathered is None or self._gathered[0] != self.rows.version:
-            slots, column = self.rows.slots, self.rows.column
-            r = self.A.shape[2]
-            A = self.A[slots].permute(1, 0, 2).reshape(self.in_features, -1)
-            B = self.B[slots].reshape(-1, self.out_features)
-            place = torch.arange(len(slots), device=column.device).repeat_interleave(r)
-            mask = (column[:, None] == place).to(A.dtype)[:, None]
-            self._gathered = (self.rows.version, A, B, mask)
+            self._gathered = (self.rows.version, self.A[self.rows.slots], self.B[self.rows.slots])
         return self._gathered[1:]
 
 
@@ -164,8 +167,17 @@ class MultiLora:
             return
         self.rows.key = key
         self.rows.version += 1
-        if key is not None:
-            device = next(self.model.parameters()).device
-            present = sorted({s for s in key if s >= 0})
-            self.rows.slots = torch.tensor(present, device=device)
-            self.rows.column = torch.tensor([present.index(s) if s >= 0 else -1 for s in key], device=device)
+        if key is None:
+            return
+        groups: dict[int, list[int]] = {}
+        for row, slot in enumerate(key):
+            if slot >= 0:
+                groups.setdefault(slot, []).append(row)
+        width = max(map(len, groups.values()))
+        pad = len(key)  # the zero row forward appends to its input
+        index = [groups[s] + [pad] * (width - len(groups[s])) for s in sorted(groups)]
+        device = next(self.model.parameters()).device
+        self.rows.slots = torch.tensor(sorted(groups), device=device)
+        self.rows.index = torch.tensor(index, device=device)
+        self.rows.target = torch.tensor([0 if r == pad else r for group in index for r in group], device=device)
+        self.rows.padding = pad if any(len(g) < width for g in groups.values()) else None
