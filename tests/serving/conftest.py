@@ -1,10 +1,6 @@
-"""A live `lmstack serve` for the tests: a tiny random GPT with a character tokenizer and the chat
-roles, saved as a checkpoint, served by uvicorn in a thread on a free port of 127.0.0.1."""
-
-import contextlib
-import socket
-import threading
-import time
+"""What the serving tests share: a tiny random GPT with a character tokenizer and the chat roles,
+and persona cards for it. The tests serve it live on 127.0.0.1 through `lmstack.serving.app`'s own
+`serve_in_thread` / `background` (uvicorn in a thread, on a free port)."""
 
 import pytest
 import torch
@@ -26,33 +22,6 @@ def tiny_gpt(seed: int = 0, block_size: int = 64):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32)).eval()
     return model, tok
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(app):
-    """Serve `app` on 127.0.0.1 (a real socket) until the block ends; yields the base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def make_card(base_dir, model, out_dir, name: str, system: str, seed: int = 1):

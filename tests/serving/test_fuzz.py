@@ -5,9 +5,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from lmstack.generation.scheduler import Scheduler
-from lmstack.serving.app import create_app
+from lmstack.serving.app import create_app, serve_in_thread
 
-from .conftest import make_card, running, tiny_gpt
+from .conftest import make_card, tiny_gpt
 
 schemathesis = pytest.importorskip("schemathesis", reason="the fuzz test needs schemathesis (the test extra)")
 
@@ -19,7 +19,7 @@ def api_schema(tmp_path_factory):
     model.save(root / "tiny", tok)
     make_card(root / "tiny", model, root / "cards" / "pirate", "pirate", "You are a pirate.")
     app = create_app(model, tok, Scheduler(model, tok, max_batch=8), name="tiny", cards_dir=root / "cards")
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         yield schemathesis.openapi.from_url(url + "/openapi.json")
 
 

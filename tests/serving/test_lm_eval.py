@@ -8,9 +8,9 @@ import pytest
 
 from lmstack.generation.scheduler import Scheduler
 from lmstack.models.checkpoint import load_for_text
-from lmstack.serving.app import create_app
+from lmstack.serving.app import create_app, serve_in_thread
 
-from .conftest import running, tiny_gpt
+from .conftest import tiny_gpt
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (the test extra)")
@@ -45,7 +45,7 @@ def test_local_completions_equals_lmstack_eval_harness(tmp_path, lmstack_cli, mo
     )["results"]["lmstack_serve_toy"]
     served, served_tok = load_for_text(tmp_path / "tiny")
     app = create_app(served, served_tok, Scheduler(served, served_tok, max_batch=8), name="tiny")
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         out = lm_eval.simple_evaluate(
             model="local-completions",
             model_args=f"model=tiny,base_url={url}/v1/completions",

@@ -14,9 +14,9 @@ from lmstack.generation import GenerationConfig, generate_tokens
 from lmstack.generation.engine import encode_prompt
 from lmstack.generation.scheduler import Scheduler
 from lmstack.models.checkpoint import load_for_text
-from lmstack.serving.app import create_app
+from lmstack.serving.app import background, create_app, serve_in_thread
 
-from .conftest import make_card, running, tiny_gpt
+from .conftest import make_card, tiny_gpt
 
 openai = pytest.importorskip("openai")
 types = pytest.importorskip("openai.types")
@@ -64,7 +64,7 @@ def served(workdir):
         api_key=KEY,
         max_queue=1000,
     )
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         yield url, model, tok, app
 
 
@@ -184,15 +184,20 @@ def test_raw_json_follows_the_schema(served):
     types.Model.model_validate(models["data"][0])
 
 
-def test_echo_logprobs_equal_lmstack_score(served, checkpoint, lmstack_cli):
-    """What lm-evaluation-harness's loglikelihood requests read: echo + logprobs + max_tokens 0."""
+@pytest.mark.parametrize("card", [None, "pirate"])
+def test_echo_logprobs_equal_lmstack_score(served, workdir, lmstack_cli, tmp_path, card):
+    """What lm-evaluation-harness's loglikelihood requests read: echo + logprobs + max_tokens 0; for
+    a card, what `lmstack score` says of the card merged into the base (`lmstack lora merge`)."""
     url, model, tok, _ = served
+    checkpoint = workdir[0] / "tiny"
+    if card is not None:
+        lmstack_cli("lora", "merge", "--adapter", workdir[0] / "cards" / card, "--out", tmp_path / "merged")
+        checkpoint = tmp_path / "merged"
     text = "the cat sat on the mat"
     want = json.loads(lmstack_cli("score", "--model", checkpoint, "--prompt", text, "--top", "3", "--json"))
     ids = [tok.eot_id, *tok.encode(text)]  # what `lmstack score` scores the text after
-    raw = post(
-        url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3, "temperature": 0}
-    ).json()
+    body = {"model": card or "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3, "temperature": 0}
+    raw = post(url, "/v1/completions", body).json()
     lp = raw["choices"][0]["logprobs"]
     assert raw["choices"][0]["text"] == tok.decode(ids)
     assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
@@ -201,10 +206,11 @@ def test_echo_logprobs_equal_lmstack_score(served, checkpoint, lmstack_cli):
     assert sum(lp["token_logprobs"][1:]) == pytest.approx(want["logprob"], abs=1e-4)
     for top, t in zip(lp["top_logprobs"][1:], want["tokens"]):
         assert list(top.values()) == pytest.approx([a["logprob"] for a in t["top"]], abs=1e-5)
+    if card is not None:  # the card changes the scores, so the check above is not vacuous
+        base = post(url, "/v1/completions", {**body, "model": "tiny"}).json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert max(abs(a - b) for a, b in zip(base[1:], lp["token_logprobs"][1:])) > 1e-3
     # echo with generated tokens: the prompt's entries come first, then one per new token
-    raw = post(
-        url, "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 2, "echo": True, "logprobs": 1, "temperature": 0}
-    ).json()
+    raw = post(url, "/v1/completions", {**body, "max_tokens": 2, "logprobs": 1}).json()
     assert len(raw["choices"][0]["logprobs"]["tokens"]) == len(ids) + 2
 
 
@@ -250,7 +256,7 @@ def test_queue_full_is_429(checkpoint):
     model, tok = load_for_text(checkpoint)
     app = create_app(model, tok, Scheduler(model, tok, max_batch=1), name="tiny", max_queue=1)
     engine = app.state.server.engine
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         with engine.model_lock:  # the worker cannot step: the first request waits in the queue
             first = ThreadPoolExecutor(1).submit(post, url, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
             while not engine.scheduler.queued:
@@ -267,7 +273,7 @@ def test_disconnect_cancels_the_request(checkpoint):
     real_cancel = scheduler.cancel
     scheduler.cancel = lambda rid: (cancelled.append(rid), real_cancel(rid))
     app = create_app(model, tok, scheduler, name="tiny")
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         with app.state.server.engine.model_lock:  # no step runs: the request cannot finish on its own
             r = requests.post(
                 url + "/v1/completions",
@@ -385,3 +391,21 @@ def test_cards_are_listed_served_and_hot_loaded(served, workdir):
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="sailor", messages=messages, max_tokens=2)
     error_body(post(url, "/v1/unload_lora_adapter", {"lora_name": "sailor"}), 404)
+
+
+def test_background_serves_a_checkpoint_and_its_cards_until_the_block_ends(workdir, tmp_path):
+    """`background`: `lmstack serve` in this process, as `lmstack quickstart --assistant` uses it."""
+    root, _ = workdir
+    model, tok = load_for_text(root / "tiny")
+    adapted = make_card(root / "tiny", model, tmp_path / "cards" / "pirate", "pirate", PIRATE)
+    threads = set(threading.enumerate())
+    with background(root / "tiny", cards_dir=tmp_path / "cards", api_key=KEY, max_batch=4) as url:
+        c = client(url)
+        assert {m.id: m.parent for m in c.models.list().data} == {"tiny": None, "pirate": "tiny"}
+        messages = [{"role": "user", "content": "ahoy"}]
+        got = c.chat.completions.create(model="pirate", messages=messages, max_tokens=8, temperature=0)
+        want = chat_reference(adapted, tok, [{"role": "system", "content": PIRATE}, *messages], 8)
+        assert got.choices[0].message.content == want.text
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/health", timeout=5)
+    assert not [t.name for t in set(threading.enumerate()) - threads if t.name.startswith("lmstack-")]

@@ -10,9 +10,9 @@ import pytest
 from lmstack.data.chat import prompt_ids, turn_end_id
 from lmstack.generation import GenerationConfig, generate_tokens
 from lmstack.generation.scheduler import Scheduler
-from lmstack.serving.app import create_app
+from lmstack.serving.app import create_app, serve_in_thread
 
-from .conftest import make_card, running, tiny_gpt
+from .conftest import make_card, tiny_gpt
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (the test extra)")
 
@@ -68,7 +68,7 @@ def test_chat_page_streams_replies_and_switches_cards(tmp_path, browser):
 
     scheduler.step = slow_step
     app = create_app(model, tok, scheduler, name="tiny", cards={"pirate": tmp_path / "cards" / "pirate"})
-    with running(app) as url:
+    with serve_in_thread(app) as url:
         browser.get(url + "/")
         wait_for(lambda: len(Select(browser.find_element(By.ID, "model")).options) == 2)
         browser.find_element(By.ID, "temperature").clear()

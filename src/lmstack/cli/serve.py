@@ -37,11 +37,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def parse_cards(specs: list[str], cards_dir: str | None) -> dict[str, Path]:
-    """{name: card directory} from the cards inside --cards-dir (each under its card.json name) and --card NAME=DIR."""
-    from lmstack.serving.cards import list_cards
-
-    cards = {card.name: card.path for card in list_cards(cards_dir)} if cards_dir is not None else {}
+def parse_cards(specs: list[str]) -> dict[str, Path]:
+    """{name: card directory} from --card NAME=DIR."""
+    cards = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
@@ -55,29 +53,22 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError:
         raise InputError("serving needs FastAPI and uvicorn; install them with pip install 'lmstack[serve]'") from None
-    from lmstack.generation.scheduler import Scheduler
-    from lmstack.models.checkpoint import load_for_text
-    from lmstack.serving.app import create_app
+    from lmstack.serving.app import build_app
 
     for flag, value in (("--max-batch", args.max_batch), ("--port", args.port)):
         if value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
-    if args.max_queue < 0:
-        raise InputError(f"--max-queue must be >= 0, got {args.max_queue}")
-    cards = parse_cards(args.card, args.cards_dir)
-    model, tokenizer = load_for_text(args.model, args.device)
-    scheduler = Scheduler(model, tokenizer, max_batch=args.max_batch)
-    name = args.name or Path(args.model).resolve().name
-    app = create_app(
-        model,
-        tokenizer,
-        scheduler,
-        name=name,
-        cards=cards,
+    app = build_app(
+        args.model,
+        cards=parse_cards(args.card),
         cards_dir=args.cards_dir,
+        name=args.name,
         api_key=args.api_key,
+        max_batch=args.max_batch,
         max_queue=args.max_queue,
+        device=args.device,
     )
-    print(f"serving {name} ({len(cards)} cards) on http://{args.host}:{args.port}/ (API at /v1)", flush=True)
+    server = app.state.server
+    print(f"serving {server.name} ({len(server.cards)} cards) on http://{args.host}:{args.port}/ (API at /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -26,7 +26,8 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -262,8 +263,10 @@ class Scheduler:
     # --- the step -----------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        """Admit queued requests that fit (their prompts read in one pass), choose the next token
-        of every active row, retire the finished rows and run the forward pass for the rest."""
+        """Feed the running rows their last tokens (one forward pass), admit queued requests that
+        fit (their prompts read in one pass), choose the next token of every active row and retire
+        the finished ones. The forward pass comes first, so a step returns its tokens as soon as
+        they are chosen: a new request's first token costs its prefill, not a decoding step more."""
         with self._step_lock:
             with self._lock:
                 cancelled, self._cancelled = self._cancelled, set()
@@ -274,13 +277,14 @@ class Scheduler:
                 row.finish_reason = "cancelled"
             events = [_finish_event(r, i, row) for r in dropped for i, row in enumerate(r.rows)]
             events += self._cancel_running(cancelled)
-            events += self._admit(admitted)
-            for cohort in self._cohorts:
-                events += self._choose(cohort)
             self._retire()
             self._free_unloaded()
             for cohort in self._cohorts:
                 self._forward(cohort)
+            events += self._admit(admitted)
+            for cohort in self._cohorts:
+                events += self._choose(cohort)
+            self._retire()
             return events
 
     def _take_admissible(self) -> list[_Request]:
@@ -439,6 +443,17 @@ class Scheduler:
                 raise InputError(f"no adapter named {name!r} is loaded (loaded: {sorted(self._slots)})")
             self._unloading.add(self._slots.pop(name))
             del self._paths[name]
+
+    @contextmanager
+    def adapted(self, adapter: str | None = None) -> Iterator:
+        """The model as requests for `adapter` (a loaded adapter's name; None: the base) see it,
+        for a call of its batch view on one sequence (scoring a text: `evaluation.scoring`), between
+        steps: the block holds the step lock, and the next step sets its rows' adapters again."""
+        with self._step_lock:
+            with self._lock:
+                slot = -1 if adapter is None else self._slot(adapter)
+            self._set_adapters([slot])
+            yield self.model
 
     @property
     def adapters(self) -> dict[str, Path]:

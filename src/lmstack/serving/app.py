@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import http.client
 import json
 import secrets
+import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,7 +213,8 @@ class Engine:
     """Owns the scheduler: one worker thread steps it while it is busy; handlers add and cancel
     requests and receive each step's events on an asyncio queue. `lock` guards the listeners (a
     request is added and its listener registered at once, so no event is missed); `model_lock` is
-    held around every model call (a step, or scoring a prompt for echo), which never overlap."""
+    held around every step, so whoever holds it pauses the decoding (scoring a prompt for echo
+    goes through `scheduler.adapted`, which waits for the step in progress by itself)."""
 
     def __init__(self, scheduler, max_queue: int):
         self.scheduler, self.max_queue = scheduler, max_queue
@@ -421,18 +426,19 @@ def _prompts(server: Server, prompt) -> list[list[int]]:
     return [server.check_ids(encode_prompt(server.tokenizer, p) if isinstance(p, str) else list(p)) for p in prompt]
 
 
-def _echo_logprobs(server: Server, ids: list[int], top: int) -> list[tuple[float | None, list]]:
+def _echo_logprobs(server: Server, ids: list[int], top: int, adapter: str | None) -> list[tuple[float | None, list]]:
     """(log p(token | tokens before it), the `top` likeliest there) for each prompt token; the first
-    token has no context, so None (OpenAI's convention). Computed by lmstack's scoring on the base model."""
+    token has no context, so None (OpenAI's convention). Computed by lmstack's scoring, on the base
+    with the request's card (between decoding steps: the worker shares the model)."""
     from lmstack.evaluation.scoring import token_scores
 
     if len(ids) < 2:
         return [(None, [])]
-    with server.engine.model_lock:  # the worker shares the model
-        lora = getattr(server.engine.scheduler, "_lora", None)
-        if lora is not None:  # the last step's per-row cards; the scheduler sets them again before its next forward
-            lora.set_rows(None)
-        scores = token_scores(server.model, ids, start=1, top=max(top, 1))
+    try:
+        with server.engine.scheduler.adapted(adapter) as model:
+            scores = token_scores(model, ids, start=1, top=max(top, 1))
+    except InputError as e:  # the card was unloaded since the request named it
+        raise ApiError(404, str(e), "model", "model_not_found") from None
     return [(None, []), *((s.logprob, s.top[:top]) for s in scores)]
 
 
@@ -524,6 +530,97 @@ def create_app(
     _add_routes(app, server)
     app.router.on_shutdown.append(server.engine.close)
     return app
+
+
+def build_app(
+    model_dir: str | Path,
+    cards: dict[str, Path] | None = None,
+    cards_dir: str | Path | None = None,
+    name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    device: str = "cpu",
+) -> FastAPI:
+    """The app `lmstack serve` runs: the checkpoint in `model_dir` (served as `name`, by default its
+    folder's name) on a scheduler of `max_batch` rows, with every card inside `cards_dir` (each under
+    the name in its card.json) and `cards` ({name: card directory}) loaded."""
+    from lmstack.generation.scheduler import Scheduler
+    from lmstack.models.checkpoint import load_for_text
+    from lmstack.serving.cards import list_cards
+
+    if max_queue < 0:
+        raise InputError(f"max_queue (--max-queue) must be >= 0, got {max_queue}")
+    found = {card.name: card.path for card in list_cards(cards_dir)} if cards_dir is not None else {}
+    found.update(cards or {})  # before loading the model: a wrong folder fails fast
+    model, tokenizer = load_for_text(model_dir, device)
+    scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
+    name = name or Path(model_dir).resolve().name
+    return create_app(
+        model, tokenizer, scheduler, name=name, cards=found, cards_dir=cards_dir, api_key=api_key, max_queue=max_queue
+    )
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a thread of this process until the block ends; yields the base
+    URL (`http://host:port`; port 0 takes a free one) once /health answers. On exit the server
+    stops and its decoding worker ends."""
+    import uvicorn
+
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); pick another port, or 0 for a free one") from None
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmstack-http", daemon=True)
+    thread.start()
+    port = sock.getsockname()[1]
+    url = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(host, port):
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise LmstackError(f"the server at {url} did not start within {timeout:.0f} s; see the log above")
+            time.sleep(0.02)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+
+
+@contextlib.contextmanager
+def background(
+    model_dir: str | Path,
+    cards_dir: str | Path | None = None,
+    cards: dict[str, Path] | None = None,
+    name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 32,
+    max_queue: int = 256,
+    device: str = "cpu",
+    host: str = "127.0.0.1",
+    port: int = 0,
+) -> Iterator[str]:
+    """`lmstack serve` inside this process, in a thread (`build_app`, then `serve_in_thread`) until
+    the block ends; yields the base URL. The OpenAI client takes `base_url=url + "/v1"`; a request's
+    `model` picks the base by its served name and a card by its card.json name (see /v1/models)."""
+    app = build_app(model_dir, cards, cards_dir, name, api_key, max_batch, max_queue, device)
+    with serve_in_thread(app, host, port) as url:
+        yield url
+
+
+def _healthy(host: str, port: int) -> bool:
+    """Whether the server answers GET /health (straight to the socket: no proxy settings apply)."""
+    connection = http.client.HTTPConnection(host, port, timeout=1)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
 
 def _install_middleware(app: FastAPI, server: Server) -> None:
@@ -639,12 +736,6 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     config = body.config(max_tokens)
     top = body.logprobs or 0
-    if body.echo and adapter is not None and body.logprobs is not None:
-        raise ApiError(
-            400,
-            f"prompt log-probabilities (echo with logprobs) are computed on the base model only; ask the model {server.name!r}",
-            "echo",
-        )
     if body.stream and body.echo:
         raise ApiError(400, "echo is not supported with stream; drop one of them", "echo")
     for p in prompts:
@@ -659,7 +750,9 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     results = await asyncio.gather(*(_collect(server, request, p, config, body.n, adapter, top, started) for p in prompts))
     choices, completion_tokens = [], 0
     for i, (prompt, samples) in enumerate(zip(prompts, results)):
-        echo = await asyncio.to_thread(_echo_logprobs, server, prompt, top) if body.echo and body.logprobs is not None else None
+        echo = None
+        if body.echo and body.logprobs is not None:
+            echo = await asyncio.to_thread(_echo_logprobs, server, prompt, top, adapter)
         for j, s in enumerate(samples):
             completion_tokens += len(s["tokens"])
             text = (server.tokenizer.decode(prompt) if body.echo else "") + s["text"]
