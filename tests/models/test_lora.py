@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmstack.errors import CheckpointError, InputError
 from lmstack.models import checkpoint, lora
@@ -140,6 +141,44 @@ def test_only_adapters_train(tmp_path):
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
     # A state dict still reads the base weights under their own names.
     assert "blocks.0.attn.q.weight" in model.state_dict() and "blocks.0.attn.q.lora_A" in model.state_dict()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_layer_gradients_equal_autograds_through_the_plain_expression(dropout):
+    """The adapter layer's hand-written backward against autograd through y = x Wᵀ + b + s·B A x'
+    (same dropout mask: same seed), for every input, a trainable base weight and bias included."""
+    torch.manual_seed(0)
+    layer = lora.LoraLinear(torch.nn.Linear(6, 5).double(), r=3, scaling=1.5, dropout=dropout).train()
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
+    params = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B)
+    torch.manual_seed(1)
+    got = torch.autograd.grad(layer(x).square().sum(), params)
+    torch.manual_seed(1)
+    xd = layer.lora_dropout(x)
+    plain = F.linear(x, layer.weight, layer.bias) + 1.5 * F.linear(F.linear(xd, layer.lora_A), layer.lora_B)
+    for g, w in zip(got, torch.autograd.grad(plain.square().sum(), params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_training_gradients_equal_pefts(tmp_path):
+    """One loss, backward on both sides: every adapter matrix gets PEFT's gradient."""
+    model, base_dir, hf_dir = _gpt(tmp_path, "llama-gqa")
+    lora.attach(model, lora.LoraConfig(r=4, alpha=8))
+    _randomise(model)
+    lora.save_adapter(model, tmp_path / "adapter", base_dir)
+    ref = peft.PeftModel.from_pretrained(_hf(hf_dir), tmp_path / "adapter", is_trainable=True).train()
+    model.train()
+    F.cross_entropy(model(X)[:, :-1].flatten(0, 1), X[:, 1:].flatten()).backward()
+    ref(X, labels=X).loss.backward()  # transformers shifts the labels itself
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+    names |= {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    for path, m in lora.lora_modules(model).items():
+        _, layer, _, where = path.split(".")
+        theirs = ref.get_submodule(f"base_model.model.model.layers.{layer}.{names[where]}")
+        assert m.lora_A.grad.abs().max() > 0 and m.lora_B.grad.abs().max() > 0
+        torch.testing.assert_close(m.lora_A.grad, theirs.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.lora_B.grad, theirs.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_dropout_acts_on_the_adapter_input_in_train_mode(tmp_path):

@@ -150,9 +150,34 @@ def rope_tables(length: int, head_dim: int, theta: float, scaling: dict | None =
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each feature pair of x [B, H, T, hd] by its position's angle (cos/sin are [T, hd])."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate each feature pair of x [B, H, T, hd] by its position's angle (cos/sin are [T, hd],
+    or [B, 1, T, hd] per row): x·cos + rotate_half(x)·sin."""
+    return _Rope.apply(x, cos, sin)
+
+
+class _Rope(torch.autograd.Function):
+    """RoPE in three passes (a product, then two half-width multiply-adds) instead of the six of
+    `x * cos + cat(-x2, x1) * sin`; its gradient is the rotation by the opposite angle, the same
+    three passes."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x·cos + sign · rotate_half(x)·sin, where rotate_half(x) = (-x2, x1)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-sign)
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:], value=sign)
+    return out
 
 
 # --- layers -------------------------------------------------------------------------------
@@ -161,8 +186,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def make_norm(cfg: GPTConfig, dim: int | None = None) -> nn.Module:
     """The config's norm over `dim` features (default n_embd)."""
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(dim or cfg.n_embd, eps=cfg.norm_eps)
+        return RMSNorm(dim or cfg.n_embd, eps=cfg.norm_eps)
     return nn.LayerNorm(dim or cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameter, same function) whose float32/64 CPU pass runs `_RMSNormFn`:
+    torch's CPU rms_norm is composed of elementwise operations, and autograd's backward through them
+    reads and writes the activations about ten times. Elsewhere (CUDA has a fused kernel; half
+    precision wants its float32 statistics) torch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or self.weight is None
+            or self.weight.dtype != x.dtype
+        ):
+            return super().forward(x)
+        return _RMSNormFn.apply(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = x · r · w with r = 1/sqrt(mean(x²) + eps) per row; with x̂ = x·r and u = g·w, the
+    gradient is dx = r · (u - x̂ · mean(u · x̂)) and dw = Σ g · x̂ over rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return (x * r).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, r = ctx.saved_tensors
+        xhat = x * r
+        u = grad * weight
+        dx = torch.addcmul(u, xhat, torch.linalg.vecdot(u, xhat).div_(x.shape[-1]).unsqueeze(-1), value=-1).mul_(r)
+        dw = (grad * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
 # --- which keys a query sees --------------------------------------------------------------

@@ -145,14 +145,16 @@ class LoraLinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if self.merged:
-            return y
-        z = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # [..., r]
-        if z.dtype != y.dtype:  # a half-precision base with float32 adapters
-            return y + (F.linear(z, self.lora_B) * self.scaling).to(y.dtype)
-        # y + z (s·B)ᵀ in one matrix product that accumulates into y
-        return torch.addmm(y.flatten(0, -2), z.flatten(0, -2), self.lora_B.t(), alpha=self.scaling).view_as(y)
+            return F.linear(x, self.weight, self.bias)
+        # With p = 0 (or in eval) the adapter reads x itself, which lets the backward fold both paths into one gradient.
+        xd = self.lora_dropout(x) if self.training and self.lora_dropout.p else None
+        if x.dtype == self.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            return _LoraLinearFn.apply(x, xd, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        # A half-precision base with float32 adapters, or autocast: the adapter in its own precision, as PEFT does.
+        y = F.linear(x, self.weight, self.bias)
+        z = F.linear((x if xd is None else xd).to(self.lora_A.dtype), self.lora_A)  # [..., r]
+        return y + (F.linear(z, self.lora_B) * self.scaling).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         """The update to `weight` that the adapter computes: scaling · B A."""
@@ -166,6 +168,49 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}"
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x' Aᵀ) Bᵀ (x' = dropout(x), or x itself when `xd` is None) with its
+    backward written out. Autograd's own version of the same expression copies y to add the
+    adapter's product, and sums the input's gradient from the two paths in a separate pass; here
+    the adapter's product accumulates into y, and its input gradient (s · g B) A into g W, in
+    place. Gradients are made only for what requires them (a frozen W gets none)."""
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, lora_A, lora_B, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = None if xd is None else xd.reshape(-1, xd.shape[-1])
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        z = (x2 if xd2 is None else xd2) @ lora_A.t()  # [N, r]
+        y.addmm_(z, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xd2, weight, lora_A, lora_B, z)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, xd2, weight, lora_A, lora_B, z = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        gz = (g @ lora_B).mul_(ctx.scaling) if need_x or need_xd or need_a else None  # d loss / d z
+        dx = dxd = None
+        if need_x:
+            dx = g @ weight
+            if xd2 is None:
+                dx.addmm_(gz, lora_A)
+            dx = dx.view(ctx.x_shape)
+        if need_xd:
+            dxd = (gz @ lora_A).view(ctx.x_shape)
+        return (
+            dx,
+            dxd,
+            g.t() @ x2 if need_w else None,
+            g.sum(0) if need_b else None,
+            gz.t() @ (x2 if xd2 is None else xd2) if need_a else None,
+            (g.t() @ z).mul_(ctx.scaling) if need_bb else None,
+            None,
+        )
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
