@@ -96,3 +96,25 @@ def test_rows_and_files(tmp_path, lmstack_cli):
 def test_bad_requests_say_what_to_change(kwargs, message):
     with pytest.raises(InputError, match=message):
         arithmetic.generate(**kwargs)
+
+
+def test_direct_share_answers_a_seeded_share_at_once(tmp_path, lmstack_cli):
+    """--direct-share: that share of sft/text rows is the bare answer line, the rest keep the steps."""
+    out = tmp_path / "sft.jsonl"
+    lmstack_cli("align", "tasks", "--out", out, "--n", 40, "--level", 2, "--format", "sft", "--seed", 3, "--direct-share", 0.25)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    problems = arithmetic.generate(40, seed=3, levels=(2,))
+    direct = [r["response"] == f"Answer: {p.answer}" for r, p in zip(rows, problems)]
+    assert sum(direct) == 10
+    assert all(r["response"] == p.response for r, p, d in zip(rows, problems, direct) if not d)
+    assert all(extract_answer(r["response"]) == p.answer for r, p in zip(rows, problems))
+    again = tmp_path / "again.jsonl"
+    lmstack_cli("align", "tasks", "--out", again, "--n", 40, "--level", 2, "--format", "sft", "--seed", 3, "--direct-share", 0.25)
+    assert again.read_text() == out.read_text()  # the same rows answer at once
+    text = tmp_path / "pre.txt"
+    arithmetic.write(text, problems, "text", direct_share=1.0)
+    assert text.read_text() == "".join(f"{p.question}\nAnswer: {p.answer}\n\n" for p in problems)
+    with pytest.raises(InputError, match="in \\[0, 1\\]"):
+        arithmetic.write(text, problems, "sft", direct_share=1.5)
+    with pytest.raises(InputError, match="sft and text rows"):
+        arithmetic.write(text, problems, "task", direct_share=0.5)

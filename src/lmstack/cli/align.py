@@ -125,6 +125,13 @@ def register(sub) -> None:
     t.add_argument("--split", choices=("train", "test", "all"), default="train", help="split (default: train)")
     t.add_argument("--format", choices=("task", "sft", "text"), default="task", help="row format (default: task)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument(
+        "--direct-share",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="sft/text rows: this share answers at once ('Answer: N', no steps), as data from mixed sources (default: 0)",
+    )
     t.set_defaults(func=cmd_tasks)
     p = group.add_parser(
         "score-reward",
@@ -164,6 +171,8 @@ def cmd_tasks(args) -> int:
     from lmstack.data.arithmetic import generate, write
 
     problems = generate(args.n, seed=args.seed, lang=args.lang, levels=args.level, split=args.split)
-    write(args.out, problems, args.format)
-    print(f"wrote {len(problems)} {args.split} problems ({args.lang}, levels {args.level}) as {args.format} to {args.out}")
+    write(args.out, problems, args.format, args.direct_share, args.seed)
+    what = f"{len(problems)} {args.split} problems ({args.lang}, levels {args.level})"
+    direct = f", {args.direct_share:g} answered at once," if args.direct_share else ""
+    print(f"wrote {what} as {args.format}{direct} to {args.out}")
     return 0

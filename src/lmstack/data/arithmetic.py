@@ -14,6 +14,9 @@ paraphrase of its question, for measuring prompt sensitivity (`lmstack eval cot`
 Rows: `task_row` {question, solution, answer, lang, level, paraphrases}; `sft_row` {prompt,
 response} with the response the worked steps then "Answer: N" (what `lmstack finetune` reads);
 `text_row`: question and response as plain text (pretraining). `lmstack align tasks` writes them.
+`write(..., direct_share=s)` gives a share s of the sft/text rows the bare "Answer: N" instead of
+the steps: data from mixed sources, so a model taught on it sometimes answers at once (and is
+mostly wrong beyond one step), which is the behaviour RL on verifiable answers learns to drop.
 """
 
 from __future__ import annotations
@@ -54,7 +57,12 @@ class Problem:
     @property
     def response(self) -> str:
         """What a model is taught to write: the steps, then the answer line."""
-        return f"{self.solution}\nAnswer: {self.answer}"
+        return f"{self.solution}\n{self.direct_response}"
+
+    @property
+    def direct_response(self) -> str:
+        """The answer line alone, without the steps."""
+        return f"Answer: {self.answer}"
 
 
 def task_row(p: Problem) -> dict:
@@ -68,12 +76,12 @@ def task_row(p: Problem) -> dict:
     }
 
 
-def sft_row(p: Problem) -> dict:
-    return {"prompt": p.question, "response": p.response}
+def sft_row(p: Problem, direct: bool = False) -> dict:
+    return {"prompt": p.question, "response": p.direct_response if direct else p.response}
 
 
-def text_row(p: Problem) -> str:
-    return f"{p.question}\n{p.response}\n\n"
+def text_row(p: Problem, direct: bool = False) -> str:
+    return f"{p.question}\n{p.direct_response if direct else p.response}\n\n"
 
 
 # --- one problem -----------------------------------------------------------------------------
@@ -183,13 +191,25 @@ def generate(n: int, seed: int = 0, lang: str = "en", levels=LEVELS, split: str 
     )
 
 
-def write(path: str | os.PathLike, problems: list[Problem], fmt: str = "task") -> None:
-    """Write problems as task rows, SFT rows (JSONL) or pretraining text, atomically."""
+def direct_rows(n: int, share: float, seed: int = 0) -> set[int]:
+    """Which of n rows answer at once: round(share * n) of them, chosen by the seed."""
+    if not 0.0 <= share <= 1.0:
+        raise InputError(f"the share of direct answers must be in [0, 1], got {share}")
+    return set(random.Random(f"direct-{seed}").sample(range(n), round(share * n)))
+
+
+def write(path: str | os.PathLike, problems: list[Problem], fmt: str = "task", direct_share: float = 0.0, seed: int = 0) -> None:
+    """Write problems as task rows, SFT rows (JSONL) or pretraining text, atomically; a share
+    `direct_share` of the sft/text rows (chosen by `seed`) answer at once, without the steps."""
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+    if direct_share and fmt == "task":
+        raise InputError("--direct-share applies to sft and text rows; task rows keep the solution and the answer apart")
+    direct = direct_rows(len(problems), direct_share, seed)
     with atomic_write(path) as f:
-        for p in problems:
+        for k, p in enumerate(problems):
             if fmt == "text":
-                f.write(text_row(p))
+                f.write(text_row(p, k in direct))
             else:
-                f.write(json.dumps(task_row(p) if fmt == "task" else sft_row(p), ensure_ascii=False) + "\n")
+                row = task_row(p) if fmt == "task" else sft_row(p, k in direct)
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
