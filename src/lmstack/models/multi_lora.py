@@ -2,14 +2,14 @@
 adapter, or none (S-LoRA / Punica's idea, in plain PyTorch).
 
 Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding each adapter's A [r, in] and B
-[out, r] (the scaling folded into B) in stacks [slots, in, r_max] and [slots, r_max, out], ranks
+[out, r] (the scaling folded into B) in stacks [slots, r_max, in] and [slots, r_max, out], ranks
 zero-padded to the largest. Before a forward pass the caller sets each row's slot
-(`MultiLora.set_rows`, -1 = the base), and the batch's rows are grouped by adapter: `index` [U, G]
+(`MultiLora.set_rows`, -1 = the base), and the batch's rows are grouped by adapter: `index` [U·G]
 lists the rows of each of the U adapters present (padded to the largest group G with a zero row).
 Each layer then gathers those rows, runs two batched products against the U adapters' own A and B
 and adds the result back to each row:
 
-    y = W x + bias;   y[index[u]] += (x[index[u]] A_u) B_u   for each adapter u present
+    y = W x + bias;   y[index[u]] += (x[index[u]] A_uᵀ) B_u   for each adapter u present
 
 which equals running each row on the base with its adapter alone. The work is each adapted row's
 own rank (Punica's SGMV, as one `bmm` per side): a base row costs nothing, and the cost does not
@@ -33,9 +33,9 @@ from lmstack.models.lora import adapter_updates, lora_modules
 
 class _Rows:
     """The batch's adapters, shared by every layer: `slots` [U] the adapter slots present, `index`
-    [U, G] the rows of each (padding: row `padding`, a zero row appended to the input), `target`
-    [U·G] where each gathered row's update goes (padding adds its zeros to row 0), and a version
-    that tells layers to gather their weights again."""
+    [U·G] the rows of each in turn (padding: row `padding`, a zero row appended to the input),
+    `target` [U·G] where each gathered row's update goes (padding adds its zeros to row 0), and a
+    version that tells layers to gather their weights again."""
 
     def __init__(self):
         self.key: tuple | None = None  # each row's slot; None: no row has an adapter
@@ -56,7 +56,7 @@ class MultiLoraLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.rows = rows
         self.updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], s·B [out, r])
-        self.A: torch.Tensor | None = None  # [slots, in, r]
+        self.A: torch.Tensor | None = None  # [slots, r, in]: each A row-major, as `bmm` reads it fastest
         self.B: torch.Tensor | None = None  # [slots, r, out]
         self._gathered: tuple | None = None  # (version, A_U, B_U)
 
@@ -68,10 +68,10 @@ class MultiLoraLinear(nn.Linear):
             return
         r = max(a.shape[0] for a, _ in self.updates.values())
         dtype = next(iter(self.updates.values()))[0].dtype
-        self.A = self.weight.new_zeros(slots, self.in_features, r, dtype=dtype)
+        self.A = self.weight.new_zeros(slots, r, self.in_features, dtype=dtype)
         self.B = self.weight.new_zeros(slots, r, self.out_features, dtype=dtype)
         for slot, (a, b) in self.updates.items():
-            self.A[slot, :, : a.shape[0]] = a.t()
+            self.A[slot, : a.shape[0]] = a
             self.B[slot, : a.shape[0]] = b.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,13 +83,13 @@ class MultiLoraLinear(nn.Linear):
         flat = x.reshape(x.shape[0], -1)  # [rows, T·in]
         if rows.padding is not None:
             flat = F.pad(flat, (0, 0, 0, 1))
-        xs = flat[rows.index].view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
-        update = torch.bmm(torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A), B)  # [U, G·T, out]
+        xs = flat.index_select(0, rows.index).view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
+        update = torch.bmm(torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A.transpose(1, 2)), B)  # [U, G·T, out]
         y.view(x.shape[0], -1).index_add_(0, rows.target, update.view(rows.target.shape[0], -1).to(y.dtype))
         return y
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's adapters: A [U, in, r], B [U, r, out]."""
+        """The batch's adapters: A [U, r, in], B [U, r, out]."""
         if self._gathered is None or self._gathered[0] != self.rows.version:
             self._gathered = (self.rows.version, self.A[self.rows.slots], self.B[self.rows.slots])
         return self._gathered[1:]
@@ -178,6 +178,6 @@ class MultiLora:
         index = [groups[s] + [pad] * (width - len(groups[s])) for s in sorted(groups)]
         device = next(self.model.parameters()).device
         self.rows.slots = torch.tensor(sorted(groups), device=device)
-        self.rows.index = torch.tensor(index, device=device)
+        self.rows.index = torch.tensor([r for group in index for r in group], device=device)
         self.rows.target = torch.tensor([0 if r == pad else r for group in index for r in group], device=device)
         self.rows.padding = pad if any(len(g) < width for g in groups.values()) else None
