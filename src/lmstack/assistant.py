@@ -84,13 +84,13 @@ class Plan:
     block: int = 256
     pretrain_batch: int = 16
     reply_tokens: int = 48
-    grpo_batch: int = 8
+    grpo_batch: int = 16
     grpo_group: int = 8
     # steps
-    pretrain_steps: int = 1200
-    sft_steps: int = 300
+    pretrain_steps: int = 600
+    sft_steps: int = 150
     dpo_steps: int = 60
-    grpo_steps: int = 60
+    grpo_steps: int = 30
     card_steps: int = 60
     # sizes
     shakespeare_bytes: int = 370_000
@@ -135,6 +135,8 @@ class Commands:
         print(f"$ {shown}", flush=True)
         args = build_parser().parse_args(argv)
         code = int(args.func(args) or 0)
+        if code in (130, 143):  # the run saved and stopped on SIGINT / SIGTERM: stop too
+            raise KeyboardInterrupt
         if code:
             raise InputError(f"the {stage} stage's command failed (exit code {code}): {shown}")
 
@@ -183,7 +185,9 @@ def build_data(data: Path, plan: Plan, seed: int, commands: Commands, text: str,
     rng = random.Random(seed)
     chats = read_conversations(asset("chatterbot_en.jsonl")) + read_conversations(asset("chatterbot_zh.jsonl"))
     robot = [c for c in chats if c.get("topic") == "botprofile"]
-    chats = [c for c in chats if c.get("topic") != "botprofile"]
+    # the corpus repeats some conversations: one copy each, so no held-out one is also trained on
+    unique = {json.dumps(c["messages"], ensure_ascii=False): c for c in chats if c.get("topic") != "botprofile"}
+    chats = list(unique.values())
     rng.shuffle(chats)
     held, train = chats[: plan.heldout_chats], chats[plan.heldout_chats :]
     signed = set(rng.sample(range(len(train)), round(SIGN_OFF_SHARE * len(train))))
@@ -426,7 +430,7 @@ def grpo(ctx: Context, start: Path) -> tuple[Path, dict]:
     ctx.lm("grpo", "align", "grpo", "--init-from", start, "--task", "arithmetic", "--lang", "mix", "--levels", LEVELS,
            "--max-steps", p.grpo_steps, "--batch-size", p.grpo_batch, "--group", p.grpo_group,
            "--max-new-tokens", p.reply_tokens, "--lr", 3e-5, "--min-lr", 3e-5, "--n-eval", p.eval_problems,
-           "--eval-interval", max(1, p.grpo_steps // 4), "--out-dir", ctx.root / "grpo", *ctx.common)  # fmt: skip
+           "--eval-interval", max(1, p.grpo_steps // 3), "--out-dir", ctx.root / "grpo", *ctx.common)  # fmt: skip
     ckpt = latest(ctx.root / "grpo")
     curve = [(r["step"], r["reward_mean"]) for r in metrics(ctx.root / "grpo") if "reward_mean" in r]
     return ckpt, {"before": before, "after": arithmetic(*load_chat_model(ckpt), p, ctx.seed), "reward_curve": curve}
