@@ -161,6 +161,30 @@ def test_layer_gradients_equal_autograds_through_the_plain_expression(dropout):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
+def test_layers_reading_one_input_run_jointly_as_they_would_apart():
+    """q, k, v (or gate and up) computed together, one low-rank product for all, give each
+    layer's own output and every gradient, ranks and biases differing."""
+    torch.manual_seed(0)
+    layers = [
+        lora.LoraLinear(torch.nn.Linear(6, out, bias=out != 4).double(), r=r, scaling=s, dropout=0.0)
+        for out, r, s in ((5, 2, 1.5), (4, 3, 0.5))
+    ]
+    for m in layers:
+        torch.nn.init.normal_(m.lora_B)
+        m.weight.requires_grad_(False)
+    x = torch.randn(2, 4, 6, dtype=torch.double, requires_grad=True)
+    params = (x, *(p for m in layers for p in m.parameters() if p.requires_grad))
+    joint = layers[0].joint(x, tuple(layers))
+    apart = [m(x) for m in layers]
+
+    def loss(ys):
+        return sum((y * (k + 1)).square().sum() for k, y in enumerate(ys))
+
+    for g, w in zip(torch.autograd.grad(loss(joint), params), torch.autograd.grad(loss(apart), params), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(joint, tuple(apart), rtol=1e-12, atol=1e-12)
+
+
 def test_training_gradients_equal_pefts(tmp_path):
     """One loss, backward on both sides: every adapter matrix gets PEFT's gradient."""
     model, base_dir, hf_dir = _gpt(tmp_path, "llama-gqa")

@@ -389,6 +389,13 @@ class KVCache:
         return cls(k, v, pos, offset, slot)._trimmed()._pinned()
 
 
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """`layer(x)` for each of `layers`, linear maps of the same input; layers that offer `joint`
+    (LoRA adapters, `models.lora`: one low-rank product of x for all of them) compute together."""
+    joint = getattr(layers[0], "joint", None)
+    return joint(x, layers) if joint is not None else tuple(m(x) for m in layers)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -404,12 +411,13 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = project(x, self.q, self.k, self.v)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -438,9 +446,10 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
 
     def forward(self, x):
-        h = self.up(x)
-        h = F.silu(self.gate(x)) * h if self.gate is not None else F.gelu(h, approximate="tanh")
-        return self.down(h)
+        if self.gate is None:
+            return self.down(F.gelu(self.up(x), approximate="tanh"))
+        gate, up = project(x, self.gate, self.up)
+        return self.down(F.silu(gate) * up)
 
 
 class Block(nn.Module):

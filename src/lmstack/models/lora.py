@@ -148,13 +148,31 @@ class LoraLinear(nn.Linear):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         # With p = 0 (or in eval) the adapter reads x itself, which lets the backward fold both paths into one gradient.
-        xd = self.lora_dropout(x) if self.training and self.lora_dropout.p else None
-        if x.dtype == self.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
-            return _LoraLinearFn.apply(x, xd, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        xd = self.lora_dropout(x) if self._dropping() else None
+        if self._exact(x):
+            return _LoraLinearFn.apply(x, xd, (self.scaling,), *self._tensors())[0]
         # A half-precision base with float32 adapters, or autocast: the adapter in its own precision, as PEFT does.
         y = F.linear(x, self.weight, self.bias)
         z = F.linear((x if xd is None else xd).to(self.lora_A.dtype), self.lora_A)  # [..., r]
         return y + (F.linear(z, self.lora_B) * self.scaling).to(y.dtype)
+
+    def joint(self, x: torch.Tensor, layers: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+        """`layer(x)` for each of `layers` (this one among them: GPT's q, k, v, or gate and up, all
+        reading x). When all are adapters that `_LoraLinearFn` runs and none drops inputs, they run
+        as one: a single product x [A_1; A_2; ...]ᵀ, one buffer for x's gradient."""
+        if all(isinstance(m, LoraLinear) and not m.merged and m._exact(x) and not m._dropping() for m in layers):
+            return _LoraLinearFn.apply(x, None, tuple(m.scaling for m in layers), *(t for m in layers for t in m._tensors()))
+        return tuple(m(x) for m in layers)
+
+    def _exact(self, x: torch.Tensor) -> bool:
+        """Whether base and adapter compute in x's precision (no autocast): `_LoraLinearFn`'s case."""
+        return x.dtype == self.weight.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type)
+
+    def _dropping(self) -> bool:
+        return self.training and self.lora_dropout.p > 0
+
+    def _tensors(self) -> tuple:
+        return self.weight, self.bias, self.lora_A, self.lora_B
 
     def delta(self) -> torch.Tensor:
         """The update to `weight` that the adapter computes: scaling · B A."""
@@ -171,46 +189,66 @@ class LoraLinear(nn.Linear):
 
 
 class _LoraLinearFn(torch.autograd.Function):
-    """y = x Wᵀ + b + s · (x' Aᵀ) Bᵀ (x' = dropout(x), or x itself when `xd` is None) with its
-    backward written out. Autograd's own version of the same expression copies y to add the
-    adapter's product, and sums the input's gradient from the two paths in a separate pass; here
-    the adapter's product accumulates into y, and its input gradient (s · g B) A into g W, in
-    place. Gradients are made only for what requires them (a frozen W gets none)."""
+    """y_i = x W_iᵀ + b_i + s_i · (x' A_iᵀ) B_iᵀ for adapted layers i = 1..n that read the same x
+    (x' = dropout(x) for a single layer, or x itself when `xd` is None), with the backward written
+    out. Inputs after `scalings` are (W, b, A, B) per layer. Autograd's version of the same
+    expressions copies each y to add the adapter's product, makes n products x Aᵀ (and n of their
+    gradients), and sums x's gradient from 2n paths in separate passes. Here one product
+    z = x [A_1; ...; A_n]ᵀ serves all layers, each adapter's product accumulates into its y, and
+    x's gradient accumulates in one buffer. Gradients are made only for what requires them (a
+    frozen W gets none)."""
 
     @staticmethod
-    def forward(ctx, x, xd, weight, bias, lora_A, lora_B, scaling):
+    def forward(ctx, x, xd, scalings, *tensors):
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = None if xd is None else xd.reshape(-1, xd.shape[-1])
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        z = (x2 if xd2 is None else xd2) @ lora_A.t()  # [N, r]
-        y.addmm_(z, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, xd2, weight, lora_A, lora_B, z)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        weights, biases, As, Bs = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
+        A = As[0] if len(As) == 1 else torch.cat(As)  # [r_1 + ... + r_n, in]
+        z = (x2 if xd2 is None else xd2) @ A.t()
+        ys, start = [], 0
+        for weight, bias, B, s in zip(weights, biases, Bs, scalings, strict=True):
+            y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+            y.addmm_(z[:, start : start + B.shape[1]], B.t(), alpha=s)
+            ys.append(y.view(*x.shape[:-1], y.shape[-1]))
+            start += B.shape[1]
+        ctx.save_for_backward(x2, xd2, A, z, *weights, *Bs)
+        ctx.scalings, ctx.x_shape = scalings, x.shape
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, grad):
-        x2, xd2, weight, lora_A, lora_B, z = ctx.saved_tensors
-        need_x, need_xd, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])
-        gz = (g @ lora_B).mul_(ctx.scaling) if need_x or need_xd or need_a else None  # d loss / d z
+    def backward(ctx, *grads):
+        x2, xd2, A, z, *rest = ctx.saved_tensors
+        n = len(ctx.scalings)
+        weights, Bs = rest[:n], rest[n:]
+        need_x, need_xd = ctx.needs_input_grad[:2]
+        need = ctx.needs_input_grad[3:]  # (W, b, A, B) per layer
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+        xa = x2 if xd2 is None else xd2  # what the adapters read
+        gz = None  # d loss / d z
+        if need_x or need_xd or any(need[2::4]):
+            gz = torch.cat([(g @ B).mul_(s) for g, B, s in zip(gs, Bs, ctx.scalings, strict=True)], 1)
         dx = dxd = None
         if need_x:
-            dx = g @ weight
+            dx = gs[0] @ weights[0]
+            for g, weight in zip(gs[1:], weights[1:], strict=True):
+                dx.addmm_(g, weight)
             if xd2 is None:
-                dx.addmm_(gz, lora_A)
+                dx.addmm_(gz, A)
             dx = dx.view(ctx.x_shape)
         if need_xd:
-            dxd = (gz @ lora_A).view(ctx.x_shape)
-        return (
-            dx,
-            dxd,
-            g.t() @ x2 if need_w else None,
-            g.sum(0) if need_b else None,
-            gz.t() @ (x2 if xd2 is None else xd2) if need_a else None,
-            (g.t() @ z).mul_(ctx.scaling) if need_bb else None,
-            None,
-        )
+            dxd = (gz @ A).view(ctx.x_shape)
+        dA = gz.t() @ xa if any(need[2::4]) else None
+        out, start = [], 0
+        for i, (g, B, s) in enumerate(zip(gs, Bs, ctx.scalings, strict=True)):
+            rows = slice(start, start + B.shape[1])
+            out += [
+                g.t() @ x2 if need[4 * i] else None,
+                g.sum(0) if need[4 * i + 1] else None,
+                dA[rows] if need[4 * i + 2] else None,
+                (g.t() @ z[:, rows]).mul_(s) if need[4 * i + 3] else None,
+            ]
+            start = rows.stop
+        return dx, dxd, None, *out
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
