@@ -11,11 +11,12 @@ and adds the result back to each row:
 
     y = W x + bias;   y[index[u]] += (x[index[u]] A_uᵀ) B_u   for each adapter u present
 
-which equals running each row on the base with its adapter alone. The work is each adapted row's
-own rank (Punica's SGMV, as one `bmm` per side): a base row costs nothing, and the cost does not
-grow with the number of different adapters in the batch (laying them side by side for every row
-costs U·r columns per row, 8x more for 8 cards). The batch's A and B are gathered once per change
-of its adapters, so a decoding step gathers only the activations.
+which equals running each row on the base with its adapter alone. The arithmetic is each adapted
+row's own rank (Punica's SGMV, as one `bmm` per side; padding rows aside): a base row costs
+nothing, and more adapters in the batch cost only the reading of their weights, once a step each
+(laying the adapters side by side for every row computed U·r columns per row, 8x more for 8
+cards). The batch's A and B are gathered once per change of its adapters, so a decoding step
+gathers only the activations.
 Adapters come and go at run time (`install`, `remove`); a slot freed by `remove` is reused.
 """
 
