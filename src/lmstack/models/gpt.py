@@ -460,11 +460,14 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, cache, layer, mask):
+    def forward(self, x, rope, cache, layer, mask, keep=None):
+        """`keep` [B, T] (bool): after attention, only those positions go on, as [N, n_embd]."""
         if self.prenorm:
             x = x + self.drop(self.attn(self.norm1(x), rope, cache, layer, mask))
+            x = x if keep is None else x[keep]
             return x + self.drop(self.mlp(self.norm2(x)))
         x = self.norm1(x + self.drop(self.attn(x, rope, cache, layer, mask)))
+        x = x if keep is None else x[keep]
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
@@ -517,13 +520,23 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         reads no Python state."""
         return self.lm_head(self._hidden(idx, cache, segments))
 
-    def hidden_states(self, idx: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, segments: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[B, T] ids -> [B, T, n_embd]: the last layer's states after the final norm, which the
-        output head reads; task heads (classification, sentence embeddings) read them instead."""
+        output head reads; task heads (classification, sentence embeddings) read them instead.
+        `keep` [B, T] (bool) -> [N, n_embd], the states of those positions alone: a loss on some
+        positions (answers) needs no others, so the last block's feed-forward runs on them only."""
         self.check_context(idx.shape[1])
-        return self._hidden(idx, segments=segments)
+        return self._hidden(idx, segments=segments, keep=keep)
 
-    def _hidden(self, idx: torch.Tensor, cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def _hidden(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         T, window = idx.shape[1], self.config.sliding_window
         if cache is None:
             pos, mask = forward_layout(T, idx.device, segments, window)
@@ -544,7 +557,7 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
                 rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer, mask)
+            x = block(x, rope, cache, layer, mask, keep if layer == len(self.blocks) - 1 else None)
         return self.norm(x)
 
     def _next_logprobs(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:

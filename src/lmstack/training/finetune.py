@@ -219,9 +219,10 @@ class AnswerLoss(nn.Module):
         if not self.packs:
             return F.cross_entropy(self.logits(batch).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         # The head and softmax span the vocabulary, the largest single cost of a small model's step;
-        # only positions with a target (the answers, a fraction of each row) need them.
+        # only positions with a target (the answers, a fraction of each row) need them, and the
+        # last block's feed-forward.
         keep = targets != -100
-        hidden = self.model.hidden_states(batch["idx"], segments=batch["segments"])[keep]
+        hidden = self.model.hidden_states(batch["idx"], segments=batch["segments"], keep=keep)
         weight = self.model.lm_head.weight
         if not torch.is_grad_enabled():  # evaluation: nothing to save
             return F.cross_entropy(F.linear(hidden, weight).float(), targets[keep])
