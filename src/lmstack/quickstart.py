@@ -45,6 +45,11 @@ DEFAULT_MINUTES = 10.0
 # the time: it is the model that turns compute into bits per byte best.
 STEPS = {"lstm": 600, "gpt": 8000}
 MIN_STEPS = 4
+# Training runs on one CPU thread whatever the machine: with more, the gradients' sums over the
+# batch are added in another order, and over thousands of steps that moved the table's last
+# digits; one thread also never fights other work for the cores. (Scoring and sampling, forward
+# passes that come out the same on any number of threads, use cpu_threads().)
+TRAIN_THREADS = 1
 WARMUP_FRACTION = 0.01
 CURVE_POINTS = 16  # held-out evaluations per run, for the curves (at most one every MIN_EVAL_INTERVAL steps)
 MIN_EVAL_INTERVAL = 10
@@ -142,7 +147,8 @@ def scaled_steps(minutes: float) -> dict[str, int]:
 def cpu_threads() -> int:
     """Torch's threads for CPU work: all cores on an idle machine, one when other work already
     fills them (an oversubscribed thread pool spins, and ran 3-5x slower per step on a loaded
-    2-core machine). The numbers do not depend on it beyond the printed precision."""
+    2-core machine). Forward passes give the same numbers on any count; training's gradient sums
+    do not, so the quickstart trains on TRAIN_THREADS."""
     import torch
 
     cores = os.cpu_count() or 1
@@ -162,7 +168,8 @@ def machine(threads: int, device: str) -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "threads": threads,
+        "threads": threads,  # for scoring and sampling; training uses TRAIN_THREADS
+        "train_threads": TRAIN_THREADS,
         "load_at_start": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
         "device": device,
@@ -215,7 +222,9 @@ def prepare_data(files: dict[str, Path], tok, tok_dir: Path, out: Path) -> Path:
 
 def train_neural(name: str, shards: Path, out: Path, steps: int, device: str, seed: int) -> Path:
     """Train RECIPES[name] for `steps` optimizer steps (no time budget: the same work on every
-    machine), validating CURVE_POINTS times; returns the final checkpoint."""
+    machine) on TRAIN_THREADS CPU threads, validating CURVE_POINTS times; returns the final checkpoint."""
+    import torch
+
     from lmstack.training import checkpoint
     from lmstack.training.config import TrainConfig
     from lmstack.training.pretrain import train
@@ -234,7 +243,13 @@ def train_neural(name: str, shards: Path, out: Path, steps: int, device: str, se
         keep_last=1,
         **RECIPES[name],
     )
-    if train(cfg)["stopped"] == "signal":  # the engine saved and returned on SIGINT / SIGTERM: stop too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        stopped = train(cfg)["stopped"]
+    finally:
+        torch.set_num_threads(threads)
+    if stopped == "signal":  # the engine saved and returned on SIGINT / SIGTERM: stop too
         raise KeyboardInterrupt
     return checkpoint.latest(out)
 
@@ -278,11 +293,10 @@ def sentence_pair(heldout: list[str], spaced: bool, seed: int, sentence: str | N
     return sentence.strip(), (" " if spaced else "").join(scrambled)
 
 
-def whole_characters(decode, ids: list[int]) -> str:
-    """The text of `ids` without a last character cut in the middle of its UTF-8 bytes."""
-    while ids and decode(ids).endswith("\ufffd"):
-        ids = ids[:-1]
-    return decode(ids)
+def whole_text(text: str) -> str:
+    """`text` without trailing whitespace or U+FFFD: a character whose bytes were cut by the token
+    limit (or never finished by an undertrained model) decodes as U+FFFD."""
+    return re.sub(r"[\s\ufffd]+\Z", "", text)
 
 
 def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int) -> dict[str, str]:
@@ -306,12 +320,12 @@ def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int) -> di
             ended = codec["eos"] in ids
             ids = ids[: ids.index(codec["eos"])] if ended else ids
             # the prompt as the user wrote it, not as a word model decodes it (an unknown word is <unk>)
-            lines.append(("" if lines else prompt) + whole_characters(decode, context + ids)[len(decode(context)) :])
+            lines.append(("" if lines else prompt) + whole_text(decode(context + ids))[len(decode(context)) :])
             left -= len(ids) + 1
             if not (ended and by_line) or len(lines) == (2 if config.greedy else SAMPLE_LINES):
                 break
             context = []
-        out[name] = "\n".join(lines).rstrip() or prompt
+        out[name] = whole_text("\n".join(lines)) or prompt
     return out
 
 
@@ -339,8 +353,8 @@ def final_losses(run: Path) -> dict[str, float]:
 
 
 def _figure(x: float) -> str:
-    """A perplexity to four significant figures, large ones with thousands separators."""
-    return f"{x:,.0f}" if 1e4 <= x < 1e15 else f"{x:.4g}"
+    """A perplexity to four significant figures, large ones with thousands separators (93,580)."""
+    return f"{float(f'{x:.4g}'):,.0f}" if 1e4 <= x < 1e15 else f"{x:.4g}"
 
 
 def table(rows: list[Row], unit: str) -> str:
@@ -378,6 +392,7 @@ def plot_curves(
 
     scale = {k: v / math.log(2.0) for k, v in bits_per_byte.items()} if bits_per_byte else {"train": 1.0, "held-out": 1.0}
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ends = []  # each run's last held-out figure, to keep in view
     for name, run in runs.items():
         recs = read_metrics(run)
         train = [(r["tokens"], r["loss"] * scale["train"]) for r in recs if "loss" in r]
@@ -385,13 +400,14 @@ def plot_curves(
         (line,) = ax.plot(*zip(*train), alpha=0.4, label=f"{name} train")
         if val:
             ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} held-out")
+            ends.append(val[-1][1])
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
         ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{label} held-out ({value:.3f})")
     ax.set_title(title)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("bits per byte" if bits_per_byte else "loss (nats per token)")
-    if bits_per_byte and references:  # the early losses are far above: keep the comparison readable
-        ax.set_ylim(min(references.values()) * 0.85, max(references.values()) * 1.35)
+    if bits_per_byte and references:  # the first losses are far above: zoom on where the models end
+        ax.set_ylim(min([*references.values(), *ends]) * 0.9, max([*references.values(), *ends]) * 1.3)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -508,7 +524,8 @@ def write_report(out: Path, res: dict) -> None:
         md.append(f"| {name} | {s['grammatical']:.1f} | {s['scrambled']:.1f} | 2^{ratio:.1f}{flag} |\n")
     m = res["machine"]
     md.append(
-        f"\n## Time and machine\n\n{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s), torch {m['torch']}, "
+        f"\n## Time and machine\n\n{m['cpu']}, {m['cores']} cores, {m['train_threads']} torch thread for training and "
+        f"{m['threads']} for scoring and sampling, torch {m['torch']}, "
         f"device {m['device']}, load average {m['load_at_start']} at the start. The whole run took "
         f"{res['seconds']['total']:.0f} s:\n\n| stage | seconds |\n|---|---:|\n"
         + "".join(f"| {k} | {v:.1f} |\n" for k, v in res["seconds"].items() if k != "total")
