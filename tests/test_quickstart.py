@@ -159,6 +159,7 @@ def torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # a second run, with more threads than a loaded machine gives
 def test_same_seed_same_table_whatever_the_threads(english, small_corpus, tmp_path, monkeypatch, torch_threads):
     """The same command and seed give the same numbers however many threads the load leaves:
     training is counted in steps and runs on one thread; scoring and sampling are forward passes,
@@ -171,6 +172,24 @@ def test_same_seed_same_table_whatever_the_threads(english, small_corpus, tmp_pa
     assert other["machine"]["threads"] != threads
     for key in ("table", "samples", "sentences", "gpt_final_bits_per_byte"):
         assert other[key] == first[key], key
+
+
+def test_report_tells_a_gpt_win_and_its_surprises(english, tmp_path):
+    """The story's other branch, as at the default settings: the GPT ahead of the n-grams after
+    several passes over the text, and a model that prefers the scramble."""
+    _, _, res = english
+    res = json.loads(json.dumps(res))
+    rows = {r["model"]: r for r in res["table"]}
+    rows["GPT"]["bits_per_byte"] = 0.9 * rows["subword 5-gram"]["bits_per_byte"]
+    res["given"]["GPT"]["tokens"] = 12 * res["train_text_tokens"]
+    res["gpt_final_bits_per_byte"] = {"train": 1.9, "heldout": 2.2}
+    res["sentences"]["log2"]["LSTM"] = {"grammatical": -60.0, "scrambled": -50.0}
+    story = quickstart.story(res)
+    assert "**The GPT is best**" in story and "The GPT is 10.0% below the best n-gram (subword 5-gram" in story
+    assert "memorise the text it reread 12 times" in story and "a gap of 0.300" in story
+    assert "The LSTM prefers the scrambled sentence (by 2^10.0)" in story
+    quickstart.write_report(tmp_path, res)
+    assert story in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 def test_minutes_scale_the_steps():

@@ -464,17 +464,22 @@ def story(res: dict) -> str:
             f"\n**The curves** (`curves.png`, in bits per byte, the n-grams as horizontal lines): the GPT ends at "
             f"{gap['train']:.3f} bits per byte on its training batches and {gap['heldout']:.3f} on held-out batches, "
             + (
-                f"a gap of {gap['heldout'] - gap['train']:.3f}: it has begun to memorise the text it reread "
+                "nearly the same: it is not overfitting yet, and more steps would still help."
+                if gap["heldout"] - gap["train"] <= 0.05
+                else f"a gap of {gap['heldout'] - gap['train']:.3f}: it has begun to memorise the text it reread "
                 f"{epochs['GPT']:.0f} times, which dropout holds back."
-                if gap["heldout"] - gap["train"] > 0.05
-                else "nearly the same: it is not overfitting yet, and more steps would still help."
+                if epochs["GPT"] >= 2
+                else f"a gap of {gap['heldout'] - gap['train']:.3f}, after less than two passes over the training text: "
+                "the held-out text is harder to predict than the training text, rather than memorised."
             )
             + " (Held-out batches are random windows, so they see less context than the table's sliding window.)\n"
         )
     surprises = [
         f"the {name} prefers the scrambled sentence (by 2^{s['scrambled'] - s['grammatical']:.1f})"
+        if s["scrambled"] - s["grammatical"] >= 0.05
+        else f"the {name} cannot tell the held-out sentence from its scramble"
         for name, s in res["sentences"]["log2"].items()
-        if s["scrambled"] >= s["grammatical"]
+        if s["scrambled"] - s["grammatical"] > -0.05
     ]
     if lstm["bits_per_byte"] > best_ngram["bits_per_byte"]:
         surprises.append(
