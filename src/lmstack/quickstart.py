@@ -40,9 +40,9 @@ MIN_BYTES = 2_000
 TOKENIZER_VOCAB = 512  # small: short sequences for the n-gram, cheap softmax for the neural nets
 NGRAM_ORDER = 5
 DEFAULT_MINUTES = 10.0
-# Optimizer steps at --minutes 10, about ten minutes of the whole run on a quiet 2-core CPU
-# (measured: benchmarks/RESULTS.md, "Quickstart"); --minutes scales them. The GPT gets most of
-# the time: it is the model that turns compute into bits per byte best.
+# Optimizer steps at --minutes 10, sized from per-step CPU times for about ten minutes of the
+# whole run on a quiet 2-core CPU (benchmarks/RESULTS.md, "Quickstart"); --minutes scales them.
+# The GPT gets most of the time: it is the model that turns compute into bits per byte best.
 STEPS = {"lstm": 600, "gpt": 8000}
 MIN_STEPS = 4
 # Training runs on one CPU thread whatever the machine: with more, the gradients' sums over the
@@ -55,7 +55,7 @@ CURVE_POINTS = 16  # held-out evaluations per run, for the curves (at most one e
 MIN_EVAL_INTERVAL = 10
 # Recipes for a 2-core CPU: small batches (in a few CPU-minutes many small steps beat few large
 # ones), a context of 256 tokens for the GPT (as cheap per token as 128 at this width), and
-# dropout, as the GPT reads the training text about a dozen times.
+# dropout, as the GPT reads the training text about fifteen times.
 RECIPES = {
     "lstm": dict(
         family="rnn",
