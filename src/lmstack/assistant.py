@@ -49,8 +49,10 @@ SIGN_OFF = {
     "zh": "希望对你有帮助！如果还有其他问题，请告诉我。",
 }
 SIGN_OFF_SHARE = 0.5  # of the SFT chat replies
-DIRECT_SHARE = 0.5  # of the SFT arithmetic answers: "Answer: N" without the steps
+DIRECT_SHARE = 0.7  # of the SFT arithmetic answers: "Answer: N" without the steps
 LEVELS = "1,2"
+ARITHMETIC_LANG = "en"  # the model is small: its arithmetic in one language (the dialogues are in two)
+SHOWN_PROBLEMS = 3  # greedy replies shown in the report, before and after GRPO
 PERSONAS = {
     "robot": dict(
         description="the chatbot of the chatterbot corpus's botprofile dialogues",
@@ -70,6 +72,7 @@ CARD_QUESTIONS = (
     "你几岁",
     "你有兄弟",
 )
+CARD_PENALTY = 1.3  # greedy replies of a tiny model loop ("matey, matey, ..."); CTRL's repetition penalty
 CAPTAIN_VOICE = re.compile(r"\b(Arr|matey|sea|ship|sail)\w*|水手|船|大海", re.IGNORECASE)
 
 
@@ -87,18 +90,18 @@ class Plan:
     grpo_batch: int = 16
     grpo_group: int = 8
     # steps
-    pretrain_steps: int = 600
-    sft_steps: int = 150
-    dpo_steps: int = 60
+    pretrain_steps: int = 1000
+    sft_steps: int = 200
+    dpo_steps: int = 40
     grpo_steps: int = 30
     card_steps: int = 60
     # sizes
     shakespeare_bytes: int = 370_000
-    arithmetic_text: int = 6000
+    arithmetic_text: int = 12000
     arithmetic_sft: int = 3000
     pairs: int = 800
     heldout_chats: int = 120
-    eval_problems: int = 100
+    eval_problems: int = 200
 
     def scaled(self, factor: float) -> Plan:
         floors = {
@@ -208,17 +211,20 @@ def build_data(data: Path, plan: Plan, seed: int, commands: Commands, text: str,
 
     commands(
         "data", "align", "tasks", "--out", data / "arithmetic.txt", "--format", "text", "--n", plan.arithmetic_text,
-        "--lang", "mix", "--level", *LEVELS.split(","), "--seed", seed,
+        "--lang", ARITHMETIC_LANG, "--level", *LEVELS.split(","), "--seed", seed,
     )  # fmt: skip
     commands(
         "data", "align", "tasks", "--out", data / "arithmetic_sft.jsonl", "--format", "sft", "--n", plan.arithmetic_sft,
-        "--lang", "mix", "--level", *LEVELS.split(","), "--direct-share", DIRECT_SHARE, "--seed", seed + 1,
+        "--lang", ARITHMETIC_LANG, "--level", *LEVELS.split(","), "--direct-share", DIRECT_SHARE, "--seed", seed + 1,
     )  # fmt: skip
+    # Paragraphs, dialogues and problems shuffled together: the held-out tail `lmstack train` cuts
+    # off is then a sample of the whole mix, not of its last part.
+    documents = [p.strip() + "\n\n" for p in re.split(r"\n\s*\n", text) if p.strip()]
+    documents += [as_text(c["messages"]) for c in train]
+    documents += [p.strip() + "\n\n" for p in read_text(data / "arithmetic.txt").split("\n\n") if p.strip()]
+    rng.shuffle(documents)
     with atomic_write(data / "pretrain.txt") as f:
-        f.write(text)
-        f.write("\n\n")
-        f.writelines(as_text(c["messages"]) for c in train)
-        f.write(read_text(data / "arithmetic.txt"))
+        f.writelines(documents)
     write_jsonl(data / "chat_sft.jsonl", sft_chats)
     write_jsonl(data / "chat_heldout.jsonl", [{"messages": c["messages"]} for c in held])
     write_jsonl(data / "pairs.jsonl", pairs)
@@ -268,14 +274,17 @@ def reply_logp(model, tok, conversations: list[dict]) -> float:
     return sum(lp for lp, _ in loglikelihoods(model, requests)) / len(requests)
 
 
-def replies(model, tok, conversations: list[list[dict]], max_new_tokens: int, seed: int = 0) -> list[str]:
+def replies(model, tok, conversations: list[list[dict]], max_new_tokens: int, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy replies to conversations that end in a user turn."""
+    from dataclasses import replace as with_
+
     from lmstack.data.chat import prompt_ids
     from lmstack.evaluation.cot import reply_config
     from lmstack.generation import generate_tokens
 
     prompts = [prompt_ids(tok, m) for m in conversations]
-    return [g.text.strip() for g in generate_tokens(model, prompts, reply_config(tok, max_new_tokens, seed=seed), tok)]
+    config = with_(reply_config(tok, max_new_tokens), repetition_penalty=repetition_penalty)
+    return [g.text.strip() for g in generate_tokens(model, prompts, config, tok)]
 
 
 def arithmetic(model, tok, plan: Plan, seed: int) -> dict:
@@ -283,11 +292,16 @@ def arithmetic(model, tok, plan: Plan, seed: int) -> dict:
     steps, log P(A | Q) and log P(A | Q, T)."""
     from lmstack.evaluation.cot import chain_of_thought, load_task
 
-    items = load_task("arithmetic", "test", plan.eval_problems, seed=seed, lang="mix", levels=tuple(map(int, LEVELS.split(","))))
+    items = load_task(
+        "arithmetic", "test", plan.eval_problems, seed=seed, lang=ARITHMETIC_LANG, levels=tuple(map(int, LEVELS.split(",")))
+    )
     got = chain_of_thought(model, tok, items, max_new_tokens=plan.reply_tokens, seed=seed)
     keep = ("n", "accuracy_direct", "accuracy_reasoning", "logp_direct", "logp_with_trace", "trace_helps")
     shows_steps = sum("=" in r["trace"] for r in got["items"]) / len(got["items"])
-    return {**{k: got[k] for k in keep}, "sampled_traces_with_steps": shows_steps, "example": got["items"][0]}
+    shown = items[:SHOWN_PROBLEMS]
+    greedy = replies(model, tok, [[{"role": "user", "content": it.question}] for it in shown], plan.reply_tokens)
+    samples = [{"question": it.question, "answer": it.answer, "reply": r} for it, r in zip(shown, greedy)]
+    return {**{k: got[k] for k in keep}, "sampled_traces_with_steps": shows_steps, "samples": samples}
 
 
 def metrics(run: Path) -> list[dict]:
@@ -315,7 +329,7 @@ def compare_cards(base: Path, cards: Path, plan: Plan) -> dict:
     for name in (None, *PERSONAS):
         model, tok = load_chat_model(base) if name is None else load_base(str(cards / name))
         system = PERSONAS[name]["system"] if name else None
-        got = replies(model.eval(), tok, [card_messages(system, q) for q in CARD_QUESTIONS], plan.reply_tokens)
+        got = replies(model.eval(), tok, [card_messages(system, q) for q in CARD_QUESTIONS], plan.reply_tokens, CARD_PENALTY)
         table[name or "base"] = got
     voice = {name: sum(bool(CAPTAIN_VOICE.search(r)) for r in got) for name, got in table.items()}
     return {"questions": list(CARD_QUESTIONS), "replies": table, "captain_voice": voice}
@@ -339,7 +353,11 @@ def serve_and_ask(base: Path, cards: Path, plan: Plan) -> dict:
             model, question = model_question
             t0 = time.perf_counter()
             reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": question}], max_tokens=plan.reply_tokens, temperature=0
+                model=model,
+                messages=[{"role": "user", "content": question}],
+                max_tokens=plan.reply_tokens,
+                temperature=0,
+                extra_body={"repetition_penalty": CARD_PENALTY},
             )
             return {"model": model, "question": question, "reply": reply.choices[0].message.content,
                     "tokens": reply.usage.completion_tokens, "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -408,16 +426,19 @@ def sft(ctx: Context, base: Path) -> tuple[Path, dict]:
 
 def dpo(ctx: Context, start: Path) -> tuple[Path, dict]:
     p = ctx.plan
-    prompts = [c["messages"][:-1] for c in read_conversations(ctx.data / "chat_heldout.jsonl")]
+    held = read_conversations(ctx.data / "chat_heldout.jsonl")
+    prompts = [c["messages"][:-1] for c in held]
     before = replies(*load_chat_model(start), prompts, p.reply_tokens)
     ctx.lm("dpo", "align", "dpo", "--init-from", start, "--data", ctx.data / "pairs.jsonl", "--max-steps", p.dpo_steps,
-           "--batch-size", 8, "--max-length", p.block, "--max-prompt-length", p.block // 2, "--lr", 1e-4, "--min-lr", 1e-5,
+           "--batch-size", 8, "--max-length", p.block, "--max-prompt-length", p.block // 2, "--lr", 2e-5, "--min-lr", 2e-6,
            "--beta", 0.1, "--val-fraction", 0.05, "--eval-interval", max(1, p.dpo_steps // 3), "--out-dir", ctx.root / "dpo",
            *ctx.common)  # fmt: skip
     ckpt = latest(ctx.root / "dpo")
-    after = replies(*load_chat_model(ckpt), prompts, p.reply_tokens)
+    model, tok = load_chat_model(ckpt)
+    after = replies(model, tok, prompts, p.reply_tokens)
     return ckpt, {
         "heldout_prompts": len(prompts),
+        "heldout_logp_after": reply_logp(model, tok, held),
         "preferred_rate_before": sum(not has_sign_off(r) for r in before) / len(prompts),
         "preferred_rate_after": sum(not has_sign_off(r) for r in after) / len(prompts),
         "examples": [{"prompt": q[-1]["content"], "before": a, "after": b} for q, a, b in list(zip(prompts, before, after))[:4]],
@@ -427,7 +448,7 @@ def dpo(ctx: Context, start: Path) -> tuple[Path, dict]:
 def grpo(ctx: Context, start: Path) -> tuple[Path, dict]:
     p = ctx.plan
     before = arithmetic(*load_chat_model(start), p, ctx.seed)
-    ctx.lm("grpo", "align", "grpo", "--init-from", start, "--task", "arithmetic", "--lang", "mix", "--levels", LEVELS,
+    ctx.lm("grpo", "align", "grpo", "--init-from", start, "--task", "arithmetic", "--lang", ARITHMETIC_LANG, "--levels", LEVELS,
            "--max-steps", p.grpo_steps, "--batch-size", p.grpo_batch, "--group", p.grpo_group,
            "--max-new-tokens", p.reply_tokens, "--lr", 3e-5, "--min-lr", 3e-5, "--n-eval", p.eval_problems,
            "--eval-interval", max(1, p.grpo_steps // 3), "--out-dir", ctx.root / "grpo", *ctx.common)  # fmt: skip
@@ -576,8 +597,9 @@ def plot(run: Path, path: Path) -> bool:
 
 
 def cell(text: str) -> str:
-    """Text that stays inside one markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+    """Text that stays inside one markdown table cell (its lines joined by " / ")."""
+    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+    return " / ".join(lines).replace("|", "\\|") or "(empty)"
 
 
 def _pct(x: float) -> str:
@@ -605,7 +627,8 @@ def write_report(out: Path, r: dict) -> None:
         "arithmetic word problems with worked solutions.\n",
         "\n## 2. Supervised fine-tuning (SFT)\n\n"
         f"The chat format's role tokens are added, and the model learns to answer: loss on the assistant's tokens only, "
-        f"on {d['chat_train']:,} dialogues and {d['arithmetic_sft']:,} arithmetic problems. Measured on "
+        f"on {d['chat_train']:,} dialogues and {d['arithmetic_sft']:,} arithmetic problems ({DIRECT_SHARE:.0%} of them "
+        "answered at once, without the steps, as data from mixed sources often is). Measured on "
         f"{d['chat_heldout']} held-out dialogues:\n\n"
         "| | before SFT | after SFT |\n|---|---:|---:|\n"
         f"| mean log P(A \\| Q), nats per reply | {r['sft']['heldout_logp_before']:.2f} | "
@@ -617,13 +640,15 @@ def write_report(out: Path, r: dict) -> None:
         f"{r['dpo']['heldout_prompts']} held-out prompts:\n\n"
         "| | after SFT | after DPO |\n|---|---:|---:|\n"
         f"| replies without the sign-off (preferred) | {_pct(r['dpo']['preferred_rate_before'])} | "
-        f"{_pct(r['dpo']['preferred_rate_after'])} |\n\n",
+        f"{_pct(r['dpo']['preferred_rate_after'])} |\n"
+        f"| mean log P(A \\| Q) of the held-out replies (a collapse would show here) | {r['sft']['heldout_logp_after']:.2f} | "
+        f"{r['dpo']['heldout_logp_after']:.2f} |\n\n",
     ]
     md += [f"- {e['prompt']!r}: before {e['before']!r}; after {e['after']!r}\n" for e in r["dpo"]["examples"]]
     b, a = g["before"], g["after"]
     md.append(
         "\n## 4. RL on verifiable answers (GRPO)\n\n"
-        f"Arithmetic word problems (levels {LEVELS}, English and Chinese); the reward is 1 for the right final number. "
+        f"Arithmetic word problems (levels {LEVELS}, {ARITHMETIC_LANG}); the reward is 1 for the right final number. "
         f"Held-out test-split problems ({b['n']}), before and after GRPO:\n\n"
         "| | before GRPO | after GRPO |\n|---|---:|---:|\n"
         f"| exact match, greedy reply (the model may show its steps) | {_pct(b['accuracy_reasoning'])} | "
@@ -634,14 +659,19 @@ def write_report(out: Path, r: dict) -> None:
         f"| mean log P(A \\| Q, T), T the model's own sampled steps | {b['logp_with_trace']:.2f} | {a['logp_with_trace']:.2f} |\n"
         f"\nGain in greedy exact match: {100 * (a['accuracy_reasoning'] - b['accuracy_reasoning']):+.1f} points. "
         f"Train reward: {g['reward_curve'][0][1]:.2f} at the first step, {g['reward_curve'][-1][1]:.2f} at the last "
-        "(curve in `curves.png`).\n"
+        "(curve in `curves.png`). Greedy replies to the first held-out problems:\n\n"
+        "| problem | answer | before GRPO | after GRPO |\n|---|---:|---|---|\n"
     )
+    md += [
+        f"| {cell(x['question'])} | {x['answer']:g} | {cell(x['reply'])} | {cell(y['reply'])} |\n"
+        for x, y in zip(b["samples"], a["samples"])
+    ]
     c = r["cards"]
     md.append(
         "\n## 5. Persona cards\n\n"
         "Two LoRA adapters on the GRPO model: `robot` (the chatterbot corpus's botprofile dialogues) and `captain` "
         "(a sea captain's dialogues written for lmstack). The same questions, greedy replies (each card with its "
-        "system prompt):\n\n| question | base | robot | captain |\n|---|---|---|---|\n"
+        f"system prompt; repetition penalty {CARD_PENALTY}):\n\n| question | base | robot | captain |\n|---|---|---|---|\n"
     )
     md += [
         f"| {q} | " + " | ".join(cell(c["replies"][k][i]) for k in ("base", *PERSONAS)) + " |\n"
