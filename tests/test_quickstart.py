@@ -186,7 +186,7 @@ def test_report_tells_a_gpt_win_and_its_surprises(english, tmp_path):
     res["sentences"]["log2"]["LSTM"] = {"grammatical": -60.0, "scrambled": -50.0}
     story = quickstart.story(res)
     assert "**The GPT is best**" in story and "The GPT is 10.0% below the best n-gram (subword 5-gram" in story
-    assert "memorise the text it reread 12 times" in story and "a gap of 0.300" in story
+    assert "a gap of 0.300 after 12 passes over the training text" in story
     assert "The LSTM prefers the scrambled sentence (by 2^10.0)" in story
     quickstart.write_report(tmp_path, res)
     assert story in (tmp_path / "report.md").read_text(encoding="utf-8")

@@ -31,7 +31,7 @@ def register(sub) -> None:
         type=float,
         default=None,
         help="with --assistant: 15 = the default steps of every stage, about 15 minutes on 2 cores; without: "
-        "scales the training steps in proportion to MINUTES / 10 (10 = 600 LSTM and 8,000 GPT steps, sized for about "
+        "scales the training steps in proportion to MINUTES / 10 (10 = 600 LSTM and 6,500 GPT steps, sized for about "
         "ten minutes on a quiet 2-core CPU); the numbers depend on it, not on the machine's speed or load (default: 10)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu) | cpu | cuda (default: auto)")
