@@ -40,8 +40,8 @@ MIN_BYTES = 2_000
 TOKENIZER_VOCAB = 512  # small: short sequences for the n-gram, cheap softmax for the neural nets
 NGRAM_ORDER = 5
 DEFAULT_MINUTES = 10.0
-# Optimizer steps at --minutes 10, sized from per-step CPU times for about ten minutes of the
-# whole run on a quiet 2-core CPU (benchmarks/RESULTS.md, "Quickstart"); --minutes scales them.
+# Optimizer steps at --minutes 10: the whole run took 11 minutes on a 2-core CPU at load 1-2
+# (benchmarks/RESULTS.md, "Quickstart"); --minutes scales them.
 # The GPT gets most of the time: it is the model that turns compute into bits per byte best.
 STEPS = {"lstm": 600, "gpt": 6500}
 MIN_STEPS = 4
@@ -54,7 +54,7 @@ WARMUP_FRACTION = 0.01
 CURVE_POINTS = 16  # held-out evaluations per run, for the curves (at most one every MIN_EVAL_INTERVAL steps)
 MIN_EVAL_INTERVAL = 10
 # Recipes for a 2-core CPU: small batches (in a few CPU-minutes many small steps beat few large
-# ones). The GPT's is the one measured best so far (2.204 bits per byte at ~6,500 steps); a
+# ones). The GPT's is the one measured best so far (2.209 bits per byte at 6,500 steps); a
 # 4-layer GPT with a 256-token context and dropout 0.1 did worse at 8,000 steps (2.269, its
 # held-out loss 0.19 bits per byte above its training loss): benchmarks/RESULTS.md, "Quickstart".
 RECIPES = {
