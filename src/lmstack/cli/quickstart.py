@@ -30,7 +30,7 @@ def register(sub) -> None:
         "--minutes",
         type=float,
         default=None,
-        help="with --assistant: 15 = the default steps of every stage, about 15 minutes on 2 cores; without: "
+        help="with --assistant: 15 = the default steps of every stage, about 12 minutes on 2 cores; without: "
         "scales the training steps in proportion to MINUTES / 10 (10 = 600 LSTM and 6,500 GPT steps, sized for about "
         "ten minutes on a quiet 2-core CPU); the numbers depend on it, not on the machine's speed or load (default: 10)",
     )
@@ -46,7 +46,7 @@ def register(sub) -> None:
         "--assistant",
         action="store_true",
         help="the second main job: pretrain a small GPT on a shipped mix, then SFT, DPO, GRPO on arithmetic, two "
-        "persona cards (LoRA) and a served assistant, each stage measured, in ~15 minutes on 2 cores (--corpus "
+        "persona cards (LoRA) and a served assistant, each stage measured, in ~12 minutes on 2 cores (--corpus "
         "replaces the mix's plain text); writes checkpoints, cards, report.md, results.json and curves.png",
     )
     p.set_defaults(func=cmd_quickstart)
