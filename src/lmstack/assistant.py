@@ -39,6 +39,8 @@ from pathlib import Path
 from lmstack.errors import InputError
 from lmstack.io import atomic_write, output_dir, read_text, write_json
 from lmstack.quickstart import check_out, machine
+from lmstack.training.checkpoint import latest
+from lmstack.training.metrics import read_metrics
 
 DEFAULT_MINUTES = 15.0
 MIN_TEXT_BYTES = 10_000
@@ -150,14 +152,9 @@ class Commands:
 
 
 def read_conversations(path: Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return rows
+    from lmstack.evaluation.tasks import read_jsonl
+
+    return read_jsonl(path, ())
 
 
 def language(text: str) -> str:
@@ -306,18 +303,6 @@ def arithmetic(model, tok, plan: Plan, seed: int) -> dict:
     return {**{k: got[k] for k in keep}, "sampled_traces_with_steps": shows_steps, "samples": samples}
 
 
-def metrics(run: Path) -> list[dict]:
-    from lmstack.training.metrics import read_metrics
-
-    return read_metrics(run)
-
-
-def latest(run: Path) -> Path:
-    from lmstack.training.checkpoint import latest as _latest
-
-    return _latest(run)
-
-
 def card_messages(system: str | None, question: str) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
 
@@ -449,7 +434,7 @@ def grpo(ctx: Context, start: Path) -> tuple[Path, dict]:
            "--max-new-tokens", p.reply_tokens, "--lr", 3e-5, "--min-lr", 3e-5, "--n-eval", p.eval_problems,
            "--eval-interval", max(1, p.grpo_steps // 3), "--out-dir", ctx.root / "grpo", *ctx.common)  # fmt: skip
     ckpt = latest(ctx.root / "grpo")
-    curve = [(r["step"], r["reward_mean"]) for r in metrics(ctx.root / "grpo") if "reward_mean" in r]
+    curve = [(r["step"], r["reward_mean"]) for r in read_metrics(ctx.root / "grpo") if "reward_mean" in r]
     return ckpt, {"before": before, "after": arithmetic(*load_chat_model(ckpt), p, ctx.seed), "reward_curve": curve}
 
 
@@ -574,7 +559,7 @@ def plot(run: Path, path: Path) -> bool:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (name, title, series) in zip(axes.flat, PANELS):
-        recs = metrics(run / name)
+        recs = read_metrics(run / name)
         for key, label in series:
             points = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if points:
