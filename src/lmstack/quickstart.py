@@ -313,9 +313,11 @@ def samples(model, tokenizer, prompt: str, seed: int, max_new_tokens: int) -> di
     codec = text_codec(model, tokenizer)
     decode = model.decode if hasattr(model, "encode") else tokenizer.decode
     by_line = codec["bos"] != codec["eos"]  # sentence marks <s> ... </s> (n-grams), not one end-of-text
+    limit = getattr(model, "max_context", None)  # a GPT's sample ends where its context does
     out = {}
     for name, opts in SAMPLING.items():
-        lines, context, left = [], codec["encode"](prompt), max_new_tokens
+        context = codec["encode"](prompt)
+        lines, left = [], max_new_tokens if limit is None else max(1, min(max_new_tokens, limit - 1 - len(context)))
         while left > 0:
             config = GenerationConfig(max_new_tokens=left, seed=seed + len(lines), stop_at_eot=False, **opts)
             ids = generate_tokens(model, [[codec["bos"], *context]], config)[0].tokens

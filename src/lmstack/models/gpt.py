@@ -560,8 +560,13 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
             x = block(x, rope, cache, layer, mask, keep if layer == len(self.blocks) - 1 else None)
         return self.norm(x)
 
-    def _next_logprobs(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return F.log_softmax(self._logits(idx, cache).float(), dim=-1)
+    def _next_logprobs(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        if not last_only:
+            return F.log_softmax(self._logits(idx, cache).float(), dim=-1)
+        # A prompt's earlier positions only fill the cache: no head, and no last feed-forward, for them.
+        keep = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+        keep[:, -1] = True
+        return F.log_softmax(self.lm_head(self._hidden(idx, cache, keep=keep)).float(), dim=-1)[:, None]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, segments: torch.Tensor | None = None):
         """[B, T] ids -> logits [B, T, V] for the token after each position; with targets [B, T]
@@ -604,7 +609,7 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         pad = padding_mask(prompt, lengths)
         offset = pad.sum(1) if pad is not None else None
         cache = KVCache.empty(self.config, prompt.shape[0], prompt.device, self.wte.weight.dtype, self.static_capacity, offset)
-        cache, lp = self.extend(cache, prompt if pad is None else prompt.masked_fill(pad, 0))
+        cache, lp = self.extend(cache, prompt if pad is None else prompt.masked_fill(pad, 0), last_only=True)
         return cache, lp[:, -1]
 
     def step(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
@@ -620,9 +625,10 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
         that started apart, at different lengths, decode together from here on)."""
         return KVCache.concat(states)
 
-    def extend(self, state: KVCache, tokens: torch.Tensor) -> tuple[KVCache, torch.Tensor]:
+    def extend(self, state: KVCache, tokens: torch.Tensor, last_only: bool = False) -> tuple[KVCache, torch.Tensor]:
         """Append [B, k] tokens to the cache in one pass (a chat's next turn, speculative-decoding
-        drafts); returns [B, k, V] next-token log-probs for each of them."""
+        drafts); returns [B, k, V] next-token log-probs for each of them ([B, 1, V] after the last
+        alone with `last_only`)."""
         self._check_ids(tokens)
         T = tokens.shape[1]
         self.check_context(state.pos + T)
@@ -632,7 +638,7 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
                 "pass a larger capacity to compile_decoding (at most the model's context)"
             )
         compiled = self._compiled_step is not None and state.slot is not None and T == 1
-        lp = (self._compiled_step if compiled else self._next_logprobs)(tokens, state)
+        lp = self._compiled_step(tokens, state) if compiled else self._next_logprobs(tokens, state, last_only)
         state.advance(T)
         return state, lp
 

@@ -5,8 +5,8 @@ Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding each adapter's A 
 [out, r] (the scaling folded into B) in stacks [slots, r_max, in] and [slots, r_max, out], ranks
 zero-padded to the largest. Before a forward pass the caller sets each row's slot
 (`MultiLora.set_rows`, -1 = the base), and the batch's rows are grouped by adapter: `index` [U·G]
-lists the rows of each of the U adapters present (padded to the largest group G with a zero row).
-Each layer then gathers those rows, runs two batched products against the U adapters' own A and B
+lists the rows of each of the U adapters present (padded to the largest group G with zero rows).
+Each layer then gathers those rows into a buffer all layers share, runs two batched products against the U adapters' own A and B
 and adds the result back to each row:
 
     y = W x + bias;   y[index[u]] += (x[index[u]] A_uᵀ) B_u   for each adapter u present
@@ -22,6 +22,7 @@ Adapters come and go at run time (`install`, `remove`); a slot freed by `remove`
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -34,7 +35,7 @@ from lmstack.models.lora import adapter_updates, lora_modules
 
 class _Rows:
     """The batch's adapters, shared by every layer: `slots` [U] the adapter slots present, `index`
-    [U·G] the rows of each in turn (padding: row `padding`, a zero row appended to the input),
+    [U·G] the rows of each in turn (padding: row 0, its gathered copies zeroed at `padding`),
     `target` [U·G] where each gathered row's update goes (padding adds its zeros to row 0), and a
     version that tells layers to gather their weights again."""
 
@@ -43,8 +44,22 @@ class _Rows:
         self.slots: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.target: torch.Tensor | None = None
-        self.padding: int | None = None  # the zero row's number, when some group is padded
+        self.padding: torch.Tensor | None = None  # positions in `index` that are padding, if any
         self.version = 0
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def scratch(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """A buffer reused by every layer (None where autograd records: it cannot write into one):
+        a prompt's gathered activations are megabytes, and allocating them afresh in each layer
+        costs page faults that outweigh the products (benchmarks/RESULTS.md, serving engine)."""
+        if torch.is_grad_enabled():
+            return None
+        numel = math.prod(shape)
+        buf = self._scratch.get(role)
+        fits = buf is not None and buf.numel() >= numel and (buf.dtype, buf.device) == (like.dtype, like.device)
+        if not fits or buf.is_inference() != torch.is_inference_mode_enabled():  # neither may write the other's
+            buf = self._scratch[role] = like.new_empty(numel)
+        return buf[:numel].view(shape)
 
 
 class MultiLoraLinear(nn.Linear):
@@ -82,11 +97,14 @@ class MultiLoraLinear(nn.Linear):
             return y
         A, B = self._gather()
         flat = x.reshape(x.shape[0], -1)  # [rows, T·in]
+        xs = torch.index_select(flat, 0, rows.index, out=rows.scratch("x", (len(rows.index), flat.shape[1]), flat))
         if rows.padding is not None:
-            flat = F.pad(flat, (0, 0, 0, 1))
-        xs = flat.index_select(0, rows.index).view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
-        update = torch.bmm(torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A.transpose(1, 2)), B)  # [U, G·T, out]
-        y.view(x.shape[0], -1).index_add_(0, rows.target, update.view(rows.target.shape[0], -1).to(y.dtype))
+            xs.index_fill_(0, rows.padding, 0)
+        xs = xs.view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
+        low = torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A.transpose(1, 2))  # [U, G·T, r]
+        update = torch.bmm(low, B, out=rows.scratch("update", (A.shape[0], xs.shape[1], self.out_features), low))
+        update = update.view(rows.target.shape[0], -1)
+        y.view(x.shape[0], -1).index_add_(0, rows.target, update if update.dtype == y.dtype else update.to(y.dtype))
         return y
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,10 +193,10 @@ class MultiLora:
             if slot >= 0:
                 groups.setdefault(slot, []).append(row)
         width = max(map(len, groups.values()))
-        pad = len(key)  # the zero row forward appends to its input
-        index = [groups[s] + [pad] * (width - len(groups[s])) for s in sorted(groups)]
+        index = [groups[s] + [None] * (width - len(groups[s])) for s in sorted(groups)]
+        flat = [r for group in index for r in group]
         device = next(self.model.parameters()).device
         self.rows.slots = torch.tensor(sorted(groups), device=device)
-        self.rows.index = torch.tensor([r for group in index for r in group], device=device)
-        self.rows.target = torch.tensor([0 if r == pad else r for group in index for r in group], device=device)
-        self.rows.padding = pad if any(len(g) < width for g in groups.values()) else None
+        self.rows.index = self.rows.target = torch.tensor([0 if r is None else r for r in flat], device=device)
+        padding = [i for i, r in enumerate(flat) if r is None]
+        self.rows.padding = torch.tensor(padding, device=device) if padding else None
