@@ -396,7 +396,7 @@ def plot_curves(
 
     scale = {k: v / math.log(2.0) for k, v in bits_per_byte.items()} if bits_per_byte else {"train": 1.0, "held-out": 1.0}
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ends = []  # each run's last held-out figure, to keep in view
+    ends = []  # each run's last training and held-out figures, to keep in view (the gap between them)
     for name, run in runs.items():
         recs = read_metrics(run)
         train = [(r["tokens"], r["loss"] * scale["train"]) for r in recs if "loss" in r]
@@ -404,6 +404,7 @@ def plot_curves(
         train = [(train[i][0], sum(y for _, y in train[i + 1 - k : i + 1]) / k) for i in range(k - 1, len(train))]
         val = [(r["tokens"], r["val_loss"] * scale["held-out"]) for r in recs if r.get("val_loss") is not None]
         (line,) = ax.plot(*zip(*train), alpha=0.5, label=f"{name} train (running mean)")
+        ends.append(train[-1][1])
         if val:
             ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} held-out")
             ends.append(val[-1][1])
