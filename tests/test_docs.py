@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,32 @@ def test_every_tutorial_has_runnable_blocks():
         assert runnable_blocks(path), f"{path.name} has no ```bash runnable block"
 
 
-@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_runnable_blocks_run(path: Path, tmp_path: Path):
+def run_blocks(path: Path, cwd: Path) -> str | None:
+    """Run the file's blocks in order in `cwd`; None, or what failed."""
     # one torch thread: the examples' models are tiny, and a thread pool on shared cores only spins
     env = {**os.environ, "LMSTACK_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     for i, block in enumerate(runnable_blocks(path), 1):
         proc = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+            ["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
         )
-        assert proc.returncode == 0, (
-            f"{path.name}, runnable block {i} failed (exit {proc.returncode}):\n{block}\n"
-            f"--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-2000:]}"
-        )
+        if proc.returncode != 0:
+            return (
+                f"{path.name}, runnable block {i} failed (exit {proc.returncode}):\n{block}\n"
+                f"--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-2000:]}"
+            )
+    return None
+
+
+@pytest.fixture(scope="module")
+def doc_runs(request, tmp_path_factory):
+    """The selected files' runs, started together, one per core: each runs on one thread, so the
+    files share the cores instead of queueing (the docs are the suite's longest part)."""
+    selected = [item.callspec.params["path"] for item in request.session.items if item.originalname == "test_runnable_blocks_run"]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {path: pool.submit(run_blocks, path, tmp_path_factory.mktemp(path.stem)) for path in selected}
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_runnable_blocks_run(path: Path, doc_runs):
+    failure = doc_runs[path].result()
+    assert failure is None, failure
