@@ -6,8 +6,8 @@ Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding each adapter's A 
 zero-padded to the largest. Before a forward pass the caller sets each row's slot
 (`MultiLora.set_rows`, -1 = the base), and the batch's rows are grouped by adapter: `index` [U·G]
 lists the rows of each of the U adapters present (padded to the largest group G with zero rows).
-Each layer then gathers those rows into a buffer all layers share, runs two batched products against the U adapters' own A and B
-and adds the result back to each row:
+Each layer then gathers those rows (into a buffer all layers share), runs two batched products
+against the U adapters' own A and B and adds the result back to each row:
 
     y = W x + bias;   y[index[u]] += (x[index[u]] A_uᵀ) B_u   for each adapter u present
 
@@ -35,15 +35,14 @@ from lmstack.models.lora import adapter_updates, lora_modules
 
 class _Rows:
     """The batch's adapters, shared by every layer: `slots` [U] the adapter slots present, `index`
-    [U·G] the rows of each in turn (padding: row 0, its gathered copies zeroed at `padding`),
-    `target` [U·G] where each gathered row's update goes (padding adds its zeros to row 0), and a
+    [U·G] the rows of each in turn, where each gathered row's update goes back too (padding names
+    row 0: its gathered copies are zeroed at `padding`, so their updates add nothing), and a
     version that tells layers to gather their weights again."""
 
     def __init__(self):
         self.key: tuple | None = None  # each row's slot; None: no row has an adapter
         self.slots: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
-        self.target: torch.Tensor | None = None
         self.padding: torch.Tensor | None = None  # positions in `index` that are padding, if any
         self.version = 0
         self._scratch: dict[str, torch.Tensor] = {}
@@ -103,8 +102,8 @@ class MultiLoraLinear(nn.Linear):
         xs = xs.view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
         low = torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A.transpose(1, 2))  # [U, G·T, r]
         update = torch.bmm(low, B, out=rows.scratch("update", (A.shape[0], xs.shape[1], self.out_features), low))
-        update = update.view(rows.target.shape[0], -1)
-        y.view(x.shape[0], -1).index_add_(0, rows.target, update if update.dtype == y.dtype else update.to(y.dtype))
+        update = update.view(len(rows.index), -1)
+        y.view(x.shape[0], -1).index_add_(0, rows.index, update if update.dtype == y.dtype else update.to(y.dtype))
         return y
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +196,6 @@ class MultiLora:
         flat = [r for group in index for r in group]
         device = next(self.model.parameters()).device
         self.rows.slots = torch.tensor(sorted(groups), device=device)
-        self.rows.index = self.rows.target = torch.tensor([0 if r is None else r for r in flat], device=device)
+        self.rows.index = torch.tensor([0 if r is None else r for r in flat], device=device)
         padding = [i for i, r in enumerate(flat) if r is None]
         self.rows.padding = torch.tensor(padding, device=device) if padding else None
