@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -25,17 +26,23 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import lmstack  # noqa: E402
 from lmstack import quickstart as qs  # noqa: E402
+from lmstack.training.config import TrainConfig  # noqa: E402
 
 
-def parse_sets(items: list[str]) -> dict:
+def parse_sets(items: list[str], fail) -> dict:
+    """The quickstart's GPT recipe with the `--set` overrides; `fail(message)` on a malformed one
+    (model keys are checked by GPTConfig when the run starts)."""
     recipe = copy.deepcopy(qs.RECIPES["gpt"])
+    run_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     for item in items:
-        key, _, text = item.partition("=")
+        key, eq, text = item.partition("=")
+        where, _, name = key.rpartition(".")
+        if not eq or where not in ("", "model") or not name or (not where and name not in run_keys):
+            fail(f"--set {item!r}: expected KEY=VALUE with KEY a TrainConfig field (lr, block_size, ...) or model.FIELD")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        where, _, name = key.rpartition(".")
         (recipe[where] if where else recipe)[name] = value
     return recipe
 
@@ -48,7 +55,7 @@ def main() -> None:
     ap.add_argument("--name", default="variant", help="run directory under --work")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
-    qs.RECIPES["gpt"] = parse_sets(args.set)
+    qs.RECIPES["gpt"] = parse_sets(args.set, ap.error)
     shards = args.work / "shards"
     if not (shards / "tokenizer.json").is_file():  # the quickstart's split, tokenizer and shards
         args.work.mkdir(parents=True, exist_ok=True)
