@@ -3,6 +3,7 @@ and against peft's mixed-adapter batch.
 
     python benchmarks/serving_engine.py [--clients 32] [--cards 8] [--prompt-tokens 32] [--new-tokens 32]
                                         [--depth 4] [--width 512] [--rank 8] [--repeats 3] [--threads 1]
+                                        [--device cpu] [--compile]
 
 A small GPT-2-style model (random weights; speed does not depend on them) and --cards random LoRA
 adapters (rank --rank on attention and MLP), decoded greedily for --new-tokens tokens each:
@@ -20,6 +21,9 @@ fastest of --repeats interleaved runs (the one the machine's other work disturbe
 average is printed, since a shared CPU is noisy. With one torch thread every kernel runs on the
 calling thread, so its CPU seconds (`time.thread_time`) are printed too: tokens per CPU second
 depend much less on what else the machine runs than tokens per wall second do.
+
+--compile decodes lmstack's rows through `GPT.compile_decoding` (static KV cache, torch.compile'd
+one-token step; CUDA graphs with --device cuda), compiled by `Scheduler.warm_up` before any timing.
 """
 
 from __future__ import annotations
@@ -68,18 +72,18 @@ def serve(scheduler: Scheduler, prompts: list[list[int]], config: GenerationConf
     return (time.perf_counter() - t, time.thread_time() - c), [out[i] for i in ids]
 
 
-def peft_mixed(hf_dir: Path, card_dirs: list[Path]):
+def peft_mixed(hf_dir: Path, card_dirs: list[Path], device: str):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).to(device).eval()
     model = PeftModel.from_pretrained(model, card_dirs[0], adapter_name="card0")
     for i, d in enumerate(card_dirs[1:], 1):
         model.load_adapter(d, adapter_name=f"card{i}")
     model.eval()
 
     def run(prompts: list[list[int]], names: list[str], new_tokens: int):
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
         t, c = time.perf_counter(), time.thread_time()
         with torch.inference_mode():
             out = model.generate(
@@ -107,6 +111,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; 1 is steadier on a shared CPU)")
+    ap.add_argument("--device", default="cpu", help="torch device of both engines (default: cpu)")
+    ap.add_argument("--compile", action="store_true", help="decode lmstack's rows through a compiled step (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,10 +131,15 @@ def main() -> None:
         model.save(tmp / "base")
         card_dirs = make_cards(tmp / "base", tmp, args.cards, args.rank)
         to_hf(model, tmp / "hf")
-        sched = Scheduler(GPT.load(tmp / "base").eval(), None, max_batch=args.clients)
+        served = GPT.load(tmp / "base").to(args.device).eval()
+        if args.compile:
+            served.compile_decoding()
+        sched = Scheduler(served, None, max_batch=args.clients)
         for i, d in enumerate(card_dirs):
             sched.load_adapter(f"card{i}", d)
-        peft_run = peft_mixed(tmp / "hf", card_dirs)
+        if args.compile:
+            sched.warm_up()
+        peft_run = peft_mixed(tmp / "hf", card_dirs, args.device)
         runs = {
             "one": lambda: serve(sched, prompts[:1], config, [None]),
             "base": lambda: serve(sched, prompts, config, [None] * args.clients),
@@ -148,7 +159,8 @@ def main() -> None:
     print(
         f"model: GPT d{args.depth} width {args.width}, vocab {vocab}; {args.clients} clients x {args.new_tokens} new "
         f"tokens after {args.prompt_tokens}-token prompts; {args.cards} cards of rank {args.rank} (attn + mlp); "
-        f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}"
+        f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.2f}; device {args.device}"
+        f"{', lmstack compiled' if args.compile else ''}"
     )
     for k in runs:
         print(

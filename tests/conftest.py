@@ -60,3 +60,17 @@ def lmstack_cli(capsys, monkeypatch):
         return out.out
 
     return run
+
+
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """torch.compile with a backend that counts the graphs dynamo makes and runs them eagerly: the
+    tracing is what the code must survive; code generation is torch's own (and slow on a CPU)."""
+    import torch
+    from torch._dynamo.testing import CompileCounter
+
+    counter, compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, **{**kw, "backend": counter, "mode": None}))
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()

@@ -295,3 +295,26 @@ def test_an_adapter_that_replaces_whole_modules_is_refused_for_mixing(cards, tmp
     lora.save_adapter(model, tmp_path / "whole", base_dir)
     with pytest.raises(CheckpointError, match="trains whole modules"):
         Scheduler(copy.deepcopy(alone(base_dir, None)), None).load_adapter("w", tmp_path / "whole")
+
+
+def test_a_compiled_step_serves_mixed_adapters_and_compiles_nothing_after_warm_up(cards, compile_counter):
+    """`lmstack serve --compile`: inside the compiled step each row reads its own adapter, so
+    requests that join and leave with any mix of adapters get what they get alone, and once
+    `warm_up` has run no batch size and no mix of adapters compiles the step again."""
+    base_dir, dirs = cards
+    sched = Scheduler(GPT.load(base_dir).eval().compile_decoding(capacity=48), None, max_batch=8)
+    for name, path in dirs.items():
+        sched.load_adapter(name, path)
+    sched.warm_up()
+    assert compile_counter.frame_count == 2  # a row alone, then any larger batch
+    config = GenerationConfig(max_new_tokens=8, temperature=0)
+    arrivals = {
+        0: [([1, 2, 3], config, 1, "a"), ([4, 5], config), ([6, 7, 8, 9], config, 1, "b")],
+        3: [([3, 1], config, 1, "b"), ([2], config, 1, "a"), ([5, 5, 5], config)],
+    }
+    events = run(sched, arrivals)
+    requests = [args for step in sorted(arrivals) for args in arrivals[step]]
+    for rid, (prompt, _, *rest) in zip(sorted(events), requests):  # ids in order of arrival
+        name = rest[1] if rest else None
+        assert tokens(events[rid]) == naive_greedy(alone(base_dir, dirs[name] if name else None), prompt, 8), rid
+    assert compile_counter.frame_count == 2

@@ -409,3 +409,20 @@ def test_background_serves_a_checkpoint_and_its_cards_until_the_block_ends(workd
     with pytest.raises(requests.ConnectionError):
         requests.get(url + "/health", timeout=5)
     assert not [t.name for t in set(threading.enumerate()) - threads if t.name.startswith("lmstack-")]
+
+
+def test_a_compiled_server_is_compiled_before_it_serves_and_answers_as_eager(workdir, compile_counter):
+    """`lmstack serve --compile`: the step compiles while the app is built (no request pays for it),
+    and mixed requests for the base and a card get what eager decoding gives them."""
+    root, refs = workdir
+    model, tok = load_for_text(root / "tiny")
+    with background(root / "tiny", cards={"pirate": root / "cards" / "pirate"}, max_batch=4, compile=True) as url:
+        assert compile_counter.frame_count == 2  # by `Scheduler.warm_up`, before the server answered
+        c = client(url)
+        prompts = [("tiny", "the cat"), ("pirate", "ahoy"), ("pirate", "yes"), ("tiny", "no maybe")]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(lambda mp: c.completions.create(model=mp[0], prompt=mp[1], max_tokens=8, temperature=0), prompts))
+        for (name, prompt), answer in zip(prompts, got):
+            reference = refs["pirate"] if name == "pirate" else model
+            assert answer.choices[0].text == greedy(reference, tok, encode_prompt(tok, prompt), 8).text
+    assert compile_counter.frame_count == 2

@@ -34,6 +34,13 @@ def register(sub) -> None:
         "--max-queue", type=int, default=256, help="most requests waiting for a batch row; more are answered 429 (default: 256)"
     )
     p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="GPT only: decode through a static KV cache and a torch.compile'd step (CUDA graphs on a GPU); "
+        "the step compiles before the server starts (tens of seconds), and once more the first time the "
+        "cards' shapes change (a card loaded at run time, a larger rank)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -67,6 +74,7 @@ def cmd_serve(args) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         device=args.device,
+        compile=args.compile,
     )
     server = app.state.server
     print(f"serving {server.name} ({len(server.cards)} cards) on http://{args.host}:{args.port}/ (API at /v1)", flush=True)

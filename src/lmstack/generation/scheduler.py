@@ -416,6 +416,17 @@ class Scheduler:
         with torch.inference_mode():
             cohort.state, cohort.logprobs = self.model.step(cohort.state, feed)
 
+    def warm_up(self) -> None:
+        """Decode a throwaway row alone, then two, so that a compiled step (`GPT.compile_decoding`)
+        compiles now rather than at the first requests: torch.compile makes a graph for a row
+        alone and, once the batch size has changed, one for every larger size. Call it with the
+        adapters loaded and before requests arrive."""
+        config = GenerationConfig(max_new_tokens=2, temperature=0, stop_at_eot=False)
+        for rows in (1, 2):
+            self.add([0], config, n=rows)
+            while self.busy:
+                self.step()
+
     # --- adapters -----------------------------------------------------------------------
 
     def load_adapter(self, name: str, adapter_dir) -> None:

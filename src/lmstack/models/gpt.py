@@ -289,6 +289,8 @@ class KVCache:
         shape = (batch, cfg.n_kv_head, static_capacity or 0, cfg.head_dim)
         k, v = ([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)] for _ in "kv")
         slot = torch.zeros((), dtype=torch.long, device=device) if static_capacity else None
+        if static_capacity and offset is None:  # one layout for every static cache, so one compiled step
+            offset = torch.zeros(batch, dtype=torch.long, device=device)
         return cls(k, v, 0, offset, slot)._pinned()
 
     def _pinned(self) -> "KVCache":
@@ -645,15 +647,16 @@ class GPT(nn.Module, LanguageModel, TorchCheckpoint):
     def compile_decoding(self, capacity: int | None = None, mode: str | None = None) -> "GPT":
         """From now on, decode through a static KV cache of `capacity` slots (default: the whole
         context) and a one-token step compiled with `torch.compile`. The first steps pay the
-        compile (tens of seconds; again for each new batch size); later ones run without Python
-        overhead, and on a GPU (mode "reduce-overhead", the default there) replay as CUDA graphs,
-        which is where the time of small-batch decoding goes. Prompts are read uncompiled."""
+        compile (tens of seconds: once for a batch of one row, once more for every larger batch
+        size, the batch dimension then being symbolic); later ones run without Python overhead,
+        and on a GPU (mode "reduce-overhead", the default there) replay as CUDA graphs, which is
+        where the time of small-batch decoding goes. Prompts are read uncompiled."""
         if capacity is not None and not 1 <= capacity <= self.config.block_size:
             raise InputError(f"the static cache capacity must be in [1, {self.config.block_size}], got {capacity}")
         self.static_capacity = capacity or self.config.block_size
         if mode is None and self.wte.weight.is_cuda:
             mode = "reduce-overhead"
-        self._compiled_step = torch.compile(self._next_logprobs, fullgraph=True, dynamic=False, mode=mode)
+        self._compiled_step = torch.compile(self._next_logprobs, fullgraph=True, dynamic=None, mode=mode)
         return self
 
     # --- size ---------------------------------------------------------------------------

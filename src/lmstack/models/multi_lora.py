@@ -18,6 +18,11 @@ nothing, and more adapters in the batch cost only the reading of their weights, 
 cards). The batch's A and B are gathered once per change of its adapters, so a decoding step
 gathers only the activations.
 Adapters come and go at run time (`install`, `remove`); a slot freed by `remove` is reused.
+
+A compiled one-token step (`GPT.compile_decoding`; CUDA graphs on a GPU) cannot group rows: the
+groups' shapes change with the batch's adapters, and every change would compile again. Inside it
+each row instead reads its own adapter from the stacks (Punica's BGMV: `per_row` [B] names each
+row's slot, base rows a slot of zeros), so the step's shapes depend on the batch size alone.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ class _Rows:
     version that tells layers to gather their weights again."""
 
     def __init__(self):
-        self.key: tuple | None = None  # each row's slot; None: no row has an adapter
+        self.assigned: tuple | None = None  # each row's slot (-1: the base), as last set
+        self.key: tuple | None = None  # the same; None where no row has an adapter
+        self.per_row: torch.Tensor | None = None  # [B] each row's slot, the zero slot for base rows
         self.slots: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
         self.padding: torch.Tensor | None = None  # positions in `index` that are padding, if any
@@ -71,20 +78,22 @@ class MultiLoraLinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias
         self.rows = rows
         self.updates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], s·B [out, r])
-        self.A: torch.Tensor | None = None  # [slots, r, in]: each A row-major, as `bmm` reads it fastest
-        self.B: torch.Tensor | None = None  # [slots, r, out]
+        # [slots + 1, r, in] and [slots + 1, r, out], the last slot zeros (base rows in a compiled
+        # step); buffers, so a compiled step reads them where they are instead of copying them in.
+        self.register_buffer("A", None, persistent=False)  # each A row-major, as `bmm` reads it fastest
+        self.register_buffer("B", None, persistent=False)
         self._gathered: tuple | None = None  # (version, A_U, B_U)
 
     def restack(self, slots: int) -> None:
-        """Stack the adapters into [slots, ...] tensors (zeros for a slot this layer has none of)."""
+        """Stack the adapters into [slots + 1, ...] tensors (zeros for a slot this layer has none of)."""
         self._gathered = None
         if not self.updates:
             self.A = self.B = None
             return
         r = max(a.shape[0] for a, _ in self.updates.values())
         dtype = next(iter(self.updates.values()))[0].dtype
-        self.A = self.weight.new_zeros(slots, r, self.in_features, dtype=dtype)
-        self.B = self.weight.new_zeros(slots, r, self.out_features, dtype=dtype)
+        self.A = self.weight.new_zeros(slots + 1, r, self.in_features, dtype=dtype)
+        self.B = self.weight.new_zeros(slots + 1, r, self.out_features, dtype=dtype)
         for slot, (a, b) in self.updates.items():
             self.A[slot, : a.shape[0]] = a
             self.B[slot, : a.shape[0]] = b.t()
@@ -92,7 +101,11 @@ class MultiLoraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         rows = self.rows
-        if rows.key is None or self.A is None:
+        if self.A is None or rows.per_row is None:
+            return y
+        if torch.compiler.is_compiling():
+            return y + self._per_row(x)
+        if rows.key is None:
             return y
         A, B = self._gather()
         flat = x.reshape(x.shape[0], -1)  # [rows, T·in]
@@ -105,6 +118,12 @@ class MultiLoraLinear(nn.Linear):
         update = update.view(len(rows.index), -1)
         y.view(x.shape[0], -1).index_add_(0, rows.index, update if update.dtype == y.dtype else update.to(y.dtype))
         return y
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's update from its own adapter's A and B, gathered by `per_row`."""
+        slot = self.rows.per_row
+        low = torch.bmm(x.reshape(x.shape[0], -1, self.in_features).to(self.A.dtype), self.A[slot].transpose(1, 2))
+        return torch.bmm(low, self.B[slot]).view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's adapters: A [U, r, in], B [U, r, out]."""
@@ -174,27 +193,33 @@ class MultiLora:
     def _restack(self, layers: dict[str, MultiLoraLinear]) -> None:
         for layer in layers.values():
             layer.restack(len(self.used))
-        self.rows.key = None  # rows are set again before the next forward
+        self.rows.assigned = self.rows.key = self.rows.per_row = None  # set again before the next forward
         self.rows.version += 1
 
     def set_rows(self, slots: list[int] | None) -> None:
         """Each row's adapter slot for the coming forward passes (-1: the base); None or all -1
         runs the base alone."""
-        key = None if slots is None or all(s < 0 for s in slots) else tuple(slots)
-        if key == self.rows.key:
+        rows = self.rows
+        assigned = None if slots is None else tuple(slots)
+        if assigned == rows.assigned:
             return
-        self.rows.key = key
-        self.rows.version += 1
-        if key is None:
+        rows.assigned, rows.key, rows.per_row = assigned, None, None
+        rows.version += 1
+        if assigned is None:
             return
+        device = next(self.model.parameters()).device
+        zeros = len(self.used)  # the stacks' slot of zeros
+        rows.per_row = torch.tensor([s if s >= 0 else zeros for s in assigned], device=device)
+        if all(s < 0 for s in assigned):
+            return
+        rows.key = assigned
         groups: dict[int, list[int]] = {}
-        for row, slot in enumerate(key):
+        for row, slot in enumerate(assigned):
             if slot >= 0:
                 groups.setdefault(slot, []).append(row)
         width = max(map(len, groups.values()))
         index = [groups[s] + [None] * (width - len(groups[s])) for s in sorted(groups)]
         flat = [r for group in index for r in group]
-        device = next(self.model.parameters()).device
         self.rows.slots = torch.tensor(sorted(groups), device=device)
         self.rows.index = torch.tensor([0 if r is None else r for r in flat], device=device)
         padding = [i for i, r in enumerate(flat) if r is None]

@@ -541,10 +541,13 @@ def build_app(
     max_batch: int = 32,
     max_queue: int = 256,
     device: str = "cpu",
+    compile: bool = False,
 ) -> FastAPI:
     """The app `lmstack serve` runs: the checkpoint in `model_dir` (served as `name`, by default its
     folder's name) on a scheduler of `max_batch` rows, with every card inside `cards_dir` (each under
-    the name in its card.json) and `cards` ({name: card directory}) loaded."""
+    the name in its card.json) and `cards` ({name: card directory}) loaded. `compile` decodes a GPT
+    through a static KV cache and a compiled step (CUDA graphs on a GPU), compiled before the app
+    is returned."""
     from lmstack.generation.scheduler import Scheduler
     from lmstack.models.checkpoint import load_for_text
     from lmstack.serving.cards import list_cards
@@ -554,11 +557,18 @@ def build_app(
     found = {card.name: card.path for card in list_cards(cards_dir)} if cards_dir is not None else {}
     found.update(cards or {})  # before loading the model: a wrong folder fails fast
     model, tokenizer = load_for_text(model_dir, device)
+    if compile:
+        if not hasattr(model, "compile_decoding"):
+            raise InputError(f"--compile needs a GPT checkpoint; {model.family} models decode uncompiled, drop --compile")
+        model.compile_decoding()
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch)
     name = name or Path(model_dir).resolve().name
-    return create_app(
+    app = create_app(
         model, tokenizer, scheduler, name=name, cards=found, cards_dir=cards_dir, api_key=api_key, max_queue=max_queue
     )
+    if compile:
+        scheduler.warm_up()  # no request can arrive yet: the app is not served
+    return app
 
 
 @contextlib.contextmanager
@@ -602,11 +612,12 @@ def background(
     device: str = "cpu",
     host: str = "127.0.0.1",
     port: int = 0,
+    compile: bool = False,
 ) -> Iterator[str]:
     """`lmstack serve` inside this process, in a thread (`build_app`, then `serve_in_thread`) until
     the block ends; yields the base URL. The OpenAI client takes `base_url=url + "/v1"`; a request's
     `model` picks the base by its served name and a card by its card.json name (see /v1/models)."""
-    app = build_app(model_dir, cards, cards_dir, name, api_key, max_batch, max_queue, device)
+    app = build_app(model_dir, cards, cards_dir, name, api_key, max_batch, max_queue, device, compile)
     with serve_in_thread(app, host, port) as url:
         yield url
 
