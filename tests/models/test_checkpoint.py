@@ -3,6 +3,7 @@ checksums catch the damage that safetensors loads without complaint."""
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -193,3 +194,11 @@ def test_a_hugging_face_directory_points_to_convert(tmp_path):
         CheckpointError, match=r"a Hugging Face 'gpt2' checkpoint, not an lmstack one; import it with `lmstack convert"
     ):
         lmstack.load(tmp_path)
+
+
+def test_a_training_run_passed_as_a_checkpoint_names_its_newest_checkpoint(ckpt, tmp_path):
+    run = tmp_path / "run"
+    for step in ("step_0000010", "step_0000020"):
+        shutil.copytree(ckpt, run / "checkpoints" / step)
+    with pytest.raises(CheckpointError, match="is a training run, not a checkpoint.*step_0000020"):
+        lmstack.load(run)

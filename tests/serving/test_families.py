@@ -175,18 +175,10 @@ def test_logprobs_equal_lmstack_scoring(served):
     assert lp.token_logprobs[1:] == pytest.approx([s.logprob for s in token_scores(model, ids, start=1)], abs=1e-4)
 
 
-def test_tokenizer_and_chat_endpoints_answer_without_an_internal_error(served, request):
+def test_tokenizer_and_chat_endpoints_answer_without_an_internal_error(served):
     """A model without a chat format gets the 400 that says so; /tokenize and /tokenizer_info
     answer for every family."""
     family, url, model, tok = served
-    if family == "ngram":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="models.ngram.NGramVocab lacks the Tokenizer contract's chat_template and "
-                "encode(..., allowed_special=): /v1/chat/completions, /tokenize and /tokenizer_info answer 500",
-            )
-        )
     chat = {"model": family, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     r = requests.post(url + "/v1/chat/completions", json=chat, timeout=30)
     assert r.status_code == 400 and "no chat format" in r.json()["error"]["message"], r.text
@@ -196,11 +188,6 @@ def test_tokenizer_and_chat_endpoints_answer_without_an_internal_error(served, r
     assert r.status_code == 200 and r.json()["vocab_size"] == tok.vocab_size, r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serving.app._echo_logprobs scores an encoder-decoder's prompt as token_scores(model, ids, start=1): "
-    "the target prompt[1:] given the source prompt[:1], not a log-probability of the prompt; `lmstack score` refuses it",
-)
 def test_echo_logprobs_of_an_encoder_decoder_prompt_are_refused(checkpoints):
     """A T5 reads its prompt as the encoder's source, which has no log-probability (`lmstack score`
     refuses to score one without a continuation): echo with logprobs is a 400 that says so."""

@@ -16,7 +16,12 @@ def register(sub) -> None:
         "batched decoder; a request picks a persona card (a LoRA adapter with a system prompt) by its `model`. "
         "Needs the serving extra: pip install 'lmstack[serve]'.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint directory (with tokenizer.json)")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="checkpoint directory (a training run's checkpoints/step_N, an n-gram from `lmstack ngram train`, an import)",
+    )
     p.add_argument(
         "--card", action="append", default=[], metavar="NAME=DIR", help="load a persona card directory under NAME (repeatable)"
     )

@@ -63,6 +63,10 @@ def read_config(path: str | os.PathLike) -> dict:
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint directory (expected a folder with {CONFIG_FILE})")
     if not (p / CONFIG_FILE).exists():
+        steps = sorted((p / "checkpoints").glob("step_*/" + CONFIG_FILE))
+        if steps:  # a training run's folder: its checkpoints are inside
+            newest = steps[-1].parent
+            raise CheckpointError(f"{p} is a training run, not a checkpoint; pass one of its checkpoints, e.g. {newest}")
         raise CheckpointError(f"{p}: missing {CONFIG_FILE}; is this an lmstack checkpoint? (`lmstack convert` imports HF ones)")
     cfg = read_json(p / CONFIG_FILE, "checkpoint config")
     if not isinstance(cfg, dict):  # valid JSON, but `null`, a list or a number

@@ -677,13 +677,17 @@ class NGramVocab:
     A word model decodes every word with a space before it, so a decoded continuation appends
     to its prompt as text ("the cat" + " sat down"); pieces of a growing decode concatenate."""
 
+    chat_template = None  # no chat format: chat requests are refused as such
+
     def __init__(self, model: NGramLM):
         self.model = model
         self.vocab_size = model.vocab_size
         self.eot_id = EOS_ID
         self.special_tokens = {BOS: BOS_ID, EOS: EOS_ID}
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, allowed_special=()) -> list[int]:
+        """A line's ids; `allowed_special` is the Tokenizer contract's, and moot here: text never
+        holds <s> or </s>."""
         return self.model.encode(text)
 
     def prompt_ids(self, text: str) -> list[int]:

@@ -749,6 +749,13 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     top = body.logprobs or 0
     if body.stream and body.echo:
         raise ApiError(400, "echo is not supported with stream; drop one of them", "echo")
+    if body.echo and body.logprobs is not None and hasattr(server.model, "target_logprobs"):
+        raise ApiError(
+            400,
+            f"echo with logprobs: a {server.model.family} model reads the prompt as its encoder's source, which "
+            "has no log-probabilities (as `lmstack score` says); drop echo, the completion's own logprobs are given",
+            "echo",
+        )
     for p in prompts:
         server.check_length(p, max_tokens)
     rid_prefix, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
