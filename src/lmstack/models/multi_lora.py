@@ -2,32 +2,33 @@
 adapter, or none (S-LoRA / Punica's idea, in plain PyTorch).
 
 Every targeted `nn.Linear` becomes a `MultiLoraLinear` holding each adapter's A [r, in] and B
-[out, r] (the scaling folded into B) in stacks [slots, r_max, in] and [slots, r_max, out], ranks
-zero-padded to the largest. Before a forward pass the caller sets each row's slot
-(`MultiLora.set_rows`, -1 = the base), and the batch's rows are grouped by adapter: `index` [U·G]
-lists the rows of each of the U adapters present (padded to the largest group G with zero rows).
-Each layer then gathers those rows (into a buffer all layers share), runs two batched products
-against the U adapters' own A and B and adds the result back to each row:
+[out, r] (the scaling folded into B) in stacks [slots + 1, r_max, in] and [slots + 1, r_max, out],
+ranks zero-padded to the largest, the last slot zeros. Before a forward pass the caller sets each
+row's slot (`MultiLora.set_rows`, -1 = the base). A layer then adds each row's update, which
+equals running the row on the base with its adapter alone, in one of two ways:
 
-    y = W x + bias;   y[index[u]] += (x[index[u]] A_uᵀ) B_u   for each adapter u present
+- A decoding step groups the rows by adapter (Punica's SGMV, as one `bmm` per side): `index`
+  [U·G] lists the rows of each of the U adapters present (padded to the largest group G with
+  zero rows); the layer gathers those rows, runs two batched products against the U adapters'
+  own A and B (gathered once per change of the batch's adapters) and adds the result back:
 
-which equals running each row on the base with its adapter alone. The arithmetic is each adapted
-row's own rank (Punica's SGMV, as one `bmm` per side; padding rows aside): a base row costs
-nothing, and more adapters in the batch cost only the reading of their weights, once a step each
-(laying the adapters side by side for every row computed U·r columns per row, 8x more for 8
-cards). The batch's A and B are gathered once per change of its adapters, so a decoding step
-gathers only the activations.
+      y = W x + bias;   y[index[u]] += (x[index[u]] A_uᵀ) B_u   for each adapter u present
+
+  Each adapted row costs its own rank (padding aside), a base row nothing, and more adapters only
+  the reading of their weights once a step (laying them side by side for every row computed U·r
+  columns per row, 8x more for 8 cards).
+- A prompt, and a compiled step, give each row its own adapter's A and B, gathered by `per_row`
+  [B] (Punica's BGMV; base rows read the zero slot). A prompt's rows outweigh their adapters'
+  weights, so gathering the weights moves fewer bytes than gathering the rows; a compiled step
+  (`GPT.compile_decoding`; CUDA graphs on a GPU) cannot group rows, whose groups' shapes change
+  with the batch's adapters and would compile again at every change, while `per_row` depends on
+  the batch size alone.
+
 Adapters come and go at run time (`install`, `remove`); a slot freed by `remove` is reused.
-
-A compiled one-token step (`GPT.compile_decoding`; CUDA graphs on a GPU) cannot group rows: the
-groups' shapes change with the batch's adapters, and every change would compile again. Inside it
-each row instead reads its own adapter from the stacks (Punica's BGMV: `per_row` [B] names each
-row's slot, base rows a slot of zeros), so the step's shapes depend on the batch size alone.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -52,20 +53,6 @@ class _Rows:
         self.index: torch.Tensor | None = None
         self.padding: torch.Tensor | None = None  # positions in `index` that are padding, if any
         self.version = 0
-        self._scratch: dict[str, torch.Tensor] = {}
-
-    def scratch(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-        """A buffer reused by every layer (None where autograd records: it cannot write into one):
-        a prompt's gathered activations are megabytes, and allocating them afresh in each layer
-        costs page faults that outweigh the products (benchmarks/RESULTS.md, serving engine)."""
-        if torch.is_grad_enabled():
-            return None
-        numel = math.prod(shape)
-        buf = self._scratch.get(role)
-        fits = buf is not None and buf.numel() >= numel and (buf.dtype, buf.device) == (like.dtype, like.device)
-        if not fits or buf.is_inference() != torch.is_inference_mode_enabled():  # neither may write the other's
-            buf = self._scratch[role] = like.new_empty(numel)
-        return buf[:numel].view(shape)
 
 
 class MultiLoraLinear(nn.Linear):
@@ -104,26 +91,26 @@ class MultiLoraLinear(nn.Linear):
         if self.A is None or rows.per_row is None:
             return y
         if torch.compiler.is_compiling():
-            return y + self._per_row(x)
+            return self._add_per_row(x, y)
         if rows.key is None:
             return y
+        if x[0].numel() > self.in_features:  # a prompt: a row's adapter weighs less than its activations
+            return self._add_per_row(x, y)
         A, B = self._gather()
-        flat = x.reshape(x.shape[0], -1)  # [rows, T·in]
-        xs = torch.index_select(flat, 0, rows.index, out=rows.scratch("x", (len(rows.index), flat.shape[1]), flat))
+        xs = torch.index_select(x.reshape(x.shape[0], -1), 0, rows.index)
         if rows.padding is not None:
             xs.index_fill_(0, rows.padding, 0)
-        xs = xs.view(A.shape[0], -1, self.in_features)  # [U, G·T, in]
-        low = torch.bmm(xs if xs.dtype == A.dtype else xs.to(A.dtype), A.transpose(1, 2))  # [U, G·T, r]
-        update = torch.bmm(low, B, out=rows.scratch("update", (A.shape[0], xs.shape[1], self.out_features), low))
-        update = update.view(len(rows.index), -1)
-        y.view(x.shape[0], -1).index_add_(0, rows.index, update if update.dtype == y.dtype else update.to(y.dtype))
+        low = torch.bmm(xs.view(A.shape[0], -1, self.in_features).to(A.dtype), A.transpose(1, 2))  # [U, G, r]
+        update = torch.bmm(low, B).view(len(rows.index), -1)  # [U·G, out]
+        y.view(x.shape[0], -1).index_add_(0, rows.index, update.to(y.dtype))
         return y
 
-    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row's update from its own adapter's A and B, gathered by `per_row`."""
+    def _add_per_row(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus each row's update from its own adapter, whose A and B `per_row` gathers."""
         slot = self.rows.per_row
         low = torch.bmm(x.reshape(x.shape[0], -1, self.in_features).to(self.A.dtype), self.A[slot].transpose(1, 2))
-        return torch.bmm(low, self.B[slot]).view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y.view(x.shape[0], -1, self.out_features).baddbmm_(low.to(y.dtype), self.B[slot].to(y.dtype))
+        return y
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's adapters: A [U, r, in], B [U, r, out]."""
