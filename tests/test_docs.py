@@ -54,13 +54,18 @@ def run_blocks(path: Path, cwd: Path) -> str | None:
 @pytest.fixture(scope="module")
 def doc_runs(request, tmp_path_factory):
     """The selected files' runs, started together, one per core: each runs on one thread, so the
-    files share the cores instead of queueing (the docs are the suite's longest part)."""
+    files share the cores instead of queueing (the docs are the suite's longest part). Under
+    pytest-xdist the workers already fill the cores and each worker collects every file, so each
+    file runs in its own test instead, on whichever worker it is sent to (None here)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        yield None
+        return
     selected = [item.callspec.params["path"] for item in request.session.items if item.originalname == "test_runnable_blocks_run"]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         yield {path: pool.submit(run_blocks, path, tmp_path_factory.mktemp(path.stem)) for path in selected}
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_runnable_blocks_run(path: Path, doc_runs):
-    failure = doc_runs[path].result()
+def test_runnable_blocks_run(path: Path, doc_runs, tmp_path):
+    failure = run_blocks(path, tmp_path) if doc_runs is None else doc_runs[path].result()
     assert failure is None, failure
