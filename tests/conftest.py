@@ -13,7 +13,7 @@ settings.register_profile("ci", derandomize=True, database=None, print_blob=True
 if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     settings.load_profile("ci")
 
-# Under pytest-xdist (`-n 2`, as the README runs the suite) each worker is one process on one core:
+# Under pytest-xdist (`-n auto`, as the README runs the suite) each worker is one process on one core:
 # torch on one thread in the worker and in the commands it starts, or the workers' thread pools
 # oversubscribe the cores and spin (several times slower per step on a 2-core machine).
 if os.environ.get("PYTEST_XDIST_WORKER"):

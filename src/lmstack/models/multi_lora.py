@@ -47,10 +47,9 @@ class _Rows:
 
     def __init__(self):
         self.assigned: tuple | None = None  # each row's slot (-1: the base), as last set
-        self.key: tuple | None = None  # the same; None where no row has an adapter
         self.per_row: torch.Tensor | None = None  # [B] each row's slot, the zero slot for base rows
         self.slots: torch.Tensor | None = None
-        self.index: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None  # None where no row has an adapter
         self.padding: torch.Tensor | None = None  # positions in `index` that are padding, if any
         self.version = 0
 
@@ -92,7 +91,7 @@ class MultiLoraLinear(nn.Linear):
             return y
         if torch.compiler.is_compiling():
             return self._add_per_row(x, y)
-        if rows.key is None:
+        if rows.index is None:
             return y
         if x[0].numel() > self.in_features:  # a prompt: a row's adapter weighs less than its activations
             return self._add_per_row(x, y)
@@ -180,7 +179,7 @@ class MultiLora:
     def _restack(self, layers: dict[str, MultiLoraLinear]) -> None:
         for layer in layers.values():
             layer.restack(len(self.used))
-        self.rows.assigned = self.rows.key = self.rows.per_row = None  # set again before the next forward
+        self.rows.assigned = self.rows.per_row = self.rows.index = None  # set again before the next forward
         self.rows.version += 1
 
     def set_rows(self, slots: list[int] | None) -> None:
@@ -190,7 +189,7 @@ class MultiLora:
         assigned = None if slots is None else tuple(slots)
         if assigned == rows.assigned:
             return
-        rows.assigned, rows.key, rows.per_row = assigned, None, None
+        rows.assigned, rows.per_row, rows.index = assigned, None, None
         rows.version += 1
         if assigned is None:
             return
@@ -199,7 +198,6 @@ class MultiLora:
         rows.per_row = torch.tensor([s if s >= 0 else zeros for s in assigned], device=device)
         if all(s < 0 for s in assigned):
             return
-        rows.key = assigned
         groups: dict[int, list[int]] = {}
         for row, slot in enumerate(assigned):
             if slot >= 0:
@@ -207,7 +205,7 @@ class MultiLora:
         width = max(map(len, groups.values()))
         index = [groups[s] + [None] * (width - len(groups[s])) for s in sorted(groups)]
         flat = [r for group in index for r in group]
-        self.rows.slots = torch.tensor(sorted(groups), device=device)
-        self.rows.index = torch.tensor([0 if r is None else r for r in flat], device=device)
+        rows.slots = torch.tensor(sorted(groups), device=device)
+        rows.index = torch.tensor([0 if r is None else r for r in flat], device=device)
         padding = [i for i, r in enumerate(flat) if r is None]
-        self.rows.padding = torch.tensor(padding, device=device) if padding else None
+        rows.padding = torch.tensor(padding, device=device) if padding else None
