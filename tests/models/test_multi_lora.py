@@ -13,12 +13,13 @@ V = 40
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
-    """A base checkpoint and three adapters of different ranks and targets for it."""
+    """A base checkpoint and four adapters of different ranks and targets for it ("d" adapts q and v
+    but not k, which then stays a plain linear layer beside them)."""
     tmp = tmp_path_factory.mktemp("multi_lora")
     torch.manual_seed(0)
     GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, mlp="swiglu", bias=False)).save(tmp / "base")
     dirs = {}
-    for seed, (name, r, targets) in enumerate((("a", 2, ("attn",)), ("b", 4, ("attn", "mlp")), ("c", 8, ("mlp",))), 1):
+    for seed, (name, r, targets) in enumerate((("a", 2, ("attn",)), ("b", 4, ("attn", "mlp")), ("c", 8, ("mlp",)), ("d", 3, ("*.q", "*.v"))), 1):
         model = GPT.load(tmp / "base")
         lora.attach(model, lora.LoraConfig(r=r, alpha=2 * r, targets=targets))
         g = torch.Generator().manual_seed(seed)
@@ -42,13 +43,16 @@ def alone(base_dir, adapter_dir):
         ["b", None, "a", "b", "b", None, "c"],  # groups of 3, 1, 1: two padded
         ["a", "a", "a", "a"],  # one adapter for every row
         [None, "c", None],  # one adapted row among base rows
+        ["d", "a", None, "d"],  # q and v adapted by both, k by "a" alone
+        ["d", None, "d"],  # k left a plain linear layer between q and v
     ],
 )
 def test_each_row_equals_its_adapter_alone(adapters, names):
+    """Only the adapters named are loaded, so some layers have none and stay plain."""
     base_dir, dirs = adapters
     model = GPT.load(base_dir).eval()
     multi = MultiLora(model)
-    slots = {name: multi.install(multi.read(d)) for name, d in dirs.items()}
+    slots = {name: multi.install(multi.read(dirs[name])) for name in dict.fromkeys(n for n in names if n)}
     x = torch.randint(0, V, (len(names), 7), generator=torch.Generator().manual_seed(0))
     multi.set_rows([slots[n] if n else -1 for n in names])
     with torch.no_grad():

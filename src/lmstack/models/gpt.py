@@ -331,7 +331,8 @@ class KVCache:
         for store, new in ((self.k, k), (self.v, v)):
             if end > store[layer].shape[2]:
                 old = store[layer]
-                store[layer] = old.new_zeros(*old.shape[:2], max(end, 2 * old.shape[2]), old.shape[3])
+                # uninitialised: only slots below `end` are ever attended to, and those are written
+                store[layer] = old.new_empty(*old.shape[:2], max(end, 2 * old.shape[2]), old.shape[3])
                 store[layer][:, :, : self.pos] = old[:, :, : self.pos]
             store[layer][:, :, self.pos : end] = new
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
