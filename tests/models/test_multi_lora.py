@@ -19,7 +19,8 @@ def adapters(tmp_path_factory):
     torch.manual_seed(0)
     GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, mlp="swiglu", bias=False)).save(tmp / "base")
     dirs = {}
-    for seed, (name, r, targets) in enumerate((("a", 2, ("attn",)), ("b", 4, ("attn", "mlp")), ("c", 8, ("mlp",)), ("d", 3, ("*.q", "*.v"))), 1):
+    kinds = (("a", 2, ("attn",)), ("b", 4, ("attn", "mlp")), ("c", 8, ("mlp",)), ("d", 3, ("*.q", "*.v")))
+    for seed, (name, r, targets) in enumerate(kinds, 1):
         model = GPT.load(tmp / "base")
         lora.attach(model, lora.LoraConfig(r=r, alpha=2 * r, targets=targets))
         g = torch.Generator().manual_seed(seed)
