@@ -140,7 +140,7 @@ class Commands:
         shown = shlex.join(["lmstack", *argv]).replace(str(self.root), self.shown_root)
         self.log.setdefault(stage, []).append(shown)
         print(f"$ {shown}", flush=True)
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         code = int(args.func(args) or 0)
         if code in (130, 143):  # the run saved and stopped on SIGINT / SIGTERM: stop too
             raise KeyboardInterrupt

@@ -1,5 +1,7 @@
 """The `lmstack` command. Each command group lives in its own module with a `register(sub)`
-function that adds its parser and sets `func(args) -> int | None`."""
+function that adds its parser and sets `func(args) -> int | None`. A command whose parser is slow
+to build (its flags come from training configs, whose modules import torch) also names its
+one-line `HELP`, so other commands run without building it."""
 
 from __future__ import annotations
 
@@ -42,7 +44,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `argv`, the commands it does not run that define `HELP`
+    are only listed (building `train`, `finetune` and `align` imports the training stack, 2-4 s
+    that `lmstack --help` or `lmstack tokenizer` should not wait for)."""
+    running = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = Parser(
         prog="lmstack",
         description="The whole language-model stack: tokenizers, n-grams to Transformers, "
@@ -52,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (accepted anywhere)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"lmstack.cli.{name}").register(sub)
+        module = importlib.import_module(f"lmstack.cli.{name}")
+        if argv is not None and name != running and hasattr(module, "HELP"):
+            sub.add_parser(name, help=module.HELP)
+        else:
+            module.register(sub)
     return parser
 
 
@@ -80,7 +90,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def _run(argv: list[str], debug: bool) -> int:
     try:
         check_utf8_args(argv)
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             # A group without a subcommand (or no command at all): show what is there.

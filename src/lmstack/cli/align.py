@@ -48,12 +48,11 @@ def _run(args, cls, recipe, name: str) -> int:
     return finish(last, f"checkpoint {last.get('checkpoint')}", name)
 
 
+HELP = "align a model with preferences: reward models, DPO (IPO, SimPO, hinge), PPO, and RL on verifiable answers (GRPO)"
+
+
 def register(sub) -> None:
-    group = add_group(
-        sub,
-        "align",
-        help="align a model with preferences: reward models, DPO (IPO, SimPO, hinge), PPO, and RL on verifiable answers (GRPO)",
-    )
+    group = add_group(sub, "align", help=HELP)
     add_recipe(
         group,
         "reward",

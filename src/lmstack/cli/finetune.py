@@ -11,6 +11,8 @@ from __future__ import annotations
 from lmstack.cli.train import finish, resolve_config, shipped_configs
 from lmstack.io import check_output_dir
 
+HELP = "fine-tune a pretrained model: SFT, classification or embeddings, full or LoRA"
+
 
 def register(sub) -> None:
     from lmstack.training.config import add_arguments
@@ -19,7 +21,7 @@ def register(sub) -> None:
     names = ", ".join(sorted(shipped_configs(FinetuneConfig))) or "none"
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a pretrained model: SFT, classification or embeddings, full or LoRA",
+        help=HELP,
         description="Fine-tune the model given by --init-from (an lmstack checkpoint, an adapter directory, or a "
         "Hugging Face directory). --task sft (default) maximises log P(answer | question) on JSONL conversations "
         "({prompt, response} or {messages}), the loss on the assistant's tokens only, or continues pretraining on "

@@ -32,13 +32,16 @@ def shipped_configs(cls=None) -> dict[str, Path]:
     return found
 
 
+HELP = "pretrain a model (GPT, RNN, feed-forward, BERT, T5) on text files"
+
+
 def register(sub) -> None:
     from lmstack.training.config import add_arguments
 
     names = ", ".join(sorted(shipped_configs()))
     p = sub.add_parser(
         "train",
-        help="pretrain a model (GPT, RNN, feed-forward, BERT, T5) on text files",
+        help=HELP,
         description="Pretrain a model. Settings come from the defaults, then --config, then flags. "
         "The run directory (--out-dir) gets the resolved config, tokenizer, token shards, metrics.jsonl "
         f"and checkpoints. Shipped configs: {names}.",
