@@ -2,7 +2,11 @@
 lmstack's in-process generation and `lmstack score`, errors are OpenAI's, 64 streams run at once."""
 
 import json
+import re
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -426,3 +430,34 @@ def test_a_compiled_server_is_compiled_before_it_serves_and_answers_as_eager(wor
             reference = refs["pirate"] if name == "pirate" else model
             assert answer.choices[0].text == greedy(reference, tok, encode_prompt(tok, prompt), 8).text
     assert compile_counter.frame_count == 2
+
+
+def test_the_serve_command_takes_a_free_port_with_0_and_names_a_busy_one(workdir, cli):
+    """`lmstack serve --port 0` prints the port it took and answers there; a port in use is one
+    line and exit code 2, before the model loads."""
+    root, _ = workdir
+    argv = [sys.executable, "-m", "lmstack.cli", "serve", "--model", str(root / "tiny"), "--port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert url and url[1] != "0", line + proc.stderr.read() if proc.poll() is not None else line
+        port = int(url[1])
+        for _ in range(200):  # the socket listens before the app runs: connections wait, /health answers once up
+            try:
+                assert requests.get(url[0] + "health", timeout=5).status_code == 200
+                break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError("the server never answered /health")
+        busy = cli("serve", "--model", root / "tiny", "--port", port)
+        assert busy.returncode == 2
+        assert busy.stderr.strip().splitlines() == [
+            f"error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+            "check the host, or pick another port (0: a free one)"
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert cli("serve", "--model", root / "tiny", "--port", "70000").stderr.startswith("error: port 70000: must be in 0..65535")

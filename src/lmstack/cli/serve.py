@@ -32,7 +32,7 @@ def register(sub) -> None:
     )
     p.add_argument("--name", metavar="NAME", help="the base model's id in the API (default: the --model folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one, printed at start)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the API")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default: 32)")
     p.add_argument(
@@ -65,11 +65,11 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError:
         raise InputError("serving needs FastAPI and uvicorn; install them with pip install 'lmstack[serve]'") from None
-    from lmstack.serving.app import build_app
+    from lmstack.serving.app import build_app, listen
 
-    for flag, value in (("--max-batch", args.max_batch), ("--port", args.port)):
-        if value < 1:
-            raise InputError(f"{flag} must be >= 1, got {value}")
+    if args.max_batch < 1:
+        raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    sock = listen(args.host, args.port)
     app = build_app(
         args.model,
         cards=parse_cards(args.card),
@@ -82,6 +82,7 @@ def cmd_serve(args) -> int:
         compile=args.compile,
     )
     server = app.state.server
-    print(f"serving {server.name} ({len(server.cards)} cards) on http://{args.host}:{args.port}/ (API at /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {server.name} ({len(server.cards)} cards) on http://{host}:{sock.getsockname()[1]}/ (API at /v1)", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

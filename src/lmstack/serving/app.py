@@ -578,10 +578,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
     stops and its decoding worker ends."""
     import uvicorn
 
-    try:
-        sock = socket.create_server((host, port))
-    except OSError as e:
-        raise InputError(f"cannot listen on {host}:{port} ({e.strerror}); pick another port, or 0 for a free one") from None
+    sock = listen(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lmstack-http", daemon=True)
     thread.start()
@@ -598,6 +595,23 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (port 0: a free one, `getsockname()` says which), bound
+    before the model loads so that a busy port fails at once; InputError says why it cannot."""
+    if not 0 <= port <= 65535:
+        raise InputError(f"port {port}: must be in 0..65535 (0: a free one)")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restarted server may take its port at once
+        sock.bind((host, port))
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        advice = "check the host, or pick another port (0: a free one)"
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e}); {advice}") from None
+    return sock
 
 
 @contextlib.contextmanager
