@@ -146,18 +146,6 @@ def test_bad_prompts_are_named_by_row(tiny, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def two_threads():
-    """This module's runs on two torch threads, wherever they run. Training's float sums, and so its
-    numbers, depend on the thread count: the end-to-end bounds below were set on a 2-core machine's
-    default of two threads, and on one thread throughout (as under pytest-xdist, tests/conftest.py)
-    this seed's held-out reward rises to +0.16 by step 10 and falls back to -0.06 by step 30."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory, small_text):
     return sft_model(tmp_path_factory, small_text)
@@ -181,7 +169,12 @@ def test_ppo_raises_the_reward_models_mean_score_on_held_out_prompts_with_bounde
         )
     )
     assert rm["val_accuracy"] == 1.0
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", rule_rows(100, 4, "prompts"))
+    # Rollouts of 32 replies (not 8) for 80 steps, a KL penalty of 0.07, and 40 held-out prompts (of 200) rather than 20:
+    # with 8-reply rollouts and 30 steps the update was noisy enough that the outcome hung on the order of float sums
+    # (torch threads: +0.62 on two; on one, +0.16 by step 10, then back to -0.06). Here, over 9 seeds of the pairs, the
+    # prompts and PPO, on 1 and 2 threads each, the held-out reward rose by 0.83 to 1.44 and the KL stayed under 15 nats.
+    # (This reward model scores "Answer: w!" about 1.9 above "Answer: w.", so +0.5 is a quarter of the replies turned.)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rule_rows(200, 4, "prompts"))
     ppo(
         PPOConfig(
             init_from=sft,
@@ -189,17 +182,18 @@ def test_ppo_raises_the_reward_models_mean_score_on_held_out_prompts_with_bounde
             prompts=[str(prompts)],
             out_dir=str(tmp_path / "ppo"),
             max_new_tokens=16,
-            batch_size=8,
-            max_steps=30,
+            batch_size=32,
+            max_steps=80,
             lr=1e-3,
             min_lr=1e-4,
             warmup_steps=2,
-            eval_interval=10,
+            kl_coef=0.07,
+            eval_interval=20,
             val_fraction=0.2,
         )
     )
     evals = [r for r in read_metrics(tmp_path / "ppo") if "val_reward" in r]
-    assert [e["step"] for e in evals] == [0, 10, 20, 30]
+    assert [e["step"] for e in evals] == [0, 20, 40, 60, 80]
     assert evals[-1]["val_reward"] > evals[0]["val_reward"] + 0.5
     assert evals[-1]["val_kl"] < 20  # nats per reply: the policy stays near its start
     steps = [r for r in read_metrics(tmp_path / "ppo") if "kl" in r]
