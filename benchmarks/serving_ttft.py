@@ -33,6 +33,7 @@ import torch
 from openai import OpenAI
 
 from lmstack.generation import GenerationConfig, generate_tokens
+from lmstack.models.base import input_major
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.serving.app import background
 from lmstack.tokenizers.char import CharTokenizer
@@ -86,6 +87,7 @@ def main() -> None:
     local, served = [], []
     with tempfile.TemporaryDirectory() as tmp:
         model.save(Path(tmp) / "gpt", tok)
+        input_major(model)  # as `lmstack generate` and `lmstack serve` do
         with (background if args.server == "thread" else subprocess_server)(Path(tmp) / "gpt", max_batch=8) as url:
             client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
             for i, prompt in enumerate(prompts):

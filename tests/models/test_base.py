@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmstack.errors import InputError
+from lmstack.models.base import input_major
 from lmstack.models.feedforward import FeedForwardConfig, FeedForwardLM
 from lmstack.models.gpt import GPT, GPTConfig
 from lmstack.models.ngram import NGramLM
@@ -83,3 +84,32 @@ def test_bad_lengths_are_refused(lengths):
     model = GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     with pytest.raises(InputError, match="lengths"):
         model.start(torch.zeros(2, 4, dtype=torch.long), torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("ngram",)])
+def test_input_major_changes_layout_not_outputs(family, tmp_path):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    tokens = torch.randint(2, model.vocab_size, (3, 7))
+    with torch.no_grad():
+        state, first = model.start(tokens)
+        _, second = model.step(state, tokens[:, 0])
+    input_major(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert any(id(m.weight) not in embeddings for m in linears)
+    for m in linears:
+        out = m.weight.shape[0]
+        if id(m.weight) in embeddings:  # a tied head: an embedding reads its rows
+            assert m.weight.is_contiguous()
+        else:
+            assert m.weight.stride() == (1, out) and m.weight.t().is_contiguous()
+    with torch.no_grad():
+        state, got = model.start(tokens)
+        torch.testing.assert_close(got, first, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.step(state, tokens[:, 0])[1], second, atol=1e-5, rtol=0)
+    if hasattr(model, "save"):  # the checkpoint holds the same numbers, stored as always
+        model.save(tmp_path)
+        reloaded = type(model).load(tmp_path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.start(tokens)[1], first, atol=1e-5, rtol=0)

