@@ -117,12 +117,14 @@ def grow_vocab(model, vocab_size: int):
 @torch.no_grad()
 def input_major(model) -> None:
     """Lay out every linear layer's weight input-major in memory (in place), as transformers'
-    Conv1D stores GPT-2's: a CPU (MKL) multiplies a decoding step's few rows by that layout faster,
-    up to 3x for 8 rows (a served GPT of width 512 decodes 32 rows 8% faster). Values, shapes and
-    names stay; `weight` becomes the transpose of a contiguous [in, out] tensor. A weight an
-    embedding shares (a tied output head) keeps its layout, since an embedding reads its rows.
-    For decoding (`lmstack serve`, `lmstack generate`), not training, whose gradients would take
-    the same layout. On a GPU, where cuBLAS reads both layouts alike, nothing changes."""
+    Conv1D stores GPT-2's: a CPU (MKL) multiplies a decoding step's few rows by that layout up to
+    2.4x faster and splits the product across threads, which it barely does for the row-major one
+    (a served GPT of width 512 decodes 32 rows 1.05-1.1x faster on one thread, 1.4x on two; see
+    benchmarks/RESULTS.md). Values, shapes and names stay; `weight` becomes the transpose of a
+    contiguous [in, out] tensor. A weight an embedding shares (a tied output head) keeps its
+    layout, since an embedding reads its rows. For decoding (`lmstack serve`, `lmstack generate`),
+    not training, whose gradients would take the same layout. On a GPU, where cuBLAS reads both
+    layouts alike, nothing changes."""
     if not isinstance(model, torch.nn.Module):
         return
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
