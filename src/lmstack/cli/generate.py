@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from lmstack.errors import InputError
 
@@ -34,7 +35,11 @@ def register(sub) -> None:
         help="each prompt is a user's message: framed by the model's chat template, the reply ends at its "
         "end-of-turn token (a model fine-tuned on conversations)",
     )
-    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before each prompt")
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="with --chat: a system message before each prompt (default: a persona card's own, as the server uses; '' for none)",
+    )
     p.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt (default: 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; higher = flatter (default: 1)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0 = off)")
@@ -77,6 +82,7 @@ def cmd_generate(args) -> int:
     from lmstack.generation.engine import encode_prompt
     from lmstack.models.base import input_major
     from lmstack.models.checkpoint import load_for_text
+    from lmstack.serving.cards import CARD_FILE, read_card
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -90,6 +96,8 @@ def cmd_generate(args) -> int:
 
         prompts = [read_stdin()]
     check_beam_settings(args.beams, args.num_return, args.length_penalty)
+    if args.max_tokens < 0:
+        raise InputError(f"--max-tokens must be >= 0; got {args.max_tokens}")
     if args.beams > 1 and (args.stream or args.stop):
         raise InputError("--beams cannot be combined with --stream or --stop; drop one of them")
     if args.stream and (args.json or len(prompts) > 1):
@@ -118,6 +126,8 @@ def cmd_generate(args) -> int:
 
     if args.chat and (args.stream or args.beams > 1):
         raise InputError("--chat decodes by sampling or greedily; drop --stream / --beams")
+    if args.chat and args.system is None and (Path(args.model) / CARD_FILE).is_file():
+        args.system = read_card(args.model).system or None  # a persona card starts from its system prompt, as served
     if args.stream:
         sys.stdout.write(prompts[0])
         for piece in stream(model, tokenizer, prompts[0], config):
