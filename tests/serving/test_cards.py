@@ -1,7 +1,9 @@
 """Persona cards: `lmstack card create|list|show`, loading a card into a running scheduler, and
-refusing cards of another base or from outside the cards folder."""
+refusing cards of another base (architecture or weights), adapters a server cannot load, and cards
+from outside the cards folder."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,20 +13,23 @@ from lmstack.errors import CheckpointError, InputError
 from lmstack.generation import GenerationConfig
 from lmstack.generation.scheduler import Scheduler
 from lmstack.models import lora
+from lmstack.models.base import input_major
 from lmstack.models.gpt import GPT, GPTConfig
-from lmstack.serving.cards import card_dir_in, check_card, create_card, list_cards, load_card, read_card
+from lmstack.models.multi_lora import MultiLoraLinear
+from lmstack.serving.cards import card_dir_in, check_card, create_card, list_cards, load_card, read_card, weights_fingerprint
+from lmstack.tokenizers.char import CharTokenizer
 
 V = 30
 
 
-def adapter(tmp_path, name: str, n_embd: int = 32):
-    """A LoRA adapter with non-zero weights, on a base checkpoint of its own width."""
-    torch.manual_seed(0)
-    base = tmp_path / f"base{n_embd}"
+def adapter(tmp_path, name: str, n_embd: int = 32, seed: int = 0, **lora_settings):
+    """A LoRA adapter with non-zero weights, on a base checkpoint of its own width and seed."""
+    torch.manual_seed(seed)
+    base = tmp_path / f"base{n_embd}-{seed}"
     if not base.exists():
         GPT(GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=n_embd)).save(base)
     model = GPT.load(base).eval()
-    lora.attach(model, lora.LoraConfig(r=2, targets=("attn",)))
+    lora.attach(model, lora.LoraConfig(r=2, targets=("attn",), **lora_settings))
     with torch.no_grad():
         for m in lora.lora_modules(model).values():
             m.lora_B.normal_(std=0.5)
@@ -108,3 +113,88 @@ def test_bad_cards_and_paths_are_clear_errors(tmp_path, capsys):
     for outside in ("../adapter", str(src), ".", "ok/../../adapter"):
         with pytest.raises(InputError, match="only from inside the cards folder"):
             card_dir_in(cards, outside)
+
+
+def test_a_card_for_another_base_of_the_same_architecture_is_refused(tmp_path):
+    """Two bases of one config (another seed) share the architecture fingerprint; the card's
+    weights fingerprint tells them apart, and stays its base's through input_major and loaded cards."""
+    src, base = adapter(tmp_path, "a0", seed=0)
+    card = create_card(src, tmp_path / "cards" / "a0", "a0", "hi")
+    other_src, other = adapter(tmp_path, "a1", seed=1)
+    assert card.base_fingerprint == lora.base_fingerprint(GPT.load(other))
+    sched = Scheduler(GPT.load(other).eval(), None)
+    with pytest.raises(CheckpointError, match="made for another base model of this architecture.*adapter trained on this base"):
+        load_card(sched, card.path)
+    assert sched.adapters == {}
+    # on its own base, laid out for serving and already carrying another card, it loads
+    model = GPT.load(base).eval()
+    input_major(model)
+    sched = Scheduler(model, None)
+    load_card(sched, create_card(src, tmp_path / "cards" / "b0", "b0", "hi").path)
+    load_card(sched, card.path)
+    assert any(isinstance(m, MultiLoraLinear) for m in model.modules())
+    assert weights_fingerprint(model) == read_card(card.path).base_weights == weights_fingerprint(GPT.load(base))
+    # a card written before weights were fingerprinted is checked by architecture only
+    manifest = json.loads((card.path / "card.json").read_text())
+    del manifest["base_weights"]
+    (card.path / "card.json").write_text(json.dumps(manifest))
+    check_card(read_card(card.path), GPT.load(other))
+    # the base must be readable when the card is made
+    shutil.rmtree(other)
+    with pytest.raises(CheckpointError, match=f"its base .*{other.name}.* is not a checkpoint directory"):
+        create_card(other_src, tmp_path / "cards" / "a1", "a1", "hi")
+    assert not (tmp_path / "cards" / "a1").exists()
+
+
+def test_card_create_refuses_an_adapter_that_trains_whole_modules(tmp_path, capsys):
+    """A vocabulary grown for chat tokens makes the adapter carry whole embeddings, which a server
+    cannot share between rows: refused when the card is made, with fixes a user can run."""
+    src, base = adapter(tmp_path, "grown", modules_to_save=("embeddings",))
+    out = tmp_path / "cards" / "grown"
+    assert main(["card", "create", "--adapter", str(src), "--name", "g", "--system", "hi", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trains whole modules" in err
+    assert f"lmstack lora merge --adapter {src}" in err and "--special '<|system|>'" in err
+    assert not out.exists()
+    with pytest.raises(CheckpointError, match="lmstack lora merge"):  # what a server says of such a card
+        lora.adapter_updates(GPT.load(base), src)
+
+
+def test_card_list_takes_the_folder_as_an_argument(tmp_path, capsys):
+    src, _ = adapter(tmp_path, "adapter")
+    cards = tmp_path / "cards"
+    create_card(src, cards / "pirate", "pirate", "hi")
+    for args in ([str(cards)], ["--cards-dir", str(cards)]):
+        assert main(["card", "list", *args]) == 0
+        assert capsys.readouterr().out.startswith("pirate\t")
+    assert main(["card", "list", str(cards), "--cards-dir", str(tmp_path)]) == 2
+    assert "name one" in capsys.readouterr().err
+
+
+def test_card_holds_the_adapter_not_the_training_state(tmp_path, capsys):
+    """A finetune checkpoint's optimizer, random state and trainer state stay behind; the adapter's
+    tokenizer (its chat tokens) comes along, and the card verifies as it is."""
+    src, _ = adapter(tmp_path, "adapter")
+    CharTokenizer.train(["ahoy"], special_tokens=("<|endoftext|>", "<|user|>")).save(src)
+    for junk in ("optimizer.safetensors", "rng_0.safetensors", "trainer_state.json", "checksums.json"):
+        (src / junk).write_text("{}")
+    card = create_card(src, tmp_path / "card", "c", "hi")
+    names = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "card.json", "checksums.json"}
+    assert {f.name for f in card.path.iterdir()} == names
+    assert main(["verify", str(card.path)]) == 0
+
+
+def test_card_create_does_not_overwrite_without_force(tmp_path, capsys):
+    src, _ = adapter(tmp_path, "adapter")
+    out = tmp_path / "cards" / "c"
+    create_card(src, out, "first", "hi")
+    (out / "notes.txt").write_text("mine")
+    before = (out / "card.json").read_text()
+    args = ["card", "create", "--adapter", str(src), "--name", "second", "--system", "hi", "--out", str(out)]
+    assert main(args) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "card.json").read_text() == before
+    assert main([*args, "--force"]) == 0
+    assert read_card(out).name == "second" and not (out / "notes.txt").exists()
+    with pytest.raises(InputError, match="adapter directory lies there"):
+        create_card(src, tmp_path, "x", "hi", force=True)

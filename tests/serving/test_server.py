@@ -117,6 +117,11 @@ def test_completions_and_chat_equal_in_process_generation(served):
     reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     assert reply.choices[0].message.content == chat_reference(model, tok, messages, 10).text
     assert reply.choices[0].message.role == "assistant"
+    # content as OpenAI's list of parts: the text parts, joined by newlines
+    parts = [{"type": "text", "text": "the"}, {"type": "text", "text": "cat"}]
+    reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=10, temperature=0)
+    want = chat_reference(model, tok, [{"role": "user", "content": "the\ncat"}], 10)
+    assert reply.choices[0].message.content == want.text
 
 
 def test_sampling_n_and_seed(served):
@@ -159,9 +164,12 @@ def test_streaming_matches_and_follows_openai_chunks(served):
         raw = json.loads(e)
         chat_types.ChatCompletionChunk.model_validate(raw)
         assert raw["object"] == "chat.completion.chunk" and set(raw) >= {"id", "created", "model", "choices"}
-    # completions stream: the pieces make the whole text
-    pieces = list(c.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0, stream=True))
+    # completions stream: the pieces make the whole text; logprobs' text_offset counts from its start, as without stream
+    args = dict(model="tiny", prompt="the cat", max_tokens=12, temperature=0, logprobs=1)
+    pieces = list(c.completions.create(**args, stream=True))
     assert "".join(p.choices[0].text for p in pieces) == greedy(model, tok, encode_prompt(tok, "the cat"), 12).text
+    offsets = [o for p in pieces if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset]
+    assert offsets == c.completions.create(**args).choices[0].logprobs.text_offset and offsets[-1] > 0
 
 
 def test_raw_json_follows_the_schema(served):
@@ -252,8 +260,55 @@ def test_errors_are_openai_errors(served):
         error_body(post(url, "/v1/completions", {**body, **bad}), 400)
     error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": []}), 400)
     error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400)
-    assert requests.post(url + "/v1/completions", data="{not json", headers={"Authorization": f"Bearer {KEY}"}).status_code == 400
     assert requests.get(url + "/health").json() == {"status": "ok"}  # open without a key
+    # the scheme is case-insensitive (RFC 7235)
+    auth = {"Authorization": f"bearer {KEY}"}
+    assert requests.post(url + "/v1/completions", json=body, headers=auth).status_code == 200
+
+
+def test_bad_bodies_are_named_in_the_api_terms(served):
+    url, *_ = served
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = requests.post(url + "/v1/completions", data="{not json", headers={**auth, "Content-Type": "application/json"})
+    assert error_body(r, 400)["message"].startswith("the request body is not valid JSON: ")
+    r = requests.post(url + "/v1/completions", data='{"model": "tiny"}', headers={**auth, "Content-Type": "text/plain"})
+    assert "Content-Type: application/json" in error_body(r, 400)["message"]
+    body = {"model": "tiny", "max_tokens": 1}
+    for prompt in (123, ["a", 1], None):
+        err = error_body(post(url, "/v1/completions", {**body, "prompt": prompt}), 400)
+        assert err["param"] == "prompt"
+        assert err["message"] == "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists"
+    assert error_body(post(url, "/v1/completions", body), 400)["message"] == "prompt is required"
+    image = {"type": "image_url", "image_url": {"url": "http://x/cat.png"}}
+    err = error_body(post(url, "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": [image]}]}), 400)
+    assert "'image_url' are not supported" in err["message"]
+    # errors outside the API's routes have the same shape, and keep their status
+    assert error_body(requests.get(url + "/v1/nothing", headers=auth), 404)["type"] == "not_found_error"
+    assert "POST" in error_body(requests.get(url + "/v1/completions", headers=auth), 405)["message"]
+
+
+def test_parameters_the_server_does_not_implement_are_refused_not_ignored(served):
+    url, *_ = served
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 1}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    refused = [
+        (completion, {"logit_bias": {"5": 100}}),
+        (completion, {"best_of": 3}),
+        (completion, {"suffix": "!"}),
+        (chat, {"logit_bias": {"5": 100}}),
+        (chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        (chat, {"tool_choice": "auto"}),
+        (chat, {"response_format": {"type": "json_object"}}),
+    ]
+    for base, extra in refused:
+        path = "/v1/completions" if base is completion else "/v1/chat/completions"
+        (name,) = extra
+        err = error_body(post(url, path, {**base, **extra}), 400)
+        assert err["param"] == name and "not supported" in err["message"]
+    # the values that ask for nothing (what clients send by default) are accepted
+    assert post(url, "/v1/completions", {**completion, "best_of": 1, "logit_bias": {}, "suffix": None}).status_code == 200
+    harmless = {"response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "user": "me"}
+    assert post(url, "/v1/chat/completions", {**chat, **harmless}).status_code == 200
 
 
 def test_queue_full_is_429(checkpoint):
@@ -268,6 +323,9 @@ def test_queue_full_is_429(checkpoint):
             err = error_body(post(url, "/v1/completions", {"model": "tiny", "prompt": "b", "max_tokens": 2}), 429)
             assert err["code"] == "queue_full"
         assert first.result().status_code == 200
+        # more prompts than the whole queue holds could never be served: a 400 naming the flag, not a 429
+        err = error_body(post(url, "/v1/completions", {"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2}), 400)
+        assert err["param"] == "prompt" and "--max-queue" in err["message"]
 
 
 def test_disconnect_cancels_the_request(checkpoint):
@@ -334,6 +392,9 @@ def test_tokenizer_endpoints(served):
     ids = post(url, "/tokenize", {"prompt": "the mat"}).json()["tokens"]
     assert ids == tok.encode("the mat")
     assert post(url, "/detokenize", {"tokens": ids}).json()["prompt"] == "the mat"
+    assert post(url, "/tokenize", {"model": "pirate", "prompt": "the mat"}).json()["tokens"] == ids
+    assert error_body(post(url, "/tokenize", {"model": "gpt-4", "prompt": "x"}), 404)["code"] == "model_not_found"
+    assert error_body(post(url, "/detokenize", {"model": "gpt-4", "tokens": ids}), 404)["code"] == "model_not_found"
     assert (
         requests.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()["eos_token"] == "<|endoftext|>"
     )
@@ -346,6 +407,9 @@ def test_cards_are_listed_served_and_hot_loaded(served, workdir):
     listed = {m.id: m for m in c.models.list().data}
     assert listed["pirate"].parent == "tiny" and listed["tiny"].parent is None
     assert listed["pirate"].model_extra["system"] == PIRATE
+    assert c.models.retrieve("pirate") == listed["pirate"] and c.models.retrieve("tiny") == listed["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("gpt-4")
     # a card's reply: the base with its adapter, after the card's system prompt
     messages = [{"role": "user", "content": "hello"}]
     got = c.chat.completions.create(model="pirate", messages=messages, max_tokens=12, temperature=0)
@@ -461,3 +525,22 @@ def test_the_serve_command_takes_a_free_port_with_0_and_names_a_busy_one(workdir
         proc.terminate()
         proc.wait(timeout=30)
     assert cli("serve", "--model", root / "tiny", "--port", "70000").stderr.startswith("error: port 70000: must be in 0..65535")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-queue", "0"], "error: max_queue (--max-queue) must be >= 1, got 0"),
+        (["--api-key", " "], "error: api_key (--api-key) is empty; give a key, or leave --api-key out to serve without one"),
+        (["--name", "my model"], "error: name (--name): card name 'my model' is not valid"),
+        (["--name", "pirate", "--card", "pirate=CARDS/pirate"], "error: the card at CARDS/pirate is named 'pirate', as the base"),
+    ],
+)
+def test_the_serve_command_refuses_bad_options_in_one_line(workdir, capsys, args, message):
+    from lmstack.cli import main
+
+    cards = str(workdir[0] / "cards")
+    argv = ["serve", "--model", str(workdir[0] / "tiny"), "--port", "0", *(a.replace("CARDS", cards) for a in args)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[0].startswith(message.replace("CARDS", cards))
+    assert len(capsys.readouterr().err.strip().splitlines()) <= 1

@@ -33,10 +33,10 @@ def register(sub) -> None:
     p.add_argument("--name", metavar="NAME", help="the base model's id in the API (default: the --model folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one, printed at start)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the API")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on the API (a non-empty key)")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together (default: 32)")
     p.add_argument(
-        "--max-queue", type=int, default=256, help="most requests waiting for a batch row; more are answered 429 (default: 256)"
+        "--max-queue", type=int, default=256, help="most prompts waiting for a batch row (>= 1); more get 429 (default: 256)"
     )
     p.add_argument("--device", default="cpu", help="torch device for neural models (default: cpu)")
     p.add_argument(
@@ -65,24 +65,28 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError:
         raise InputError("serving needs FastAPI and uvicorn; install them with pip install 'lmstack[serve]'") from None
-    from lmstack.serving.app import build_app, listen
+    from lmstack.serving.app import build_app, check_options, listen
 
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be >= 1, got {args.max_batch}")
+    check_options(args.name, args.api_key, args.max_queue)  # before the port is taken
+    cards = parse_cards(args.card)
     sock = listen(args.host, args.port)
-    app = build_app(
-        args.model,
-        cards=parse_cards(args.card),
-        cards_dir=args.cards_dir,
-        name=args.name,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        device=args.device,
-        compile=args.compile,
-    )
-    server = app.state.server
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {server.name} ({len(server.cards)} cards) on http://{host}:{sock.getsockname()[1]}/ (API at /v1)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    with sock:
+        app = build_app(
+            args.model,
+            cards=cards,
+            cards_dir=args.cards_dir,
+            name=args.name,
+            api_key=args.api_key,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            device=args.device,
+            compile=args.compile,
+        )
+        server = app.state.server
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{host}:{sock.getsockname()[1]}/"
+        print(f"serving {server.name} ({len(server.cards)} cards) on {url} (API at /v1)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -659,8 +659,12 @@ def adapter_updates(model: nn.Module, adapter_dir: str | os.PathLike) -> dict[st
     _, parts, whole = _adapter_for(model, p)
     if whole:
         raise CheckpointError(
-            f"{p}: this adapter trains whole modules ({sorted(whole)[:3]}), which replace the base's "
-            "weights for every row; serve it alone (lmstack.load on the adapter directory) instead"
+            f"{p}: this adapter trains whole modules ({sorted(whole)[:3]}, e.g. an embedding grown for new "
+            "chat tokens), which replace the base's weights for every row, so it cannot be a card; serve it "
+            f"alone (`lmstack lora merge --adapter {p} --out MERGED`, then `lmstack serve --model MERGED`), or "
+            "pretrain the base with the chat tokens in its tokenizer (`lmstack tokenizer train ... --special "
+            "'<|endoftext|>' --special '<|system|>' --special '<|user|>' --special '<|assistant|>' --special '<|end|>'`) "
+            "so fine-tuning need not grow the vocabulary"
         )
     linears = _linears(model)
     missing = sorted(set(parts) - set(linears))

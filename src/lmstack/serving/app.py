@@ -5,11 +5,12 @@ running; request handlers only `add` and `cancel` requests and await their event
 hands to each request's asyncio queue through `loop.call_soon_threadsafe`. Every request of every
 persona card shares the scheduler's batch, so the server's throughput grows with its clients.
 
-Endpoints follow OpenAI's API (and vLLM's names for what OpenAI lacks): /v1/models, /v1/completions,
-/v1/chat/completions (both streaming as server-sent events), /v1/load_lora_adapter,
+Endpoints follow OpenAI's API (and vLLM's names for what OpenAI lacks): /v1/models, /v1/models/{id},
+/v1/completions, /v1/chat/completions (both streaming as server-sent events), /v1/load_lora_adapter,
 /v1/unload_lora_adapter, /tokenize, /detokenize and /tokenizer_info (which lm-evaluation-harness's
 `local-completions` uses as its "remote" tokenizer), /health, /metrics (Prometheus text) and `/`,
-the chat page. Errors are OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+the chat page. Every error, an unknown route's included, is OpenAI's `{"error": {"message", "type",
+"param", "code"}}`; an OpenAI parameter this server does not implement is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from lmstack.errors import InputError, LmstackError
 from lmstack.generation.config import GenerationConfig
@@ -68,8 +70,17 @@ class ApiError(Exception):
 
 
 class _Body(BaseModel):
-    # Clients send fields this server does not use (user, logit_bias, ...): accepted and ignored.
+    # Clients send fields that change nothing here (user, store, metadata, ...): accepted and ignored.
     model_config = ConfigDict(extra="allow")
+    # OpenAI parameters this server does not implement -> the values that ask for nothing (clients
+    # may send those); any other value is refused, since ignoring it would answer another question.
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
+
+    def refuse_unsupported(self) -> None:
+        extra = self.model_extra or {}
+        for name, harmless in self.UNSUPPORTED.items():
+            if extra.get(name) not in harmless:
+                raise ApiError(400, f"{name} is not supported by this server; drop it from the request", name)
 
 
 class StreamOptions(_Body):
@@ -112,18 +123,47 @@ class _Sampling(_Body):
 
 
 class CompletionRequest(_Sampling):
+    UNSUPPORTED = {"logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, "")}
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
 
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
 class Message(_Body):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        """The content as text: OpenAI's list of parts is read as its text parts joined by newlines
+        (as vLLM does); other parts (images, audio, ...) are refused, since this model reads text only."""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text":
+                raise ApiError(400, f"content parts of type {part.type!r} are not supported here; send text", "messages")
+            if part.text is None:
+                raise ApiError(400, "a content part of type 'text' needs its 'text'", "messages")
+        return "\n".join(part.text for part in self.content)
 
 
 class ChatRequest(_Sampling):
+    UNSUPPORTED = {
+        "logit_bias": (None, {}),
+        "tools": (None, []),
+        "functions": (None, []),
+        "tool_choice": (None, "none"),
+        "function_call": (None, "none"),
+        "response_format": (None, {"type": "text"}),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+    }
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
@@ -141,11 +181,13 @@ class UnloadAdapter(_Body):
 
 
 class TokenizeRequest(_Body):
+    model: str | None = None  # the base when left out
     prompt: str
     add_special_tokens: bool = False
 
 
 class DetokenizeRequest(_Body):
+    model: str | None = None
     tokens: list[int]
 
 
@@ -226,23 +268,39 @@ class Engine:
         self.thread.start()
 
     def submit(
-        self, prompt: list[int], config: GenerationConfig, n: int, adapter: str | None, logprobs: int
-    ) -> tuple[Any, asyncio.Queue]:
-        """Add a request; its queue receives lists of events, then None when every sample ended
-        (or an exception if decoding failed)."""
-        queue: asyncio.Queue = asyncio.Queue()
+        self, prompts: list[list[int]], config: GenerationConfig, n: int, adapter: str | None, logprobs: int
+    ) -> list[tuple[Any, asyncio.Queue]]:
+        """Add one HTTP request's prompts, all or none (each prompt takes a place in the queue; its n
+        samples share it). Each prompt's queue receives lists of events, then None when every sample
+        ended (or an exception if decoding failed). A request larger than the whole queue is a 400:
+        retrying it, as a 429 asks, could never succeed."""
+        if len(prompts) > self.max_queue:
+            raise ApiError(
+                400,
+                f"the request has {len(prompts)} prompts, more than the server queues at once (--max-queue "
+                f"{self.max_queue}); send at most {self.max_queue} per request, or start the server with a larger --max-queue",
+                "prompt",
+            )
+        loop, subs = asyncio.get_running_loop(), []
         with self.lock:
-            if self.scheduler.queued >= self.max_queue:
+            if self.scheduler.queued + len(prompts) > self.max_queue:
                 raise ApiError(
                     429,
-                    f"the server is full ({self.scheduler.queued} requests waiting for a batch row); "
-                    "retry shortly, or start it with a larger --max-queue",
+                    f"the server is full ({self.scheduler.queued} prompts waiting for a batch row, room for "
+                    f"{self.max_queue}); retry shortly, or start it with a larger --max-queue",
                     code="queue_full",
                 )
-            rid = self.scheduler.add(prompt, config, n=n, adapter=adapter, logprobs=logprobs)
-            self.listeners[rid] = (asyncio.get_running_loop(), queue, set(range(n)))
+            try:
+                for prompt in prompts:
+                    rid = self.scheduler.add(prompt, config, n=n, adapter=adapter, logprobs=logprobs)
+                    self.listeners[rid] = (loop, asyncio.Queue(), set(range(n)))
+                    subs.append((rid, self.listeners[rid][1]))
+            except Exception:
+                for rid, _ in subs:
+                    self.cancel(rid)
+                raise
             self.lock.notify()
-        return rid, queue
+        return subs
 
     def cancel(self, rid) -> None:
         """Stop a request (its client left): its batch rows are freed at the next step."""
@@ -495,9 +553,9 @@ def _stream_error(e: ApiError) -> str:
     return _sse({"error": body}) + "data: [DONE]\n\n"
 
 
-def _submit(server: Server, prompt: list[int], config: GenerationConfig, n: int, adapter, logprobs: int):
+def _submit(server: Server, prompts: list[list[int]], config: GenerationConfig, n: int, adapter, logprobs: int):
     try:
-        return server.engine.submit(prompt, config, n, adapter, logprobs)
+        return server.engine.submit(prompts, config, n, adapter, logprobs)
     except LmstackError as e:
         raise ApiError(400, str(e)) from None
 
@@ -518,8 +576,11 @@ def create_app(
     """The server for `model` (served as `name`) on `scheduler` (a `generation.scheduler.Scheduler`
     over the same model), with `cards` ({name: card directory}) loaded and more loadable from inside
     `cards_dir`; `api_key` (if set) is required as a bearer token on /v1 and the tokenizer endpoints."""
+    check_options(None, api_key, max_queue)
     server = Server(model, tokenizer, scheduler, name, Path(cards_dir) if cards_dir else None, api_key, max_queue)
     for card_name, path in (cards or {}).items():
+        if card_name == name:
+            raise InputError(f"the card at {path} is named {name!r}, as the base model (--name); give the base another --name")
         try:
             server.load_card(card_name, Path(path))
         except ApiError as e:
@@ -553,8 +614,7 @@ def build_app(
     from lmstack.models.checkpoint import load_for_text
     from lmstack.serving.cards import list_cards
 
-    if max_queue < 0:
-        raise InputError(f"max_queue (--max-queue) must be >= 0, got {max_queue}")
+    check_options(name, api_key, max_queue)
     found = {card.name: card.path for card in list_cards(cards_dir)} if cards_dir is not None else {}
     found.update(cards or {})  # before loading the model: a wrong folder fails fast
     model, tokenizer = load_for_text(model_dir, device)
@@ -571,6 +631,23 @@ def build_app(
     if compile:
         scheduler.warm_up()  # no request can arrive yet: the app is not served
     return app
+
+
+def check_options(name: str | None, api_key: str | None, max_queue: int) -> None:
+    """Refuse at start the options that would make a server answer every request wrongly: a queue
+    of no places (each request a 429), an empty key (which would turn authentication off), a base
+    name that is no valid model id (`name` None: the checkpoint folder's name, taken as it is)."""
+    from lmstack.serving.cards import check_name
+
+    if max_queue < 1:
+        raise InputError(f"max_queue (--max-queue) must be >= 1, got {max_queue}")
+    if api_key is not None and not api_key.strip():
+        raise InputError("api_key (--api-key) is empty; give a key, or leave --api-key out to serve without one")
+    if name is not None:
+        try:
+            check_name(name)  # the base is a model in the API, as a card is
+        except InputError as e:
+            raise InputError(f"name (--name): {e}") from None
 
 
 @contextlib.contextmanager
@@ -650,14 +727,44 @@ def _healthy(host: str, port: int) -> bool:
         connection.close()
 
 
+# What a field must be, for the fields whose type is a union: pydantic's own message names a branch
+# of the union ("prompt.str: Input should be a valid string"), which tells a user nothing.
+FIELD_TYPES = {
+    "prompt": "a string, a list of strings, a list of token ids, or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "content": 'a string or a list of parts like {"type": "text", "text": "..."}',
+}
+
+
+def _validation_error(request: Request, errors: list) -> ApiError:
+    """A request body that did not validate, as a 400 that says what is wrong in the API's terms."""
+    first = errors[0] if errors else {}
+    where = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    if not where:
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type:
+            got = f"not {content_type!r}" if content_type else "none was sent"
+            return ApiError(400, f"send the body as JSON with the header Content-Type: application/json ({got})")
+        return ApiError(400, "the request body must be a JSON object")
+    if first.get("type") == "missing":
+        return ApiError(400, f"{'.'.join(where)} is required", where[0])
+    field = next((i for i, w in enumerate(where) if w in FIELD_TYPES), None)
+    if field is not None:
+        return ApiError(400, f"{'.'.join(where[: field + 1])} must be {FIELD_TYPES[where[field]]}", where[0])
+    return ApiError(400, f"{'.'.join(where)}: {first.get('msg', 'invalid request')}", where[0])
+
+
 def _install_middleware(app: FastAPI, server: Server) -> None:
     open_paths = {"/", "/health", "/metrics", "/static/chat.js", "/static/chat.css", "/docs", "/openapi.json"}
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if server.api_key and request.url.path not in open_paths:
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            right = scheme.lower() == "bearer"  # schemes are case-insensitive (RFC 7235)
+            if not (secrets.compare_digest(given.strip().encode(), server.api_key.encode()) and right):
                 response = ApiError(
                     401,
                     "missing or wrong API key; send the header 'Authorization: Bearer KEY' with the server's --api-key",
@@ -676,12 +783,23 @@ def _install_middleware(app: FastAPI, server: Server) -> None:
     async def api_error(request: Request, e: ApiError):
         return e.response()
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        """Starlette's own errors (no such route, a wrong method) in OpenAI's shape, as every other error."""
+        if e.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path}; /docs lists them"
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "another method")  # as Starlette sets it
+            message = f"{request.url.path} does not take {request.method}; it takes {allowed}"
+        else:
+            message = str(e.detail)
+        response = ApiError(e.status_code, message).response()
+        response.headers.update(e.headers or {})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
-        return ApiError(400, message, where[0] if where else None).response()
+        return _validation_error(request, e.errors()).response()
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, e: InputError):
@@ -714,6 +832,11 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def models():
         return server.models()
 
+    @app.get("/v1/models/{model}")
+    async def model(model: str):
+        server.adapter_for(model)  # a 404 for an unknown one
+        return next(m for m in server.models()["data"] if m["id"] == model)
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadAdapter):
         card = await asyncio.to_thread(server.load_card, body.lora_name, server.inside_cards_dir(body.lora_path))
@@ -738,11 +861,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            server.adapter_for(body.model)  # every model shares the tokenizer, but a wrong name is a 404 here too
         ids = tok.encode(body.prompt, allowed_special="all" if body.add_special_tokens else ())
         return {"tokens": ids, "count": len(ids), "max_model_len": getattr(server.model, "max_context", None)}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            server.adapter_for(body.model)
         return {"prompt": tok.decode(server.check_ids(body.tokens) if body.tokens else [])}
 
     @app.post("/v1/completions")
@@ -759,6 +886,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
 async def _completions(server: Server, body: CompletionRequest, request: Request):
     adapter = server.adapter_for(body.model)
+    body.refuse_unsupported()
     prompts = _prompts(server, body.prompt)
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     config = body.config(max_tokens)
@@ -775,13 +903,14 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     for p in prompts:
         server.check_length(p, max_tokens)
     rid_prefix, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+    subs = _submit(server, prompts, config, body.n, adapter, top) if max_tokens else []
     if body.stream:
-        subs = [_submit(server, p, config, body.n, adapter, top) for p in prompts] if max_tokens else []
         return StreamingResponse(
             _stream_completions(server, body, request, prompts, subs, top, rid_prefix, created), media_type="text/event-stream"
         )
     started = time.perf_counter()
-    results = await asyncio.gather(*(_collect(server, request, p, config, body.n, adapter, top, started) for p in prompts))
+    subs = subs or [None] * len(prompts)  # max_tokens 0: nothing generated
+    results = await asyncio.gather(*(_collect(server, request, sub, body.n, top, started) for sub in subs))
     choices, completion_tokens = [], 0
     for i, (prompt, samples) in enumerate(zip(prompts, results)):
         echo = None
@@ -809,14 +938,13 @@ async def _completions(server: Server, body: CompletionRequest, request: Request
     }
 
 
-async def _collect(
-    server: Server, request: Request, prompt: list[int], config: GenerationConfig, n: int, adapter, top: int, started: float
-) -> list[dict]:
-    """Run one prompt's n samples to the end: their tokens, log-probs, top alternatives, text, finish."""
+async def _collect(server: Server, request: Request, sub, n: int, top: int, started: float) -> list[dict]:
+    """Run one submitted prompt's n samples to the end: their tokens, log-probs, top alternatives,
+    text, finish (`sub` None: nothing to generate, max_tokens 0)."""
     samples = [{"tokens": [], "logprobs": [], "tops": [], "text": "", "finish": "length"} for _ in range(n)]
-    if config.max_new_tokens == 0:
+    if sub is None:
         return samples
-    rid, queue = _submit(server, prompt, config, n, adapter, top)
+    rid, queue = sub
     first = True
     async for events in _events(request, server.engine, rid, queue):
         if first:
@@ -836,6 +964,7 @@ async def _collect(
 
 async def _stream_completions(server, body, request, prompts, subs, top, rid_prefix, created):
     started, tokens = time.perf_counter(), 0
+    offsets = defaultdict(int)  # choice index -> length of its text so far (text_offset, as without stream)
     try:
         for i, (rid, queue) in enumerate(subs):
             async for events in _events(request, server.engine, rid, queue):
@@ -843,11 +972,11 @@ async def _stream_completions(server, body, request, prompts, subs, top, rid_pre
                     server.metrics.observe("time_to_first_token_seconds", time.perf_counter() - started)
                 for e in events:
                     tokens += e.token is not None
-                    logprobs = (
-                        _logprobs_block(server, [(e.token, e.logprob, list(e.top or [])[:top])])
-                        if body.logprobs is not None and e.token is not None
-                        else None
-                    )
+                    logprobs = None
+                    if body.logprobs is not None and e.token is not None:
+                        entry = (e.token, e.logprob, list(e.top or [])[:top])
+                        logprobs = _logprobs_block(server, [entry], start=offsets[i * body.n + e.index])
+                        offsets[i * body.n + e.index] += len(server.piece(e.token))
                     choice = {
                         "index": i * body.n + e.index,
                         "text": e.text or "",
@@ -903,7 +1032,7 @@ def _chat_prompt(server: Server, body: ChatRequest, adapter: str | None) -> tupl
             "/v1/completions, or serve a model fine-tuned on conversations (`lmstack finetune`)",
             "messages",
         )
-    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     system = server.cards[adapter].system if adapter is not None else ""
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
@@ -913,6 +1042,7 @@ def _chat_prompt(server: Server, body: ChatRequest, adapter: str | None) -> tupl
 
 async def _chat(server: Server, body: ChatRequest, request: Request):
     adapter = server.adapter_for(body.model)
+    body.refuse_unsupported()
     prompt, end = _chat_prompt(server, body, adapter)
     limit = getattr(server.model, "max_context", None)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -922,13 +1052,13 @@ async def _chat(server: Server, body: ChatRequest, request: Request):
     config = body.config(max_tokens, end)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     rid_prefix, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    sub = _submit(server, [prompt], config, body.n, adapter, top)[0] if max_tokens else None
     if body.stream:
-        sub = _submit(server, prompt, config, body.n, adapter, top) if max_tokens else None
         return StreamingResponse(
             _stream_chat(server, body, request, prompt, sub, top, rid_prefix, created), media_type="text/event-stream"
         )
     started = time.perf_counter()
-    samples = await _collect(server, request, prompt, config, body.n, adapter, top, started)
+    samples = await _collect(server, request, sub, body.n, top, started)
     choices = []
     for j, s in enumerate(samples):
         logprobs = (
