@@ -285,6 +285,13 @@ def test_bad_bodies_are_named_in_the_api_terms(served):
     # errors outside the API's routes have the same shape, and keep their status
     assert error_body(requests.get(url + "/v1/nothing", headers=auth), 404)["type"] == "not_found_error"
     assert "POST" in error_body(requests.get(url + "/v1/completions", headers=auth), 405)["message"]
+    # /metrics counts requests by route, so arbitrary paths and model ids add no series of their own
+    requests.get(url + "/v1/models/no-such-model", headers=auth)
+    requests.get(url + "/v1/elsewhere", headers={"Authorization": "Bearer wrong"})
+    metrics = requests.get(url + "/metrics").text
+    assert 'endpoint="/v1/models/{model}",status="404"' in metrics and 'endpoint="unmatched",status="404"' in metrics
+    assert 'endpoint="unmatched",status="401"' in metrics
+    assert "nothing" not in metrics and "no-such-model" not in metrics and "elsewhere" not in metrics
 
 
 def test_parameters_the_server_does_not_implement_are_refused_not_ignored(served):

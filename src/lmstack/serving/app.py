@@ -756,6 +756,18 @@ def _validation_error(request: Request, errors: list) -> ApiError:
     return ApiError(400, f"{'.'.join(where)}: {first.get('msg', 'invalid request')}", where[0])
 
 
+def _endpoint(app: FastAPI, request: Request) -> str:
+    """A request's label in /metrics: the path of the route that serves it (`/v1/models/{model}`
+    for every model id), or "unmatched", so that requests for arbitrary paths cannot add series
+    without end."""
+    from starlette.routing import Match
+
+    route = request.scope.get("route")  # set by the router once it ran; not yet for a refused key
+    if route is None:
+        route = next((r for r in app.router.routes if r.matches(request.scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
 def _install_middleware(app: FastAPI, server: Server) -> None:
     open_paths = {"/", "/health", "/metrics", "/static/chat.js", "/static/chat.css", "/docs", "/openapi.json"}
 
@@ -770,13 +782,13 @@ def _install_middleware(app: FastAPI, server: Server) -> None:
                     "missing or wrong API key; send the header 'Authorization: Bearer KEY' with the server's --api-key",
                     code="invalid_api_key",
                 ).response()
-                server.metrics.count_request(request.url.path, 401)
+                server.metrics.count_request(_endpoint(app, request), 401)
                 return response
         try:
             response = await call_next(request)
         except Exception as e:  # the last line of defence: an internal error is a 500 in OpenAI's shape
             response = ApiError(500, f"internal error: {type(e).__name__}: {e}").response()
-        server.metrics.count_request(request.url.path, response.status_code)
+        server.metrics.count_request(_endpoint(app, request), response.status_code)
         return response
 
     @app.exception_handler(ApiError)
