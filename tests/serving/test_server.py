@@ -258,6 +258,8 @@ def test_errors_are_openai_errors(served):
         {"seed": -1},
     ):
         error_body(post(url, "/v1/completions", {**body, **bad}), 400)
+    err = error_body(post(url, "/v1/completions", {**body, "n": 17}), 400)  # the served batch has 16 rows
+    assert err["param"] == "n" and "--max-batch" in err["message"]
     error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": []}), 400)
     error_body(post(url, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}), 400)
     assert requests.get(url + "/health").json() == {"status": "ok"}  # open without a key

@@ -554,6 +554,9 @@ def _stream_error(e: ApiError) -> str:
 
 
 def _submit(server: Server, prompts: list[list[int]], config: GenerationConfig, n: int, adapter, logprobs: int):
+    rows = server.engine.scheduler.max_batch
+    if n > rows:
+        raise ApiError(400, f"n={n} samples do not fit in this server's batch of {rows} rows (--max-batch); ask for fewer", "n")
     try:
         return server.engine.submit(prompts, config, n, adapter, logprobs)
     except LmstackError as e:
