@@ -122,6 +122,11 @@ def test_completions_and_chat_equal_in_process_generation(served):
     reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=10, temperature=0)
     want = chat_reference(model, tok, [{"role": "user", "content": "the\ncat"}], 10)
     assert reply.choices[0].message.content == want.text
+    # "developer" is OpenAI's newer name for the system role
+    system = [{"role": "system", "content": "be brief"}, *messages]
+    developer = [{"role": "developer", "content": "be brief"}, *messages]
+    reply = c.chat.completions.create(model="tiny", messages=developer, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.content == chat_reference(model, tok, system, 10).text
 
 
 def test_sampling_n_and_seed(served):

@@ -136,7 +136,7 @@ class ContentPart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # "developer": OpenAI's newer name for "system"
     content: str | list[ContentPart]
 
     def text(self) -> str:
@@ -1047,7 +1047,7 @@ def _chat_prompt(server: Server, body: ChatRequest, adapter: str | None) -> tupl
             "/v1/completions, or serve a model fine-tuned on conversations (`lmstack finetune`)",
             "messages",
         )
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     system = server.cards[adapter].system if adapter is not None else ""
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
