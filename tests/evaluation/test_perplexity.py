@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lmstack.evaluation.perplexity import perplexity, text_codec
+from lmstack.evaluation.perplexity import perplexity, split_lines, text_codec
 from lmstack.models.base import LanguageModel
 from lmstack.models.ngram import NGramLM
 
@@ -74,7 +74,7 @@ def test_cli_prints_one_json_object(lmstack_cli, tmp_path):
     lmstack_cli("ngram", "train", train, "--order", "2", "--out", tmp_path / "m", "--discount-fallback")
     got = json.loads(lmstack_cli("eval", "perplexity", "--model", tmp_path / "m", test, "--json"))
     model = NGramLM.load(tmp_path / "m")
-    want = perplexity(model, ["the cat sat", "a bird sat"], **text_codec(model, None))
+    want = perplexity(model, ["the cat sat\n", "a bird sat\n"], **text_codec(model, None))
     for key in ("tokens", "oovs", "log10_prob", "perplexity", "perplexity_excluding_oovs", "bits_per_byte"):
         assert got[key] == pytest.approx(want.to_dict()[key]), key
     assert got["tokens"] == 8 and got["oovs"] == 1
@@ -314,8 +314,8 @@ def test_t5_decoder_scores_each_line_as_hf_t5_does_from_an_empty_source(tmp_path
 
 def test_unknown_words_pay_for_their_spelling_in_bits_per_byte():
     model = NGramLM.train_texts(["the cat sat", "the dog sat", "a cat ran", "the cat ran"] * 3, order=2, discount_fallback=True)
-    closed = perplexity(model, ["a bird sat"], model.encode, model.bos_id, model.eos_id, model.unk_id)
-    spelled = perplexity(model, ["a bird sat"], **text_codec(model, None))
+    closed = perplexity(model, ["a bird sat\n"], model.encode, model.bos_id, model.eos_id, model.unk_id)
+    spelled = perplexity(model, ["a bird sat\n"], **text_codec(model, None))
     # the speller by hand: word types the cat sat dog a ran -> 16 characters, 11 distinct (+1 end mark),
     # total 16 + 6 ends + 12 = 34; "bird" = b, i unseen (escape 12/34, then one byte of 256), r, d once, end 6/34
     bird = math.log10((12 / 34 / 256) ** 2 * (1 / 34) ** 2 * (6 / 34))
@@ -323,3 +323,16 @@ def test_unknown_words_pay_for_their_spelling_in_bits_per_byte():
     assert spelled.perplexity == closed.perplexity  # KenLM's figure is unchanged
     assert spelled.bits_per_byte == pytest.approx(-(closed.log10_prob + bird) * math.log2(10) / len("a bird sat\n"))
     assert spelled.bits_per_byte > closed.bits_per_byte
+
+
+def test_bits_per_byte_counts_the_newlines_the_text_has():
+    """A last line without a newline is still scored (with its </s>), but it adds no byte."""
+    ended, open_ended = "ab c\n\ndefg\n", "ab c\n\ndefg"
+    assert split_lines(ended) == split_lines(open_ended) == ["ab c", "", "defg"]
+    assert split_lines(ended, keepends=True) == ["ab c\n", "\n", "defg\n"]
+    assert split_lines(open_ended, keepends=True) == ["ab c\n", "\n", "defg"]
+    for text in (ended, open_ended, "", "\n", "春風\n明月"):
+        res = perplexity(Uniform(10), split_lines(text, keepends=True), _encode, bos=1, eos=2, unk=0)
+        assert res.bytes == len(text.encode("utf-8"))
+    a, b = (perplexity(Uniform(10), split_lines(t, keepends=True), _encode, bos=1, eos=2, unk=0) for t in (ended, open_ended))
+    assert a.tokens == b.tokens and a.nats == pytest.approx(b.nats) and b.bits_per_byte > a.bits_per_byte

@@ -106,6 +106,12 @@ def test_bad_flags_are_one_line_errors(cli, checkpoint, args, message):
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_stream_whose_prompt_is_refused_prints_nothing(cli, checkpoint):
+    proc = cli("generate", "--model", checkpoint, "--prompt", "the cat " * 2000, "--stream", "--max-tokens", "4")
+    assert proc.returncode == 2 and "longer than the model's context" in proc.stderr
+    assert proc.stdout == ""
+
+
 def test_a_checkpoint_without_tokenizer_is_a_clear_error(cli, tmp_path):
     GPT(GPTConfig.preset("tiny", vocab_size=50)).save(tmp_path)
     proc = cli("generate", "--model", tmp_path, "--prompt", "x")

@@ -180,6 +180,9 @@ def test_sample_cli_is_reproducible_and_stays_in_vocabulary(lmstack_cli, tmp_pat
     samples = first.splitlines()
     assert len(samples) == 4 and all(s.split()[0] == "the" for s in samples)
     assert set(first.split()) <= {"the", "cat", "sat", "on", "mat", "dog", "log", "a", "saw", "<unk>"}
+    # a prompt with words the model never saw is printed as given
+    samples = lmstack_cli("ngram", "sample", "--model", tmp_path / "m", "--num", "2", "--prompt", "the zebra 😀").splitlines()
+    assert len(samples) == 2 and all(s.startswith("the zebra 😀") for s in samples)
 
 
 def test_unknown_words_score_as_unk_and_reset_context():

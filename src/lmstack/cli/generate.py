@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -129,8 +130,10 @@ def cmd_generate(args) -> int:
     if args.chat and args.system is None and (Path(args.model) / CARD_FILE).is_file():
         args.system = read_card(args.model).system or None  # a persona card starts from its system prompt, as served
     if args.stream:
+        pieces = stream(model, tokenizer, prompts[0], config)
+        first = next(pieces, "")  # the prompt is checked (its length, ...) before anything is printed
         sys.stdout.write(prompts[0])
-        for piece in stream(model, tokenizer, prompts[0], config):
+        for piece in itertools.chain([first], pieces):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -109,8 +109,11 @@ def cmd_sample(args) -> int:
         GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed + i)
         for i in range(args.num)
     ]
+    start = model.decode(prompt)  # without the words the model never saw, which it reads as <unk>
     for gen in generate_tokens(model, [prompt] * args.num, configs):
         ids = gen.tokens
         ids = ids[: ids.index(model.eos_id)] if model.eos_id in ids else ids  # a sentence ends at </s>
-        sys.stdout.write(model.decode(prompt + ids) + "\n")
+        text = model.decode(prompt + ids)
+        # the prompt as given, then what was sampled after it
+        sys.stdout.write((args.prompt + text[len(start) :] if text.startswith(start) else text) + "\n")
     return 0

@@ -121,11 +121,15 @@ def count_words(line: str) -> int:
     return len(_WORD.findall(line)) + 1
 
 
-def split_lines(text: str) -> list[str]:
+def split_lines(text: str, keepends: bool = False) -> list[str]:
     """Lines split on \\n only, as KenLM splits them (str.splitlines would also break at form
-    feeds, U+2028 and other separators inside a line); a final newline ends the last line."""
+    feeds, U+2028 and other separators inside a line); a final newline ends the last line.
+    `keepends` keeps each line's newline, so that a last line without one is told apart."""
     lines = text.split("\n")
-    return lines[:-1] if text.endswith("\n") else lines
+    lines = lines[:-1] if text.endswith("\n") else lines
+    if not keepends or not lines:
+        return lines
+    return [line + "\n" for line in lines[:-1]] + [lines[-1] + "\n" * text.endswith("\n")]
 
 
 def perplexity(
@@ -139,7 +143,8 @@ def perplexity(
     progress_bar=None,
     spell: Callable[[str], float] | None = None,
 ) -> PerplexityResult:
-    """Score every line (without its newline) of `lines` as `bos + encode(line) + eos`.
+    """Score every line of `lines` as `bos + encode(line) + eos` (a line's newline, where it has
+    one, is not encoded: </s> stands for it; it counts in bytes).
 
     Lines are batched up to `max_batch_tokens` padded tokens per `model.token_logprobs` call.
     `spell(line)`, for a closed vocabulary, is the log10 probability of spelling out the line's
@@ -171,11 +176,11 @@ def perplexity(
         batch, width = [], 0
 
     for line in lines:
+        res.bytes += len(line.encode("utf-8"))  # its newline included, if it has one (a file's last may not)
         line = line[:-1] if line.endswith("\n") else line
         ids = encode(line)
         res.lines += 1
         res.tokens += len(ids) + 1
-        res.bytes += len(line.encode("utf-8")) + 1
         res.words += count_words(line)
         if unk is not None:
             n_oov = sum(1 for i in ids if i == unk)
@@ -304,10 +309,10 @@ def pseudo_perplexity(
     res = PerplexityResult(lines=0, tokens=0, oovs=0, bytes=0, log10_prob=0.0, log10_prob_oovs=0.0, mode="pseudo")
     device = model_device(model)
     for line in lines:
+        res.bytes += len(line.encode("utf-8"))  # its newline included, if it has one
         line = line[:-1] if line.endswith("\n") else line
         ids = encode(line)
         res.lines += 1
-        res.bytes += len(line.encode("utf-8")) + 1
         res.words += count_words(line)
         res.tokens += len(ids)
         for i in range(0, len(ids), room):
@@ -393,7 +398,7 @@ def measure(
         raise InputError(f"--mode {mode} does not apply to a {family} model; use --mode {want}")
     if (context is not None or stride is not None) and mode != "stream":
         raise InputError("--context and --stride apply to --mode stream only")
-    lines = (line for doc in documents for line in split_lines(doc))
+    lines = (line for doc in documents for line in split_lines(doc, keepends=True))  # bytes count real newlines
     if (mode == "pseudo" or hasattr(model, "log_prob")) and tokenizer is None:
         raise InputError(f"this {family} checkpoint has no tokenizer.json; save one with the model")
     if mode == "pseudo":
