@@ -1,7 +1,7 @@
 import pytest
 
 from lmstack.errors import InputError
-from lmstack.io import atomic_write, iter_text_chunks, read_text
+from lmstack.io import atomic_write, iter_lines, iter_text_chunks, read_text
 
 
 def test_chunks_never_split_lines_or_characters(tmp_path):
@@ -12,6 +12,12 @@ def test_chunks_never_split_lines_or_characters(tmp_path):
     assert len(chunks) > 10
     assert "".join(chunks) == text
     assert all(c.endswith("\n") for c in chunks)
+
+
+def test_lines_drop_a_byte_order_mark_that_starts_the_file(tmp_path):
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes('\ufeff{"a": 1}\r\n{"b": "\ufeff"}\n'.encode("utf-8"))
+    assert list(iter_lines(f)) == ['{"a": 1}\r\n', '{"b": "\ufeff"}\n']  # only the file's first
 
 
 @pytest.mark.parametrize(

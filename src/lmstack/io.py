@@ -108,9 +108,11 @@ def read_stdin() -> str:
 
 
 def iter_lines(path: str | os.PathLike) -> Iterator[str]:
-    """Lines of a UTF-8 file, newline kept, streamed."""
-    for chunk in iter_text_chunks(path):
-        yield from chunk.splitlines(keepends=True)
+    """Lines of a UTF-8 file, newline kept, streamed. A byte-order mark that starts the file is
+    dropped: Windows editors write one, and a JSON line must not start with it."""
+    chunks = iter_text_chunks(path)
+    for i, chunk in enumerate(chunks):
+        yield from (chunk.removeprefix("\ufeff") if i == 0 else chunk).splitlines(keepends=True)
 
 
 def _umask() -> int:

@@ -93,6 +93,7 @@ def test_beam_search_prints_the_n_best(cli, checkpoint):
     [
         (("--top-p", "0"), "top_p must be in"),
         (("--max-tokens", "-1"), "--max-tokens must be >= 0; got -1"),
+        (("--stop", ""), "--stop takes non-empty strings"),
         (("--beams", "2", "--stream"), "--beams cannot be combined"),
         (("--beams", "2", "--num-return", "3"), "num_beams"),
         (("--beams", "0"), "need num_beams >= 1 (--beams; 1 turns beam search off)"),

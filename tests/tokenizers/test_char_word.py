@@ -37,9 +37,14 @@ def test_special_tokens_only_when_allowed():
     assert CHAR.decode(allowed) == text
 
 
-def test_char_vocab_size_smaller_than_alphabet_is_an_error():
-    with pytest.raises(InputError, match="smaller than"):
+def test_char_vocab_size_without_room_for_a_character_is_an_error():
+    with pytest.raises(InputError, match="use at least 257"):
         CharTokenizer.train(["abc"], vocab_size=10)
+    # the special tokens take places too: the least size keeps one character
+    with pytest.raises(InputError, match="use at least 258"):
+        CharTokenizer.train(["abc"], vocab_size=257, special_tokens=("<|endoftext|>",))
+    tok = CharTokenizer.train(["abc"], vocab_size=258, special_tokens=("<|endoftext|>",))
+    assert tok.chars == ["a"] and tok.vocab_size == 258
 
 
 def test_word_min_count_and_unk():

@@ -99,6 +99,8 @@ def cmd_generate(args) -> int:
     check_beam_settings(args.beams, args.num_return, args.length_penalty)
     if args.max_tokens < 0:
         raise InputError(f"--max-tokens must be >= 0; got {args.max_tokens}")
+    if "" in args.stop:
+        raise InputError("--stop takes non-empty strings (an empty one would stop at once); drop it")
     if args.beams > 1 and (args.stream or args.stop):
         raise InputError("--beams cannot be combined with --stream or --stop; drop one of them")
     if args.stream and (args.json or len(prompts) > 1):
