@@ -35,8 +35,8 @@ class CharTokenizer(Tokenizer):
             least = N_BYTES + len(special_tokens) + 1
             if vocab_size < least:
                 raise InputError(
-                    f"--vocab-size {vocab_size} leaves no room for a character after the {N_BYTES} fallback bytes and "
-                    f"{len(special_tokens)} special tokens; use at least {least}, or omit it to keep every character"
+                    f"--vocab-size {vocab_size} is smaller than the {N_BYTES} fallback bytes plus {len(special_tokens)} "
+                    f"special tokens plus one character; use at least {least}, or omit it to keep every character"
                 )
             n_chars = min(n_chars, vocab_size - N_BYTES - len(special_tokens))
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
