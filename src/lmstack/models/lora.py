@@ -871,16 +871,21 @@ def base_path(adapter_dir: str | os.PathLike) -> Path:
     return base
 
 
-def load_adapter_dir(adapter_dir: str | os.PathLike):
-    """(base model with the adapter loaded, tokenizer): the adapter's own tokenizer.json (a grown
-    vocabulary) if it has one, else the base's. The base may be an lmstack checkpoint or, for an
-    adapter PEFT wrote, the Hugging Face directory it names."""
+def load_base(adapter_dir: str | os.PathLike):
+    """(base model, its tokenizer) of the adapter at `adapter_dir`: an lmstack checkpoint or, for
+    an adapter PEFT wrote, the Hugging Face directory it names."""
     from lmstack.models import checkpoint
     from lmstack.models.hf import from_hf, hf_model_type
 
+    base = base_path(Path(adapter_dir))
+    return from_hf(base) if hf_model_type(base) else checkpoint.load(base)
+
+
+def load_adapter_dir(adapter_dir: str | os.PathLike):
+    """(base model with the adapter loaded, tokenizer): the adapter's own tokenizer.json (a grown
+    vocabulary) if it has one, else the base's (see `load_base`)."""
     p = Path(adapter_dir)
-    base = base_path(p)
-    model, tokenizer = from_hf(base) if hf_model_type(base) else checkpoint.load(base)
+    model, tokenizer = load_base(p)
     load_adapter(model, p)
     if (p / TOKENIZER_FILE).is_file():
         from lmstack.tokenizers import load_tokenizer

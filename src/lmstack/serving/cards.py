@@ -85,14 +85,10 @@ def _base_weights(adapter_dir: Path) -> str:
     """weights_fingerprint of the base checkpoint `adapter_dir` names; the adapter is checked on
     it as a server checks a card (lora.adapter_updates), so a card is made only from an adapter
     that `lmstack serve` can load."""
-    from lmstack.models import checkpoint
-    from lmstack.models.hf import from_hf, hf_model_type
-
     try:
-        base = lora.base_path(adapter_dir)
+        model, _ = lora.load_base(adapter_dir)
     except CheckpointError as e:
         raise CheckpointError(f"{e} (a card records its base's weights, so the base must be readable)") from None
-    model = (from_hf(base) if hf_model_type(base) else checkpoint.load(base))[0]
     lora.adapter_updates(model, adapter_dir)
     return weights_fingerprint(model)
 
