@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from lmstack.errors import InputError, LmstackError
 from lmstack.generation.config import GenerationConfig
@@ -763,8 +764,6 @@ def _endpoint(app: FastAPI, request: Request) -> str:
     """A request's label in /metrics: the path of the route that serves it (`/v1/models/{model}`
     for every model id), or "unmatched", so that requests for arbitrary paths cannot add series
     without end."""
-    from starlette.routing import Match
-
     route = request.scope.get("route")  # set by the router once it ran; not yet for a refused key
     if route is None:
         route = next((r for r in app.router.routes if r.matches(request.scope)[0] == Match.FULL), None)
